@@ -1,0 +1,1 @@
+"""corda_kernels."""
