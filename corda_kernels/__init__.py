@@ -1,1 +1,30 @@
-"""corda_kernels."""
+"""corda_kernels: fast CorDA / CorDA++ adapter initialization with Triton kernels.
+
+Pipeline: model + loader -> :func:`collect_cov` -> :func:`context_svd` per layer
+-> :func:`build_corda` (``CordaLinear`` layers) -> train -> :func:`merge_corda`.
+"""
+
+from __future__ import annotations
+
+from . import ops
+from .collect import collect_cov
+from .covariance import Covariances
+from .decompose import Decomposition, context_svd
+from .layer import CordaLinear
+from .rewrite import build_corda, corda_layers, merge_corda, trainable_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CordaLinear",
+    "Covariances",
+    "Decomposition",
+    "__version__",
+    "build_corda",
+    "collect_cov",
+    "context_svd",
+    "corda_layers",
+    "merge_corda",
+    "ops",
+    "trainable_parameters",
+]

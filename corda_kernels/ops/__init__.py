@@ -8,9 +8,9 @@ from .covariance import covariance_reference, covariance_result, covariance_upda
 from .lora import lora_linear, lora_linear_reference
 
 __all__ = [
-    "covariance_update",
-    "covariance_result",
     "covariance_reference",
+    "covariance_result",
+    "covariance_update",
     "lora_linear",
     "lora_linear_reference",
 ]

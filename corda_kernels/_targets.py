@@ -1,0 +1,99 @@
+"""Which modules of a model are CorDA targets, and how to read their weights."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a core dependency
+    Conv1D = ()  # type: ignore[assignment]
+
+Targets = Iterable[str] | Callable[[str, nn.Module], bool] | None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    from .layer import CordaLinear
+
+    return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, CordaLinear)
+
+
+def _output_head_ids(model: nn.Module) -> set[int]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = None
+    if callable(get):
+        try:
+            head = get()
+        except (NotImplementedError, AttributeError):
+            head = None
+    return {id(head)} if head is not None else set()
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    for p in patterns:
+        # A bare word matches a name component ("q_proj"), anything else is a glob,
+        # or a regex when prefixed with "re:".
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif any(c in p for c in "*?["):
+            if fnmatch.fnmatchcase(name, p):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False
+
+
+def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Module]:
+    """Map name -> module for every target, in ``named_modules`` order.
+
+    Default: every ``nn.Linear`` and transformers ``Conv1D`` except the output
+    head. ``targets`` is a list of names/globs/"re:" regexes, or a predicate
+    ``(name, module) -> bool``; only linear-like modules are ever returned.
+    """
+    head = _output_head_ids(model)
+    if isinstance(targets, str):
+        targets = [targets]
+    patterns = None if targets is None or callable(targets) else list(targets)
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not name or not is_linear_like(module):
+            continue
+        if targets is None:
+            if id(module) in head:
+                continue
+        elif callable(targets):
+            if not targets(name, module):
+                continue
+        elif not _matches(name, patterns):
+            continue
+        out[name] = module
+    if targets is not None and patterns is not None and not out:
+        raise ValueError(f"targets {patterns} matched no nn.Linear or Conv1D module of the model")
+    return out
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) in nn.Linear convention, whatever the layer type stores."""
+    w = module.weight
+    if Conv1D and isinstance(module, Conv1D):
+        return w.shape[1], w.shape[0]
+    return w.shape[0], w.shape[1]
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (d_out, d_in) weight as a view (Conv1D stores it transposed)."""
+    w = module.weight
+    if Conv1D and isinstance(module, Conv1D):
+        return w.t()
+    return w
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child

@@ -1,0 +1,377 @@
+"""Covariance collection: forward pre-hooks that stream C += XᵀX per input group.
+
+Pipeline stage 1: model + loader -> :class:`Covariances`.
+
+Why pre-hooks and grouping by tensor identity: q/k/v (and gate/up) receive the
+*same* input tensor object, so one accumulator serves them all. The tensor is
+identified by the object itself, kept referenced until the batch ends, never by
+``data_ptr()``: a freed activation's storage is reused by the next layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from ._targets import Targets, find_targets, weight_shape
+from .covariance import Covariances
+
+NORMALIZE = ("mean", "peft", "sum")
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every target has seen this batch: the rest of the forward is wasted work."""
+
+
+@dataclass
+class _Group:
+    names: list[str]
+    d: int
+    acc: torch.Tensor
+    count: torch.Tensor  # counted rows (device scalar, no sync)
+    seqs: torch.Tensor  # counted sequences, for normalize="peft"
+    first_batch: int
+    batch_log: list[int] = field(default_factory=list)  # ids of tensors accumulated this batch
+
+
+class Collector:
+    """Accumulates input covariances of ``modules`` while the model runs.
+
+    Use :func:`collect_cov`; this class is the reusable engine underneath, so
+    later stages (candidate rounds, distributed reduction) can drive it.
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        *,
+        normalize: str = "mean",
+        accum_dtype: torch.dtype = torch.float32,
+        device=None,
+        backend: str = "auto",
+    ):
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        if accum_dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"accum_dtype must be torch.float32 or torch.float64, got {accum_dtype}")
+        self.modules = dict(modules)
+        self.normalize = normalize
+        self.accum_dtype = accum_dtype
+        self.device = torch.device(device) if device is not None else None
+        self.backend = backend
+        self.groups: list[_Group] = []
+        self.group_of: dict[str, int] = {}
+        self.unmasked: set[str] = set()
+        self.batch = -1
+        self.calls = 0
+        self.calls_first_batch: int | None = None
+        self.stop_early = False
+        self._mask: torch.Tensor | None = None
+        self._seen: dict[int, tuple[torch.Tensor, set[int]]] = {}
+        self._member_log: dict[str, list[int]] = {}
+        self._handles: list = []
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, stop_at: nn.Module | None = None) -> None:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))
+        if stop_at is not None:
+            self._handles.append(stop_at.register_forward_pre_hook(self._stop_hook))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _stop_hook(self, module, args):
+        raise _StopForward
+
+    def _make_hook(self, name: str):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"module {name!r} was called without a tensor input")
+            self._on_input(name, x)
+            self.calls += 1
+            if self.stop_early and self.calls == self.calls_first_batch:
+                raise _StopForward
+
+        return hook
+
+    def _on_input(self, name: str, x: torch.Tensor) -> None:
+        key = id(x)
+        entry = self._seen.get(key)
+        if entry is None:
+            entry = self._seen[key] = (x, set())  # keep x alive: its id stays unique this batch
+        self._member_log.setdefault(name, []).append(key)
+        gi = self.group_of.get(name)
+        if gi is None:
+            # First sighting: join a group created this batch for the very same tensor, else start one.
+            gi = next((g for g in entry[1] if self.groups[g].first_batch == self.batch), None)
+            if gi is None:
+                gi = self._new_group(name, x)
+            else:
+                self.groups[gi].names.append(name)
+            self.group_of[name] = gi
+        if gi in entry[1]:
+            return
+        entry[1].add(gi)
+        self._accumulate(self.groups[gi], name, x)
+
+    def _new_group(self, name: str, x: torch.Tensor) -> int:
+        d = x.shape[-1]
+        dev = self.device or x.device
+        acc = torch.zeros(d, d, dtype=self.accum_dtype, device=dev)
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        self.groups.append(_Group([name], d, acc, zero.clone(), zero.clone(), self.batch))
+        return len(self.groups) - 1
+
+    def _accumulate(self, g: _Group, name: str, x: torch.Tensor) -> None:
+        g.batch_log.append(id(x))
+        if x.device != g.acc.device:
+            x = x.to(g.acc.device, non_blocking=True)
+        lead = x.shape[:-1]
+        mask = self._mask
+        if mask is not None:
+            if mask.shape != lead and mask.numel() != lead.numel():
+                # Tokens were re-arranged (routing, pooling): the attention mask does not apply.
+                self.unmasked.add(name)
+                mask = None
+            else:
+                mask = mask.to(x.device).reshape(lead)
+        scale = None
+        if self.normalize == "peft":
+            scale, nseq = _peft_scale(x, mask)
+            g.seqs += nseq
+        ops.covariance_update(g.acc, x, mask, scale=scale, backend=self.backend)
+        g.count += mask.sum() if mask is not None else lead.numel()
+
+    # ------------------------------------------------------------------ batches
+    def begin_batch(self, mask: torch.Tensor | None) -> None:
+        self.batch += 1
+        self.calls = 0
+        self._mask = None if mask is None else (mask != 0)
+        self._seen.clear()
+        self._member_log.clear()
+        for g in self.groups:
+            g.batch_log.clear()
+
+    def end_batch(self, completed: bool) -> None:
+        # Every member of a group must have read exactly the tensors the group accumulated.
+        for g in self.groups:
+            for name in g.names:
+                seen = self._member_log.get(name, [])
+                if seen != g.batch_log and (completed or seen):
+                    raise RuntimeError(
+                        f"modules {g.names} shared an input tensor in batch {g.first_batch}, but in batch "
+                        f"{self.batch} module {name!r} read different inputs; collect these modules separately "
+                        "(targets=...)"
+                    )
+        if self.batch == 0:
+            self.calls_first_batch = self.calls
+        self._seen.clear()
+        self._mask = None
+
+    def finish(self, meta: Mapping[str, str] | None = None) -> Covariances:
+        if not self.groups:
+            raise ValueError("no target module was called during collection: is the loader feeding this model?")
+        # One host sync for all groups: finiteness and counts.
+        accs = [g.acc for g in self.groups]
+        finite = torch.stack([torch.isfinite(a).all().to(a.device).cpu() for a in accs])
+        counts = [int(g.count.item()) for g in self.groups]
+        seqs = [int(g.seqs.item()) for g in self.groups]
+        bad = [self.groups[i].names for i in range(len(accs)) if not bool(finite[i])]
+        if bad:
+            raise ValueError(
+                f"non-finite activations (NaN/Inf) reached module(s) {bad[0]}"
+                + (f" and {len(bad) - 1} other group(s)" if len(bad) > 1 else "")
+                + "; check the model's dtype and the calibration data"
+                + (
+                    ", or use accum_dtype=torch.float64 if the sums overflowed"
+                    if self.accum_dtype != torch.float64
+                    else ""
+                )
+            )
+        if self.unmasked:
+            warnings.warn(
+                f"attention_mask did not match the token layout of {sorted(self.unmasked)}; all their rows were counted",
+                stacklevel=3,
+            )
+        mats = []
+        for g, n, s in zip(self.groups, counts, seqs):
+            c = ops.covariance_result(g.acc)
+            if self.normalize == "mean" and n > 0:
+                c /= n
+            elif self.normalize == "peft" and s > 0:
+                c /= s
+            mats.append(c)
+        shapes = {name: weight_shape(self.modules[name]) for g in self.groups for name in g.names}
+        return Covariances(
+            mats,
+            [g.names for g in self.groups],
+            token_counts=counts,
+            normalize=self.normalize,
+            shapes=shapes,
+            sequences=seqs[0],
+            meta=meta,
+        )
+
+
+def _peft_scale(x: torch.Tensor, mask: torch.Tensor | None):
+    """PEFT divides each sequence by |max(x)| over its tokens (signed max, then abs)."""
+    if x.dim() < 3:
+        x3, m2 = x.reshape(1, -1, x.shape[-1]), None if mask is None else mask.reshape(1, -1)
+    else:
+        x3 = x.reshape(-1, x.shape[-2], x.shape[-1])
+        m2 = None if mask is None else mask.reshape(x3.shape[:2])
+    if m2 is None:
+        mx = x3.amax(dim=(1, 2))
+        nseq = x3.shape[0]
+    else:
+        mx = torch.where(m2.unsqueeze(-1), x3, x3.new_full((), float("-inf"))).amax(dim=(1, 2))
+        nseq = m2.any(dim=1).sum()
+    mx = mx.float().abs()
+    # A sequence with no kept token (or all zeros) contributes nothing rather than NaN.
+    scale = torch.where(torch.isfinite(mx) & (mx > 0), 1.0 / mx, torch.zeros_like(mx))
+    scale = scale.reshape(x.shape[:-2] if x.dim() >= 3 else (1,))
+    if x.dim() < 3:
+        scale = scale.expand(x.shape[:-1]) if x.dim() == 2 else scale.reshape(())
+    return scale, nseq
+
+
+# ---------------------------------------------------------------------- driving the model
+def _input_device(model: nn.Module) -> torch.device | None:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+        if emb is not None and getattr(emb, "weight", None) is not None:
+            return emb.weight.device
+    except (NotImplementedError, AttributeError):
+        pass
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else None
+
+
+def _to(obj, device):
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+def _accepts(model: nn.Module, kw: str) -> bool:
+    try:
+        return kw in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def split_batch(batch):
+    """(args, kwargs, attention_mask) for a batch of any supported form."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}, None
+    if isinstance(batch, Mapping):
+        kwargs = dict(batch)
+        return (), kwargs, kwargs.get("attention_mask")
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}, None
+    raise TypeError(f"a batch must be a tensor, a dict/BatchEncoding, or a tuple/list; got {type(batch).__name__}")
+
+
+def run_batches(
+    model, loader, collector: Collector, *, max_batches=None, progress=True, desc="collecting", on_batch=None
+):
+    """Feed ``loader`` through ``model`` with the collector's hooks attached. Returns the number of batches."""
+    dev = _input_device(model)
+    no_cache = _accepts(model, "use_cache")
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    stop_at = head if isinstance(head, nn.Module) and head not in collector.modules.values() else None
+    states = {m: m.training for m in model.modules()}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=desc, unit="batch", total=max_batches, dynamic_ncols=True, leave=False)
+    n = 0
+    tokens = 0
+    model.eval()
+    collector.attach(stop_at=stop_at)
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                if max_batches is not None and n >= max_batches:
+                    break
+                args, kwargs, mask = split_batch(batch)
+                if mask is not None and mask.dim() != 2:
+                    mask = None  # 4-D additive masks carry no per-token padding flag we can trust
+                args, kwargs = _to(args, dev), _to(kwargs, dev)
+                if no_cache and kwargs is not None and "use_cache" not in kwargs:
+                    kwargs["use_cache"] = False
+                collector.begin_batch(_to(mask, dev))
+                collector.stop_early = n > 0
+                completed = True
+                try:
+                    model(*args, **kwargs)
+                except _StopForward:
+                    completed = False
+                collector.end_batch(completed)
+                n += 1
+                if bar is not None:
+                    if mask is not None and not mask.is_cuda:
+                        tokens += int(mask.sum())
+                        bar.set_postfix(tokens=tokens, refresh=False)
+                    bar.update(1)
+                if on_batch is not None:
+                    on_batch(n)
+    finally:
+        collector.detach()
+        for m, t in states.items():
+            m.training = t
+        if bar is not None:
+            bar.close()
+    return n
+
+
+def collect_cov(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    targets: Targets = None,
+    normalize: str = "mean",
+    accum_dtype: torch.dtype = torch.float32,
+    device=None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    backend: str = "auto",
+) -> Covariances:
+    """Run ``loader`` through ``model`` and return each target's input covariance.
+
+    Batches may be tensors (``model(t)``), dicts/BatchEncodings (``model(**b)``)
+    or tuples (``model(*b)``); tokens whose ``attention_mask`` is 0 are skipped.
+    ``normalize="mean"`` divides by counted tokens; ``"peft"`` reproduces PEFT's
+    per-sequence max-scaling and divides by sequences; ``"sum"`` leaves raw sums.
+    """
+    modules = find_targets(model, targets)
+    if not modules:
+        raise ValueError("the model has no nn.Linear or Conv1D target to collect covariances for")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    collector = Collector(modules, normalize=normalize, accum_dtype=accum_dtype, device=device, backend=backend)
+    n = run_batches(model, loader, collector, max_batches=max_batches, progress=progress)
+    if n == 0:
+        raise ValueError("the calibration loader yielded no batch: collect_cov needs at least one")
+    missing = [name for name in modules if name not in collector.group_of]
+    if missing:
+        raise ValueError(f"target module(s) {missing[:3]} never ran during collection; exclude them with targets=")
+    return collector.finish(meta={"batches": str(n)})

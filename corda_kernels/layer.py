@@ -1,0 +1,149 @@
+"""``CordaLinear``: a frozen residual linear plus a trainable low-rank adapter.
+
+Pipeline stage 3's building block. Its forward is ``ops.lora_linear``: a fused
+Triton kernel on CUDA, ``addmm``-style torch calls elsewhere; B@A is never formed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from ._targets import Conv1D, linear_weight
+from .decompose import context_svd
+
+
+class CordaLinear(nn.Module):
+    """y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ with W, b frozen and A, B trainable.
+
+    ``weight`` (out, in) and ``bias`` keep ``nn.Linear``'s names and shapes;
+    ``lora_A`` is (r, in), ``lora_B`` (out, r) and ``scaling = alpha / r``.
+    ``base_type`` remembers whether the original was ``nn.Linear`` or a
+    transformers ``Conv1D`` so :meth:`merge` can give the same type back.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        bias: bool = True,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        base_type: str = "linear",
+        mode: str = "kpm",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if base_type not in ("linear", "conv1d"):
+            raise ValueError(f"base_type must be 'linear' or 'conv1d', got {base_type!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
+        self.lora_A = nn.Parameter(torch.zeros(rank, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **kw))
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scaling = self.alpha / rank
+        self.dropout = float(dropout)
+        self.base_type = base_type
+        self.mode = mode
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        cov: torch.Tensor,
+        rank: int,
+        mode: str = "kpm",
+        alpha: float | None = None,
+        *,
+        dropout: float = 0.0,
+        damping: float = 0.01,
+    ) -> CordaLinear:
+        """Decompose ``linear`` (nn.Linear or Conv1D) with covariance ``cov`` and wrap the result."""
+        if not isinstance(linear, (nn.Linear, Conv1D)) or isinstance(linear, CordaLinear):
+            raise TypeError(f"from_linear needs an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        weight = linear_weight(linear).detach()
+        scaling = (rank if alpha is None else alpha) / rank
+        dec = context_svd(weight, cov.to(weight.device), rank, mode, scaling=scaling, damping=damping)
+        return cls.from_factors(linear, dec.residual, dec.A, dec.B, alpha=alpha, dropout=dropout, mode=mode)
+
+    @classmethod
+    def from_factors(
+        cls,
+        linear: nn.Module,
+        residual: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        *,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        mode: str = "kpm",
+    ) -> CordaLinear:
+        """Build from an existing decomposition; bias and device come from ``linear``."""
+        rank = A.shape[0]
+        d_out, d_in = residual.shape
+        layer = cls(
+            d_in,
+            d_out,
+            rank,
+            bias=linear.bias is not None,
+            alpha=alpha,
+            dropout=dropout,
+            base_type="conv1d" if isinstance(linear, Conv1D) else "linear",
+            mode=mode,
+            device=residual.device,
+            dtype=residual.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.data = residual.contiguous()
+            if linear.bias is not None:
+                layer.bias.data = linear.bias.detach().clone()
+            layer.lora_A.data = A.contiguous()
+            layer.lora_B.data = B.contiguous()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        if x.dtype != self.weight.dtype:
+            x = x.to(self.weight.dtype)
+        return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dropout_p=p)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + scaling·B@A in (out, in) layout, computed in fp32 and cast to the weight's dtype."""
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        w = torch.addmm(self.weight.to(acc), self.lora_B.to(acc), self.lora_A.to(acc), alpha=self.scaling)
+        return w.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """A plain layer of the original type holding W + scaling·B@A."""
+        w = self.merged_weight()
+        kw = {"device": w.device, "dtype": w.dtype}
+        if self.base_type == "conv1d":
+            out = Conv1D(self.out_features, self.in_features).to(**kw)
+            out.weight.data = w.t().contiguous()
+            if self.bias is not None:
+                out.bias.data = self.bias.detach().clone()
+            else:  # Conv1D always has a bias; a zero one is equivalent
+                out.bias.data.zero_()
+            return out
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, **kw)
+        out.weight.data = w
+        if self.bias is not None:
+            out.bias.data = self.bias.detach().clone()
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha:g}, mode={self.mode}, bias={self.bias is not None}, base={self.base_type}"
+            + (f", dropout={self.dropout}" if self.dropout else "")
+        )

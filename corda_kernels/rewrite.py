@@ -1,0 +1,216 @@
+"""Rewriting a model: targets -> ``CordaLinear`` (build) and back (merge).
+
+Pipeline stage 3. ``build_corda`` validates everything, then decomposes every
+layer, and only then swaps modules, so an error leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._targets import (
+    Targets,
+    find_targets,
+    get_submodule_parent,
+    is_linear_like,
+    linear_weight,
+)
+from .covariance import Covariances
+from .decompose import (
+    DampedCovariance,
+    Spectrum,
+    adapter_factors,
+    compute_spectrum,
+    damp_covariance,
+    residual_weight,
+    validate,
+)
+from .layer import CordaLinear
+
+
+@dataclass
+class BuildPlan:
+    """What ``build_corda`` will do: per module rank and alpha, grouped by shared covariance."""
+
+    ranks: dict[str, int]
+    alphas: dict[str, float]
+    groups: list[list[str]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_targets(model: nn.Module, covs: Mapping[str, torch.Tensor], targets: Targets) -> dict[str, nn.Module]:
+    """Target modules: those named in ``covs`` by default; every one must exist and be linear-like."""
+    if targets is not None:
+        return find_targets(model, targets)
+    named = dict(model.named_modules())
+    out = {}
+    for name in covs:
+        module = named.get(name)
+        if module is None:
+            raise ValueError(
+                f"the covariances name module {name!r}, which this model does not have: were they collected on "
+                "another model?"
+            )
+        if isinstance(module, CordaLinear):
+            raise ValueError(f"module {name!r} is already a CordaLinear: merge_corda first, or pass targets=")
+        if not is_linear_like(module):
+            raise ValueError(f"module {name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D")
+        out[name] = module
+    return out
+
+
+def plan(
+    model: nn.Module,
+    covs: Mapping[str, torch.Tensor],
+    rank: int = 16,
+    mode: str = "kpm",
+    *,
+    ranks: Mapping[str, int] | None = None,
+    alpha: float | Mapping[str, float] | None = None,
+    targets: Targets = None,
+) -> tuple[dict[str, nn.Module], BuildPlan]:
+    """Check every argument against the model and return the targets and the plan. Touches nothing."""
+    modules = resolve_targets(model, covs, targets)
+    if not modules:
+        raise ValueError("no target module to rewrite")
+    if isinstance(covs, Covariances):
+        covs.check_model(modules)
+    ranks = dict(ranks or {})
+    unknown = sorted(set(ranks) - set(modules))
+    if unknown:
+        raise ValueError(f"ranks names module(s) {unknown[:3]} that are not targets of this build")
+    per_rank, per_alpha = {}, {}
+    for name, module in modules.items():
+        if name not in covs:
+            raise ValueError(f"no covariance for module {name!r}")
+        r = ranks.get(name, rank)
+        validate(linear_weight(module), covs[name], r, mode, name=name)
+        a = alpha.get(name) if isinstance(alpha, Mapping) else alpha
+        if a is not None and not a > 0:
+            raise ValueError(f"alpha for module {name!r} must be > 0, got {a}")
+        per_rank[name] = r
+        per_alpha[name] = float(r if a is None else a)
+    # One damped covariance (and Cholesky) per shared tensor.
+    by_cov: dict[int, list[str]] = {}
+    for name in modules:
+        by_cov.setdefault(id(covs[name]), []).append(name)
+    return modules, BuildPlan(per_rank, per_alpha, list(by_cov.values()))
+
+
+def decompose_all(
+    modules: Mapping[str, nn.Module],
+    covs: Mapping[str, torch.Tensor],
+    p: BuildPlan,
+    mode: str,
+    *,
+    damping: float = 0.01,
+    compute_dtype: torch.dtype = torch.float32,
+    spectra: Mapping[str, Spectrum] | None = None,
+    progress: bool = False,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) for every module; nothing in the model changes."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(modules), desc="decomposing", unit="layer", leave=False)
+    out = {}
+    try:
+        for group in p.groups:
+            first = modules[group[0]]
+            w0 = linear_weight(first)
+            damped: DampedCovariance = damp_covariance(
+                covs[group[0]].to(w0.device), damping, dtype=compute_dtype, name=group[0]
+            )
+            for name in group:
+                w = linear_weight(modules[name]).detach()
+                if not torch.isfinite(w).all():
+                    raise ValueError(f"weight of module {name!r} contains NaN or Inf")
+                spec = spectra.get(name) if spectra is not None else None
+                if spec is None:
+                    spec = compute_spectrum(w, damped, name=name)
+                scaling = p.alphas[name] / p.ranks[name]
+                A, B, _ = adapter_factors(w, damped, spec, p.ranks[name], mode, scaling)
+                out[name] = (A, B)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def apply_factors(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    p: BuildPlan,
+    mode: str,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Swap each target for a CordaLinear holding its residual, then freeze everything but the adapters."""
+    new = {}
+    for name, module in modules.items():
+        A, B = factors[name]
+        scaling = p.alphas[name] / p.ranks[name]
+        with torch.no_grad():
+            residual = residual_weight(linear_weight(module).detach(), A, B, scaling)
+        new[name] = CordaLinear.from_factors(module, residual, A, B, alpha=p.alphas[name], dropout=dropout, mode=mode)
+    for name, layer in new.items():
+        parent, child = get_submodule_parent(model, name)
+        setattr(parent, child, layer)
+    for n, param in model.named_parameters():
+        param.requires_grad_(n.endswith(".lora_A") or n.endswith(".lora_B"))
+    return model
+
+
+def build_corda(
+    model: nn.Module,
+    covs: Mapping[str, torch.Tensor],
+    rank: int = 16,
+    mode: str = "kpm",
+    *,
+    ranks: Mapping[str, int] | None = None,
+    alpha: float | Mapping[str, float] | None = None,
+    targets: Targets = None,
+    damping: float = 0.01,
+    dropout: float = 0.0,
+    compute_dtype: torch.dtype = torch.float32,
+    spectra: Mapping[str, Spectrum] | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Replace every target of ``model`` by a :class:`CordaLinear`, in place; returns the model.
+
+    ``ranks`` overrides ``rank`` per module (CorDA++ fills it); ``alpha``
+    defaults to each layer's rank (scaling 1). Everything is validated and
+    decomposed before the first module is swapped: on error the model is
+    untouched. Afterwards only ``lora_A``/``lora_B`` are trainable.
+    ``spectra`` reuses decompositions computed earlier (CorDA++).
+    """
+    modules, p = plan(model, covs, rank, mode, ranks=ranks, alpha=alpha, targets=targets)
+    factors = decompose_all(
+        modules, covs, p, mode, damping=damping, compute_dtype=compute_dtype, spectra=spectra, progress=progress
+    )
+    return apply_factors(model, modules, factors, p, mode, dropout=dropout)
+
+
+def merge_corda(model: nn.Module) -> nn.Module:
+    """Replace every CordaLinear by a plain layer of its original type holding W + scaling·B@A."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, CordaLinear)]
+    for name, layer in layers:
+        parent, child = get_submodule_parent(model, name)
+        setattr(parent, child, layer.merge())
+    return model
+
+
+def corda_layers(model: nn.Module) -> dict[str, CordaLinear]:
+    """Name -> CordaLinear for every adapter layer of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, CordaLinear)}
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
