@@ -5,8 +5,9 @@ date. Entries strictly below the diagonal hold partial sums and must not be
 read; ``covariance_result`` mirrors the upper triangle once at the end. Both
 backends follow that contract, so an accumulator can be fed by either.
 
-This file holds, top to bottom: the torch reference (what runs on the CPU),
-the Triton kernel seam, and the public entry points.
+This file holds, top to bottom: the Triton kernel, the launchers (the torch
+reference, which is what runs on the CPU, and the Triton one), and the public
+entry points.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the package works without triton, on the torch path
+    triton = None
+    tl = None
 
 #: Width of a row band in the torch triangle update. Measured on the 2-core dev
 #: box (bench/bench_ops.py): bands narrower than ~256 lose to BLAS overheads.

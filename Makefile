@@ -1,0 +1,33 @@
+# Quick start: `make demo` and `make test`. Both create .venv if missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m corda_kernels demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check corda_kernels tests bench
+	$(BIN)/ruff format --check corda_kernels tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_collect.py
+	$(BIN)/python bench/bench_ops.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
