@@ -89,7 +89,10 @@ def damp_covariance(
     if not torch.isfinite(c).all() or not md == md or md in (float("inf"), float("-inf")):
         raise ValueError(f"cov{_label(name)} contains NaN or Inf")
     if md <= 0.0:
-        raise ValueError(f"cov{_label(name)} is zero (no tokens reached this layer?): cannot decompose")
+        raise ValueError(
+            f"cov{_label(name)} is zero or has a non-positive mean diagonal (no tokens reached this layer?): "
+            "cannot decompose"
+        )
     eye = torch.eye(c.shape[0], dtype=dtype, device=c.device)
     delta = damping
     for _ in range(MAX_DAMPING_DOUBLINGS + 1):

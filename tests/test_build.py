@@ -1,0 +1,179 @@
+import copy
+
+import pytest
+import torch
+from tiny import padded_batches, rel, tiny_gpt2, tiny_llama
+from torch import nn
+
+import corda_kernels as ck
+from corda_kernels._targets import weight_shape
+
+
+def _logits(model, batches):
+    with torch.no_grad():
+        return [model(**b).logits for b in batches]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("factory,vocab", [(tiny_llama, 128), (tiny_gpt2, 100)])
+def test_outputs_unchanged_and_trainable_count_exact(factory, vocab, mode):
+    model = factory()
+    batches = padded_batches(vocab, n_batches=2)
+    covs = ck.collect_cov(model, batches, progress=False)
+    shapes = {n: weight_shape(m) for n, m in model.named_modules() if n in covs}
+    before = _logits(model, batches)
+    ck.build_corda(model, covs, rank=4, mode=mode)
+    after = _logits(model, batches)
+    for a, b in zip(after, before):
+        assert rel(a, b) < 1e-5
+    layers = ck.corda_layers(model)
+    assert set(layers) == set(covs)
+    expected = sum(4 * (d_in + d_out) for d_out, d_in in shapes.values())
+    assert ck.trainable_parameters(model) == expected
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+
+    ck.merge_corda(model)
+    assert not ck.corda_layers(model)
+    merged = _logits(model, batches)
+    for a, b in zip(merged, before):
+        assert rel(a, b) < 1e-5
+    if factory is tiny_gpt2:
+        from transformers.pytorch_utils import Conv1D
+
+        assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
+    else:
+        assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+
+
+def test_ranks_override_alpha_and_training_step():
+    model = tiny_llama()
+    batches = padded_batches(128, n_batches=2)
+    covs = ck.collect_cov(model, batches, progress=False)
+    ranks = {"model.layers.0.mlp.down_proj": 9, "model.layers.1.self_attn.q_proj": 1}
+    ck.build_corda(model, covs, rank=3, mode="ipm", ranks=ranks, alpha=6.0)
+    layers = ck.corda_layers(model)
+    assert layers["model.layers.0.mlp.down_proj"].rank == 9
+    assert layers["model.layers.1.self_attn.q_proj"].rank == 1
+    assert layers["model.layers.0.self_attn.k_proj"].rank == 3
+    assert layers["model.layers.0.self_attn.k_proj"].scaling == pytest.approx(2.0)
+    model.train()
+    out = model(**batches[0], labels=batches[0]["input_ids"])
+    out.loss.backward()
+    for name, layer in layers.items():
+        assert layer.lora_A.grad is not None and layer.lora_B.grad is not None, name
+        assert layer.weight.grad is None
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt.step()
+
+
+def test_from_linear_and_merge_roundtrip():
+    lin = nn.Linear(20, 12)
+    x = torch.randn(40, 20)
+    cov = x.T @ x / 40
+    layer = ck.CordaLinear.from_linear(lin, cov, 5, "kpm", alpha=10)
+    assert layer.lora_A.shape == (5, 20) and layer.lora_B.shape == (12, 5)
+    assert layer.scaling == 2.0
+    assert rel(layer(x), lin(x)) < 1e-5
+    back = layer.merge()
+    assert type(back) is nn.Linear
+    assert rel(back.weight, lin.weight) < 1e-6
+    assert torch.equal(back.bias, lin.bias)
+    with pytest.raises(TypeError, match="nn.Linear or transformers Conv1D"):
+        ck.CordaLinear.from_linear(nn.Conv1d(3, 3, 1), cov, 2)
+
+
+def _assert_untouched(model, state):
+    assert not ck.corda_layers(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_bad_inputs_leave_model_untouched():
+    model = tiny_llama()
+    covs = ck.collect_cov(model, padded_batches(128, n_batches=1), progress=False)
+    state = _state(model)
+
+    with pytest.raises(ValueError, match=r"rank 40 of module 'model.layers.0.self_attn.k_proj' exceeds .* = 32"):
+        ck.build_corda(model, covs, rank=40)  # k_proj is 32 x 64
+    _assert_untouched(model, state)
+
+    with pytest.raises(ValueError, match="'model.layers.1.mlp.down_proj'"):
+        ck.build_corda(model, covs, rank=4, ranks={"model.layers.1.mlp.down_proj": 500})
+    _assert_untouched(model, state)
+
+    partial = {k: v for k, v in covs.items() if "layers.1.mlp" not in k}
+    with pytest.raises(ValueError, match="no covariance for module 'model.layers.1.mlp"):
+        ck.build_corda(model, partial, rank=4, targets=["re:.*_proj"])
+    _assert_untouched(model, state)
+
+    bad = dict(covs)
+    bad["model.layers.0.mlp.down_proj"] = torch.eye(64)
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.down_proj'"):
+        ck.build_corda(model, bad, rank=4)
+    _assert_untouched(model, state)
+
+    # A decomposition failure late in the list still leaves nothing half-applied.
+    late = dict(covs)
+    late["model.layers.1.mlp.down_proj"] = -torch.eye(96)
+    with pytest.raises(ValueError, match="'model.layers.1.mlp.down_proj'"):
+        ck.build_corda(model, late, rank=4)
+    _assert_untouched(model, state)
+
+    with pytest.raises(ValueError, match="ranks names module"):
+        ck.build_corda(model, covs, rank=4, ranks={"model.nope": 3})
+    with pytest.raises(ValueError, match="mode"):
+        ck.build_corda(model, covs, rank=4, mode="xyz")
+    _assert_untouched(model, state)
+
+
+def test_covariances_from_another_model_are_rejected(tmp_path):
+    small = tiny_llama()
+    covs = ck.collect_cov(small, padded_batches(128, n_batches=1), progress=False)
+    p = tmp_path / "c.safetensors"
+    covs.save(p)
+    loaded = ck.Covariances.load(p)
+    other = tiny_llama(hidden=32, inter=48)
+    state = _state(other)
+    with pytest.raises(ValueError, match="another model"):
+        ck.build_corda(other, loaded, rank=2)
+    _assert_untouched(other, state)
+    gpt = tiny_gpt2()
+    with pytest.raises(ValueError, match="another model"):
+        ck.build_corda(gpt, loaded, rank=2)
+
+
+def test_unsupported_dtype_named():
+    model = nn.Sequential(nn.Linear(8, 8))
+    covs = ck.collect_cov(model, [torch.randn(10, 8)], progress=False)
+    model[0].weight.data = model[0].weight.data.to(torch.float8_e4m3fn)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match="weight of module '0' has dtype torch.float8_e4m3fn"):
+        ck.build_corda(model, covs, rank=2)
+    assert torch.equal(model[0].weight.float(), state["0.weight"].float())
+
+
+def test_build_twice_is_refused():
+    model = nn.Sequential(nn.Linear(8, 8))
+    covs = ck.collect_cov(model, [torch.randn(10, 8)], progress=False)
+    ck.build_corda(model, covs, rank=2)
+    with pytest.raises(ValueError, match="already a CordaLinear"):
+        ck.build_corda(model, covs, rank=2)
+
+
+def test_bf16_model_outputs_unchanged_to_bf16_rounding():
+    model = tiny_llama().to(torch.bfloat16)
+    batches = padded_batches(128, n_batches=1)
+    covs = ck.collect_cov(model, batches, progress=False)
+    ref = model.float()
+    before = _logits(copy.deepcopy(ref), batches)
+    model = ref.to(torch.bfloat16)
+    ck.build_corda(model, covs, rank=4)
+    layer = ck.corda_layers(model)["model.layers.0.self_attn.q_proj"]
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.bfloat16
+    after = _logits(model.float(), batches)
+    assert rel(after[0], before[0]) < 5e-2

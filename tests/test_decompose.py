@@ -1,0 +1,118 @@
+import pytest
+import torch
+from tiny import rel
+
+import corda_kernels as ck
+from corda_kernels.decompose import MAX_DAMPING_DOUBLINGS, context_svd_reference
+
+
+def _cov(d, n, dtype=torch.float32):
+    """Covariance from n tokens with a decaying spectrum; n < d makes it rank-deficient."""
+    x = torch.randn(n, d, dtype=torch.float64) * torch.logspace(0, -1.5, d, dtype=torch.float64)
+    x = x + 0.3 * torch.randn(n, 1, dtype=torch.float64)  # a shared direction, as real activations have
+    return (x.T @ x / n).to(dtype)
+
+
+def _components(A, B):
+    """Per-component outer products B[:, i] ⊗ A[i]: invariant to the sign of each singular pair."""
+    return torch.einsum("oi,ik->iok", B.double(), A.double())
+
+
+SHAPES = [(24, 37), (37, 24), (29, 29), (50, 13)]
+
+
+@pytest.mark.parametrize("d_out,d_in", SHAPES)
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("tokens", ["full", "deficient"])
+def test_matches_float64_reference(d_out, d_in, mode, tokens):
+    n = 4 * d_in if tokens == "full" else max(2, d_in // 3)
+    w = torch.randn(d_out, d_in) / d_in**0.5
+    c = _cov(d_in, n)
+    r = 5
+    dec = ck.context_svd(w, c, r, mode, scaling=2.0)
+    A_ref, B_ref, s_ref = context_svd_reference(w, c, r, mode, scaling=2.0)
+    assert dec.A.shape == (r, d_in) and dec.B.shape == (d_out, r)
+    assert rel(dec.singular_values, s_ref) < 1e-5
+    assert torch.all(dec.singular_values[:-1] >= dec.singular_values[1:])
+    # Each selected component, and the adapter product, agree with the textbook route.
+    assert rel(2.0 * dec.B.double() @ dec.A.double(), 2.0 * B_ref @ A_ref) < 2e-4
+    assert rel(_components(dec.A, dec.B), _components(A_ref, B_ref)) < 2e-4
+    # Balanced split: |B[:, i]| = |A[i] C_d V_i| scale; check the column norms of B against the reference.
+    assert rel(dec.B.double().norm(dim=0), B_ref.norm(dim=0)) < 2e-4
+    # Exact reconstruction by construction.
+    recon = dec.residual.double() + 2.0 * dec.B.double() @ dec.A.double()
+    assert rel(recon, w) < 1e-6
+    assert dec.residual.dtype == w.dtype
+
+
+def test_kpm_and_ipm_pick_opposite_ends():
+    w = torch.randn(16, 16)
+    c = _cov(16, 64)
+    k = ck.context_svd(w, c, 3, "kpm")
+    i = ck.context_svd(w, c, 3, "ipm")
+    assert k.indices.tolist() == [13, 14, 15]
+    assert i.indices.tolist() == [0, 1, 2]
+    # IPM's adapter carries most of W·C's energy, KPM's the least.
+    wc = lambda d: (d.B.double() @ d.A.double() @ c.double()).norm()  # noqa: E731
+    assert wc(i) > 10 * wc(k)
+
+
+def test_float64_compute_and_half_weights():
+    w = torch.randn(20, 30, dtype=torch.float64)
+    c = _cov(30, 90, torch.float64)
+    dec = ck.context_svd(w, c, 4, "kpm", compute_dtype=torch.float64)
+    A_ref, B_ref, _ = context_svd_reference(w, c, 4, "kpm")
+    assert rel(dec.B @ dec.A, B_ref @ A_ref) < 1e-9
+    wh = w.half()
+    dec = ck.context_svd(wh, c.float(), 4, "ipm")
+    assert dec.residual.dtype == torch.float16 and dec.A.dtype == torch.float16
+    recon = dec.residual.float() + dec.B.float() @ dec.A.float()
+    assert rel(recon, wh.float()) < 2e-3  # fp16 rounding of the residual
+
+
+def test_rank_deficient_weight_is_finite():
+    # W of rank 3: most singular values of W·C are exactly zero.
+    w = (torch.randn(12, 3) @ torch.randn(3, 20)).float()
+    c = _cov(20, 8)
+    dec = ck.context_svd(w, c, 6, "kpm")
+    for t in (dec.A, dec.B, dec.residual):
+        assert torch.isfinite(t).all()
+    assert rel(dec.residual.double() + dec.B.double() @ dec.A.double(), w) < 1e-6
+    assert (dec.B.double() @ dec.A.double()).norm() < 1e-5 * w.norm()
+
+
+def test_bounded_damping_and_bad_covariances():
+    w = torch.randn(8, 8)
+    # Indefinite: no damping ladder makes -I + small·I positive definite.
+    with pytest.raises(ValueError, match=f"doubled {MAX_DAMPING_DOUBLINGS} times"):
+        ck.context_svd(w, torch.diag(torch.tensor([10.0, -9, 1, 1, 1, 1, 1, 1])), 2)
+    with pytest.raises(ValueError, match="zero"):
+        ck.context_svd(w, torch.zeros(8, 8), 2)
+    c = _cov(8, 32)
+    c[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="cov contains NaN"):
+        ck.context_svd(w, c, 2)
+    # Slightly indefinite from rounding: damping recovers.
+    c = _cov(8, 3)
+    c -= 0.015 * c.diagonal().mean() * torch.eye(8)
+    dec = ck.context_svd(w, c, 2, damping=0.01)
+    assert dec.damping > 0.01
+
+
+def test_argument_errors_name_the_argument():
+    w = torch.randn(6, 10)
+    c = _cov(10, 30)
+    with pytest.raises(ValueError, match=r"rank 7 exceeds min\(d_out, d_in\) = 6"):
+        ck.context_svd(w, c, 7)
+    with pytest.raises(ValueError, match="rank"):
+        ck.context_svd(w, c, 0)
+    with pytest.raises(ValueError, match="mode"):
+        ck.context_svd(w, c, 2, "pissa")
+    with pytest.raises(ValueError, match=r"cov must be \(10, 10\)"):
+        ck.context_svd(w, c[:9, :9], 2)
+    with pytest.raises(ValueError, match="weight contains NaN"):
+        ck.context_svd(w.clone().fill_(float("nan")), c, 2)
+    with pytest.raises(TypeError, match="weight has dtype torch.int8"):
+        ck.context_svd(w.to(torch.int8), c, 2)
+    with pytest.raises(ValueError, match="scaling"):
+        ck.context_svd(w, c, 2, scaling=0.0)

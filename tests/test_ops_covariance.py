@@ -1,0 +1,221 @@
+"""ops.covariance_update: both backends against a float64 reference.
+
+Without a GPU the Triton path runs under TRITON_INTERPRET=1 (set in conftest),
+so every kernel test here also runs on the CPU; bf16 is left to CUDA because
+the interpreter mishandles it.
+"""
+
+import pytest
+import torch
+from conftest import CUDA, requires_cuda
+
+from corda_kernels import ops
+from corda_kernels.ops import covariance as cov_mod
+from corda_kernels.ops.covariance import covariance_reference
+
+DEV = "cuda" if CUDA else "cpu"
+BACKENDS = ["torch", "triton"]
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def rel_err(acc: torch.Tensor, ref: torch.Tensor) -> float:
+    got = ops.covariance_result(acc).double().cpu()
+    ref = ref.cpu()
+    assert torch.isfinite(got).all(), "non-finite entries in the result"
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEV).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d", [37, 129])
+def test_plain_rows(backend, dtype, d):
+    x = rand(50, d, dtype=dtype) + 0.5  # a non-zero mean makes the off-diagonal tiles matter
+    acc = torch.zeros(d, d, device=DEV)
+    out = ops.covariance_update(acc, x, backend=backend)
+    assert out is acc
+    assert rel_err(acc, covariance_reference(x)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "layout",
+    ["column_slice", "transposed", "seq_major", "one_row_per_seq", "four_dims", "one_dim"],
+)
+def test_strided_inputs(backend, layout):
+    d = 37
+    if layout == "column_slice":
+        x = rand(50, d + 11)[:, 3 : 3 + d]
+    elif layout == "transposed":
+        x = rand(d, 50).t()
+    elif layout == "seq_major":  # (B, T, d) view of a (T, B, d) buffer: rows are not evenly spaced
+        x = rand(10, 5, d).transpose(0, 1)
+    elif layout == "one_row_per_seq":
+        x = rand(50, 2, d)[:, :1]
+    elif layout == "four_dims":
+        x = rand(2, 5, 9, d + 3)[..., :d]
+    else:
+        x = rand(d)
+    assert not x.is_contiguous() or layout == "one_dim"
+    acc = torch.zeros(d, d, device=DEV)
+    ops.covariance_update(acc, x, backend=backend)
+    assert rel_err(acc, covariance_reference(x)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mask_kind", ["bool", "int01", "float01"])
+def test_masked_rows_do_not_leak(backend, dtype, mask_kind):
+    d = 129
+    x = rand(5, 10, d, dtype=dtype)
+    keep = torch.rand(5, 10, device=DEV) > 0.4
+    keep[0, 0] = True
+    x[~keep] = float("nan")  # dropped rows must be removed, not multiplied by zero
+    mask = {"bool": keep, "int01": keep.to(torch.int64), "float01": keep.float()}[mask_kind]
+    acc = torch.zeros(d, d, device=DEV)
+    ops.covariance_update(acc, x, mask, backend=backend)
+    assert rel_err(acc, covariance_reference(x, keep)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("per", ["row", "sequence"])
+def test_scaled_rows(backend, dtype, per):
+    d = 37
+    x = rand(4, 13, d, dtype=dtype)
+    scale = torch.rand(4, 13, device=DEV) + 0.5 if per == "row" else torch.rand(4, device=DEV) * 3 + 0.1
+    mask = torch.rand(4, 13, device=DEV) > 0.3
+    acc = torch.zeros(d, d, device=DEV)
+    ops.covariance_update(acc, x, mask, scale=scale, backend=backend)
+    ref = covariance_reference(x, mask, scale)
+    assert rel_err(acc, ref) < TOL[dtype]
+    # The weight is scale², not scale: an unscaled sum must be far off.
+    assert ((covariance_reference(x, mask) - ref).norm() / ref.norm()).item() > 0.05
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+def test_successive_updates(backend, acc_dtype):
+    d = 129
+    acc = torch.zeros(d, d, device=DEV, dtype=acc_dtype)
+    ref = torch.zeros(d, d, dtype=torch.float64)
+    for step in range(3):
+        x = rand(2, 25, d, dtype=torch.float16 if step == 1 else torch.float32) + step
+        mask = torch.rand(2, 25, device=DEV) > 0.2
+        scale = torch.rand(2, device=DEV) + 0.5
+        ops.covariance_update(acc, x, mask, scale=scale, backend=backend)
+        ref += covariance_reference(x, mask, scale).cpu()
+    assert acc.dtype == acc_dtype
+    assert rel_err(acc, ref) < TOL[torch.float16]
+
+
+def test_backends_share_one_accumulator():
+    d = 129
+    x1, x2 = rand(50, d), rand(30, d)
+    acc = torch.zeros(d, d, device=DEV)
+    ops.covariance_update(acc, x1, backend="torch")
+    ops.covariance_update(acc, x2, backend="triton")
+    ref = covariance_reference(x1) + covariance_reference(x2)
+    assert rel_err(acc, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lower_triangle_is_never_read(backend):
+    d = 129
+    x = rand(50, d)
+    acc = torch.zeros(d, d, device=DEV)
+    lower = torch.ones(d, d, device=DEV, dtype=torch.bool).tril(-1)
+    acc[lower] = float("nan")
+    ops.covariance_update(acc, x, backend=backend)
+    assert rel_err(acc, covariance_reference(x)) < TOL[torch.float32]
+
+
+def test_triton_grid_skips_lower_tiles():
+    # Entry (d-1, 0) lies in a strictly lower tile for any tile width below d: no program may touch it.
+    d = 129
+    acc = torch.full((d, d), 7.0, device=DEV)
+    ops.covariance_update(acc, rand(50, d), backend="triton")
+    assert acc[d - 1, 0].item() == 7.0
+    assert acc[0, d - 1].item() != 7.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input_is_a_no_op(backend):
+    acc = torch.eye(37, device=DEV)
+    ops.covariance_update(acc, rand(0, 37), backend=backend)
+    assert torch.equal(acc, torch.eye(37, device=DEV))
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [37, 129, 1000])
+def test_bf16_cuda(backend, d):
+    x = rand(3, 50, d, dtype=torch.bfloat16)
+    mask = torch.rand(3, 50, device=DEV) > 0.3
+    scale = torch.rand(3, device=DEV) + 0.5
+    acc = torch.zeros(d, d, device=DEV)
+    ops.covariance_update(acc, x, mask, scale=scale, backend=backend)
+    assert rel_err(acc, covariance_reference(x, mask, scale)) < TOL[torch.bfloat16]
+    acc = torch.zeros(d, d, device=DEV)
+    ops.covariance_update(acc, x, backend=backend)
+    assert rel_err(acc, covariance_reference(x)) < TOL[torch.bfloat16]
+
+
+@requires_cuda
+def test_auto_picks_triton_on_cuda(monkeypatch):
+    called = []
+    real = cov_mod.covariance_update_triton
+    monkeypatch.setattr(cov_mod, "covariance_update_triton", lambda *a: called.append(1) or real(*a))
+    acc = torch.zeros(37, 37, device=DEV)
+    ops.covariance_update(acc, rand(50, 37))
+    assert called
+
+
+def _forbid_triton(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the Triton launcher must not be called here")
+
+    monkeypatch.setattr(cov_mod, "covariance_update_triton", boom)
+
+
+def test_auto_picks_torch_on_cpu(monkeypatch):
+    _forbid_triton(monkeypatch)
+    x = torch.randn(50, 37)
+    acc = torch.zeros(37, 37)
+    ops.covariance_update(acc, x, backend="auto")
+    assert rel_err(acc, covariance_reference(x)) < TOL[torch.float32]
+
+
+def test_env_forces_torch(monkeypatch):
+    _forbid_triton(monkeypatch)
+    monkeypatch.setenv("CORDA_KERNELS_BACKEND", "torch")
+    x = rand(50, 37)
+    acc = torch.zeros(37, 37, device=DEV)
+    ops.covariance_update(acc, x, backend="triton")
+    assert rel_err(acc, covariance_reference(x)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_arguments(backend):
+    x = torch.randn(50, 37, device=DEV)
+    acc = torch.zeros(37, 37, device=DEV)
+    with pytest.raises(TypeError, match="acc must be float32 or float64"):
+        ops.covariance_update(acc.half(), x, backend=backend)
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.covariance_update(acc, x.double(), backend=backend)
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.covariance_update(acc, x.to(torch.int32), backend=backend)
+    with pytest.raises(ValueError, match="square"):
+        ops.covariance_update(torch.zeros(37, 36, device=DEV), x, backend=backend)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 37\)"):
+        ops.covariance_update(acc, torch.randn(50, 36, device=DEV), backend=backend)
+    with pytest.raises(ValueError, match="mask has shape"):
+        ops.covariance_update(acc, x, torch.ones(49, dtype=torch.bool, device=DEV), backend=backend)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        ops.covariance_update(acc, x, scale=torch.ones(3, device=DEV), backend=backend)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.covariance_update(acc, x, backend="cuda")
+    assert torch.count_nonzero(acc) == 0

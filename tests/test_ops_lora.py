@@ -1,0 +1,205 @@
+"""ops.lora_linear: forward and every gradient, both backends, against a float64 reference.
+
+Without a GPU the Triton path runs under TRITON_INTERPRET=1 (set in conftest);
+bf16 is left to CUDA because the interpreter mishandles it.
+"""
+
+import pytest
+import torch
+from conftest import CUDA, requires_cuda
+
+from corda_kernels import ops
+from corda_kernels.ops import lora as lora_mod
+from corda_kernels.ops.lora import lora_linear_reference
+
+DEV = "cuda" if CUDA else "cpu"
+BACKENDS = ["torch", "triton"]
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(got).all()
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+def make(M, N, K, r, dtype, bias=True):
+    """Random operands scaled so y and every gradient are O(1)."""
+    g = {"device": DEV}
+    x = torch.randn(M, K, **g).to(dtype)
+    W = (torch.randn(N, K, **g) / K**0.5).to(dtype)
+    b = torch.randn(N, **g).to(dtype) if bias else None
+    A = (torch.randn(r, K, **g) / K**0.5).to(dtype)
+    B = (torch.randn(N, r, **g) / r**0.5).to(dtype)
+    return x, W, b, A, B
+
+
+def run(x, W, b, A, B, scaling, backend, dropout_p=0.0, train_w=False):
+    """Forward and backward through ops.lora_linear and through the float64 reference."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+    w = W.detach().clone().requires_grad_(train_w)
+    bb = b.detach().clone().requires_grad_(train_w) if (b is not None) else None
+    y = ops.lora_linear(leaves[0], w, bb, leaves[1], leaves[2], scaling, dropout_p=dropout_p, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    refs = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    wr = W.detach().double().requires_grad_(train_w)
+    br = b.detach().double().requires_grad_(train_w) if (b is not None) else None
+    return y, dy, leaves, w, bb, refs, wr, br
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rank", [1, 3, 16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(50, 37, 29), (33, 70, 75)])
+def test_forward_and_grads(backend, dtype, rank, bias, shape):
+    M, N, K = shape
+    x, W, b, A, B = make(M, N, K, rank, dtype, bias)
+    y, dy, (x1, A1, B1), _, _, (xr, Ar, Br), wr, br = run(x, W, b, A, B, 0.7, backend)
+    yr = lora_linear_reference(xr, wr, br, Ar, Br, 0.7)
+    yr.backward(dy.double())
+    assert y.shape == (M, N) and y.dtype == dtype
+    tol = TOL[dtype]
+    assert rel(y, yr) < tol
+    assert rel(x1.grad, xr.grad) < tol
+    assert rel(A1.grad, Ar.grad) < tol
+    assert rel(B1.grad, Br.grad) < tol
+    assert A1.grad.dtype == dtype and B1.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_rank_and_leading_dims(backend):
+    # rank 80 spans two rank chunks of the kernel's epilogue; x is (5, 10, K) with a strided last dim.
+    _, _, b, A, B = make(50, 37, 29, 80, torch.float32)
+    x = torch.randn(5, 10, 40, device=DEV)[..., 3:32]
+    W = torch.randn(29, 37, device=DEV).t() / 29**0.5  # weight (N, K) with transposed strides
+    y, dy, (x1, A1, B1), _, _, (xr, Ar, Br), wr, br = run(x, W, b, A, B, 2.0, backend)
+    yr = lora_linear_reference(xr, wr, br, Ar, Br, 2.0)
+    yr.backward(dy.double())
+    assert y.shape == (5, 10, 37)
+    assert x1.grad.shape == x.shape
+    for got, ref in ((y, yr), (x1.grad, xr.grad), (A1.grad, Ar.grad), (B1.grad, Br.grad)):
+        assert rel(got, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_trainable_weight_and_bias(backend, dtype):
+    x, W, b, A, B = make(50, 37, 29, 3, dtype)
+    y, dy, (x1, A1, B1), w, bb, (xr, Ar, Br), wr, br = run(x, W, b, A, B, 0.5, backend, train_w=True)
+    lora_linear_reference(xr, wr, br, Ar, Br, 0.5).backward(dy.double())
+    assert rel(w.grad, wr.grad) < TOL[dtype]
+    assert rel(bb.grad, br.grad) < TOL[dtype]
+    assert rel(x1.grad, xr.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_matches_reference_with_the_same_mask(backend, dtype, p):
+    x, W, b, A, B = make(50, 37, 29, 3, dtype)
+    # The op draws its keep mask first, with torch.rand_like over the (M, K) input: replay it.
+    torch.manual_seed(99)
+    keep = torch.rand_like(x, dtype=torch.float32) >= p
+    torch.manual_seed(99)
+    y, dy, (x1, A1, B1), _, _, (xr, Ar, Br), wr, br = run(x, W, b, A, B, 1.5, backend, dropout_p=p)
+    yr = lora_linear_reference(xr, wr, br, Ar, Br, 1.5, keep=keep, dropout_p=p)
+    yr.backward(dy.double())
+    for got, ref in ((y, yr), (x1.grad, xr.grad), (A1.grad, Ar.grad), (B1.grad, Br.grad)):
+        assert rel(got, ref) < TOL[dtype]
+    # And the mask matters: without it the adapter input gradient differs.
+    xn = x.detach().double().requires_grad_()
+    lora_linear_reference(xn, wr.detach(), None, Ar.detach(), Br.detach(), 1.5).backward(dy.double())
+    assert rel(x1.grad, xn.grad) > 10 * TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_adapter_only_input_grad(backend):
+    x, W, b, A, B = make(50, 37, 29, 3, torch.float32)
+    xg = x.clone().requires_grad_()
+    y = ops.lora_linear(xg, W, b, A, B, 0.7, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xr = x.double().requires_grad_()
+    lora_linear_reference(xr, W, b, A, B, 0.7).backward(dy.double())
+    assert rel(xg.grad, xr.grad) < TOL[torch.float32]
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rank", [1, 16, 80])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_bf16_cuda(backend, rank, p):
+    x, W, b, A, B = make(300, 257, 129, rank, torch.bfloat16)
+    torch.manual_seed(5)
+    keep = torch.rand_like(x, dtype=torch.float32) >= p if p > 0 else None
+    torch.manual_seed(5)
+    y, dy, (x1, A1, B1), _, _, (xr, Ar, Br), wr, br = run(x, W, b, A, B, 1.0, backend, dropout_p=p)
+    yr = lora_linear_reference(xr, wr, br, Ar, Br, 1.0, keep=keep, dropout_p=p)
+    yr.backward(dy.double())
+    for got, ref in ((y, yr), (x1.grad, xr.grad), (A1.grad, Ar.grad), (B1.grad, Br.grad)):
+        assert rel(got, ref) < TOL[torch.bfloat16]
+
+
+@requires_cuda
+def test_auto_picks_triton_on_cuda(monkeypatch):
+    called = []
+    real = lora_mod.lora_forward_triton
+    monkeypatch.setattr(lora_mod, "lora_forward_triton", lambda *a: called.append(1) or real(*a))
+    ops.lora_linear(*make(50, 37, 29, 3, torch.float16), 1.0)
+    assert called
+
+
+def _forbid_triton(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the Triton launchers must not be called here")
+
+    monkeypatch.setattr(lora_mod, "lora_forward_triton", boom)
+    monkeypatch.setattr(lora_mod, "lora_backward_triton", boom)
+
+
+def test_auto_picks_torch_on_cpu(monkeypatch):
+    _forbid_triton(monkeypatch)
+    x, W, b, A, B = (t.cpu() if t is not None else None for t in make(50, 37, 29, 3, torch.float32))
+    A.requires_grad_()
+    y = ops.lora_linear(x, W, b, A, B, 1.0, backend="auto")
+    y.sum().backward()
+    assert rel(y, lora_linear_reference(x, W, b, A, B, 1.0)) < TOL[torch.float32]
+
+
+def test_env_forces_torch(monkeypatch):
+    _forbid_triton(monkeypatch)
+    monkeypatch.setenv("CORDA_KERNELS_BACKEND", "torch")
+    x, W, b, A, B = make(50, 37, 29, 3, torch.float32)
+    A.requires_grad_()
+    y = ops.lora_linear(x, W, b, A, B, 1.0, backend="triton")
+    y.sum().backward()
+    assert rel(y, lora_linear_reference(x, W, b, A, B, 1.0)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_arguments(backend):
+    x, W, b, A, B = make(50, 37, 29, 3, torch.float32)
+    f = ops.lora_linear
+    with pytest.raises(ValueError, match="weight must be"):
+        f(x, W[:, :-1], b, A, B, 1.0, backend=backend)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        f(x, W, b, A[:, :-1], B, 1.0, backend=backend)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        f(x, W, b, A, B[:-1], 1.0, backend=backend)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        f(x, W, b, A, B[:, :-1], 1.0, backend=backend)
+    with pytest.raises(ValueError, match="bias must be"):
+        f(x, W, b[:-1], A, B, 1.0, backend=backend)
+    with pytest.raises(ValueError, match="dropout_p"):
+        f(x, W, b, A, B, 1.0, dropout_p=1.0, backend=backend)
+    with pytest.raises(TypeError, match="must be float32, float16 or bfloat16"):
+        f(x.double(), W.double(), b.double(), A.double(), B.double(), 1.0, backend=backend)
+    with pytest.raises(TypeError, match="lora_A is torch.float16 but x is torch.float32"):
+        f(x, W, b, A.half(), B, 1.0, backend=backend)
+    with pytest.raises(TypeError, match="bias is"):
+        f(x, W, b.half(), A, B, 1.0, backend=backend)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        f(x, W, b, A, B, 1.0, backend="gpu")
