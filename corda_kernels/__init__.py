@@ -28,3 +28,24 @@ __all__ = [
     "ops",
     "trainable_parameters",
 ]
+
+# CorDA++: compactness-driven covariance selection and rank allocation.
+from .allocate import RankAllocation, allocate_ranks  # noqa: E402
+from .candidates import CovarianceCandidates  # noqa: E402
+from .compactness import compactness  # noqa: E402  (the function shadows the submodule attribute)
+from .plot import plot_ranks  # noqa: E402
+from .select import select_covariances  # noqa: E402
+
+__all__ += [
+    "CovarianceCandidates",
+    "RankAllocation",
+    "allocate_ranks",
+    "compactness",
+    "plot_ranks",
+    "select_covariances",
+]
+
+# Interop: PEFT/transformers export and import.
+from .export import from_peft, load_pretrained, save_pretrained, to_lora  # noqa: E402
+
+__all__ += ["from_peft", "load_pretrained", "save_pretrained", "to_lora"]

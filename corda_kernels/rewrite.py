@@ -130,6 +130,8 @@ def decompose_all(
                 w = linear_weight(modules[name]).detach()
                 if not torch.isfinite(w).all():
                     raise ValueError(f"weight of module {name!r} contains NaN or Inf")
+                if w.device != damped.matrix.device:  # device_map split this group: work on the member's device
+                    damped = damp_covariance(covs[name].to(w.device), damping, dtype=compute_dtype, name=name)
                 spec = spectra.get(name) if spectra is not None else None
                 if spec is None:
                     spec = compute_spectrum(w, damped, name=name)
@@ -182,6 +184,7 @@ def build_corda(
     compute_dtype: torch.dtype = torch.float32,
     spectra: Mapping[str, Spectrum] | None = None,
     progress: bool = False,
+    distributed: bool = False,
 ) -> nn.Module:
     """Replace every target of ``model`` by a :class:`CordaLinear`, in place; returns the model.
 
@@ -189,10 +192,20 @@ def build_corda(
     defaults to each layer's rank (scaling 1). Everything is validated and
     decomposed before the first module is swapped: on error the model is
     untouched. Afterwards only ``lora_A``/``lora_B`` are trainable.
-    ``spectra`` reuses decompositions computed earlier (CorDA++).
+    ``spectra`` reuses decompositions computed earlier (CorDA++); by default
+    those cached on ``covs.spectrum_cache`` are used while they still match.
+    ``distributed=True`` (under torch.distributed) splits the decompositions
+    across ranks and broadcasts the factors: see :mod:`corda_kernels.distributed`.
     """
     modules, p = plan(model, covs, rank, mode, ranks=ranks, alpha=alpha, targets=targets)
-    factors = decompose_all(
+    cache = getattr(covs, "spectrum_cache", None)
+    if spectra is None and cache is not None:
+        # CorDA++ selection/allocation decomposed these layers already; stale entries are skipped by the cache.
+        spectra = cache.lookup(modules, covs, damping, compute_dtype)
+    decompose = decompose_all
+    if distributed:
+        from .distributed import decompose_all_distributed as decompose
+    factors = decompose(
         modules, covs, p, mode, damping=damping, compute_dtype=compute_dtype, spectra=spectra, progress=progress
     )
     return apply_factors(model, modules, factors, p, mode, dropout=dropout)
