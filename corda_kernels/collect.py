@@ -14,6 +14,7 @@ import inspect
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from torch import nn
 from . import ops
 from ._targets import Targets, find_targets, weight_shape
 from .covariance import Covariances
+
+if TYPE_CHECKING:
+    from .candidates import CovarianceCandidates
 
 NORMALIZE = ("mean", "peft", "sum")
 
@@ -354,21 +358,49 @@ def collect_cov(
     max_batches: int | None = None,
     progress: bool = True,
     backend: str = "auto",
-) -> Covariances:
+    distributed: bool | str | None = None,
+    candidates: int | None = None,
+    **candidate_options,
+) -> Covariances | CovarianceCandidates:
     """Run ``loader`` through ``model`` and return each target's input covariance.
 
     Batches may be tensors (``model(t)``), dicts/BatchEncodings (``model(**b)``)
     or tuples (``model(*b)``); tokens whose ``attention_mask`` is 0 are skipped.
     ``normalize="mean"`` divides by counted tokens; ``"peft"`` reproduces PEFT's
     per-sequence max-scaling and divides by sequences; ``"sum"`` leaves raw sums.
+    ``candidates=N`` (CorDA++) splits the batches into N rounds and returns
+    :class:`CovarianceCandidates`; ``candidate_options`` go to
+    :func:`corda_kernels.candidates.collect_candidates`.
+    ``distributed`` (default: on when a torch.distributed group is initialized):
+    see :mod:`corda_kernels.distributed`; ``"presharded"`` for loaders that
+    already shard, ``False`` to collect locally only.
     """
+    if candidates is not None and distributed:
+        raise NotImplementedError("collect_cov(candidates=N) does not support distributed=; collect on one process")
+    if candidates is not None:
+        from .candidates import collect_candidates
+
+        return collect_candidates(
+            model, loader, candidates, targets=targets, normalize=normalize, accum_dtype=accum_dtype,
+            device=device, max_batches=max_batches, progress=progress, backend=backend, **candidate_options,
+        )  # fmt: skip
+    if candidate_options:
+        raise TypeError(f"collect_cov got option(s) {sorted(candidate_options)}, which apply only with candidates=N")
     modules = find_targets(model, targets)
     if not modules:
         raise ValueError("the model has no nn.Linear or Conv1D target to collect covariances for")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     collector = Collector(modules, normalize=normalize, accum_dtype=accum_dtype, device=device, backend=backend)
+    from .distributed import Shard
+
+    shard = Shard.resolve(distributed, loader)  # None unless a process group is in use
+    if shard is not None:
+        loader, max_batches = shard.split(loader, max_batches)
+        progress = progress and shard.rank == 0
     n = run_batches(model, loader, collector, max_batches=max_batches, progress=progress)
+    if shard is not None:
+        n = shard.reduce(collector, n)  # the one all-reduce, before finish() normalizes
     if n == 0:
         raise ValueError("the calibration loader yielded no batch: collect_cov needs at least one")
     missing = [name for name in modules if name not in collector.group_of]

@@ -1,0 +1,491 @@
+"""Command line: ``corda-kernels <subcommand>`` (also ``python -m corda_kernels``).
+
+Subcommands: ``collect`` (model + calibration data -> covariances file),
+``build`` (model + covariances -> CorDA model, saved as residual + PEFT
+adapter), ``export`` (a CorDA export -> a LoRA for the original model, or a
+merged model), ``demo`` and ``bench``. Models and tokenizers are read from
+local directories only; nothing is downloaded. Under ``torchrun`` the
+collection is sharded across the processes (see :mod:`corda_kernels.distributed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+# ---------------------------------------------------------------------- loading
+def _local_dir(path: str, what: str) -> str:
+    if not os.path.isdir(path):
+        raise CliError(f"{what} {path!r} is not a local directory (models are never downloaded)")
+    return path
+
+
+def _dtype(name: str):
+    if name == "auto":
+        return "auto"
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise CliError(f"--dtype {name!r} is not a torch dtype (float32, bfloat16, float16, auto)")
+    return dt
+
+
+def _load_model(path: str, args) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    _local_dir(path, "model")
+    kw = {"local_files_only": True, "dtype": _dtype(args.dtype)}
+    if args.device == "auto":
+        kw["device_map"] = "auto"
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if args.device != "auto":
+        model.to(args.device)
+    return model.eval()
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    _local_dir(path, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CliError(f"no tokenizer could be loaded from {path!r} (pass --tokenizer DIR): {e}") from None
+
+
+# ---------------------------------------------------------------------- calibration data
+def _read_texts(path: str, field: str) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CliError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                    raise CliError(f"{path}:{i}: no string field {field!r} (choose it with --text-field)")
+                texts.append(rec[field])
+        else:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    return texts
+
+
+def _read_tokens(path: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Rows of input_ids (and attention_mask if present) from a .pt or .safetensors file."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        obj = load_file(path)
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, torch.Tensor):
+        obj = {"input_ids": obj}
+    if isinstance(obj, (list, tuple)):
+        obj = {"input_ids": list(obj)}
+    if not isinstance(obj, dict) or "input_ids" not in obj:
+        raise CliError(f"token file {path!r} must hold 'input_ids' (a tensor, a dict or a list of 1-D tensors)")
+    ids = obj["input_ids"]
+    mask = obj.get("attention_mask")
+    rows = list(ids) if isinstance(ids, (list, tuple)) or ids.dim() == 2 else [ids]
+    masks = None if mask is None else (list(mask) if isinstance(mask, (list, tuple)) or mask.dim() == 2 else [mask])
+    for r in rows:
+        if not isinstance(r, torch.Tensor) or r.dim() != 1 or r.dtype.is_floating_point:
+            raise CliError(f"token file {path!r}: input_ids rows must be 1-D integer tensors")
+    return rows, masks
+
+
+def _pad(rows: list[torch.Tensor], masks: list[torch.Tensor] | None, pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : r.numel()] = r
+        att[i, : r.numel()] = 1 if masks is None else masks[i][: r.numel()].long()
+    return {"input_ids": ids, "attention_mask": att}
+
+
+def load_batches(paths: list[str], args, tokenizer_dir: str | None) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches (right-padded, with attention masks) from text, jsonl or token files."""
+    rows: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    tokenizer = None
+    for path in paths:
+        if not os.path.isfile(path):
+            raise CliError(f"calibration file {path!r} does not exist")
+        if path.endswith((".pt", ".pth", ".safetensors")):
+            r, m = _read_tokens(path)
+            rows += r
+            masks += m if m is not None else [torch.ones_like(x) for x in r]
+            continue
+        if not path.endswith((".txt", ".jsonl")):
+            raise CliError(f"calibration file {path!r}: expected .txt, .jsonl, .pt or .safetensors")
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(tokenizer_dir)
+        for text in _read_texts(path, args.text_field):
+            enc = tokenizer(text, truncation=True, max_length=args.max_length)["input_ids"]
+            if enc:
+                rows.append(torch.tensor(enc, dtype=torch.long))
+                masks.append(torch.ones(len(enc), dtype=torch.long))
+    rows = [r[: args.max_length] for r in rows]
+    masks = [m[: args.max_length] for m in masks]
+    keep = [i for i, r in enumerate(rows) if r.numel() > 0]
+    rows, masks = [rows[i] for i in keep], [masks[i] for i in keep]
+    if not rows:
+        raise CliError("the calibration files hold no non-empty sample")
+    pad_id = 0
+    if tokenizer is not None:
+        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    bs = args.batch_size
+    batches = [_pad(rows[i : i + bs], masks[i : i + bs], pad_id) for i in range(0, len(rows), bs)]
+    if args.max_batches is not None:
+        batches = batches[: args.max_batches]
+    return batches
+
+
+class TokenProgress:
+    """Wraps a list of batches with a tqdm bar counted in tokens: tokens/s and an ETA from the known total.
+
+    A batch is counted once the consumer asks for the next one, i.e. after the
+    model has run on it. It has ``len()``, which CorDA++ candidate rounds need.
+    """
+
+    def __init__(self, batches: list, *, enabled: bool = True, desc: str = "collecting"):
+        self.batches = batches
+        self.enabled = enabled
+        self.desc = desc
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator:
+        bar = None
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            total = sum(int(b["attention_mask"].sum()) for b in self.batches)
+            bar = tqdm(total=total, unit="tok", unit_scale=True, desc=self.desc, dynamic_ncols=True)
+        try:
+            for b in self.batches:
+                yield b
+                if bar is not None:
+                    bar.update(int(b["attention_mask"].sum()))
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+# ---------------------------------------------------------------------- distributed (torchrun)
+def _maybe_init_distributed(device: str) -> tuple[int, int]:
+    """Join the torchrun process group if launched by torchrun; (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _log(msg: str, rank: int = 0) -> None:
+    if rank == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- subcommands
+def cmd_collect(args) -> int:
+    import corda_kernels as ck
+
+    rank, _ = _maybe_init_distributed(args.device)
+    model = _load_model(args.model, args)
+    batches = load_batches(args.data, args, args.tokenizer or args.model)
+    t0 = time.perf_counter()
+    loader = TokenProgress(batches, enabled=not args.no_progress and rank == 0)
+    accum = torch.float64 if args.accum_dtype == "float64" else torch.float32
+    kw = {"targets": args.targets, "normalize": args.normalize, "accum_dtype": accum, "progress": False}
+    if args.candidates:
+        if not hasattr(ck, "select_covariances"):
+            raise CliError("--candidates needs CorDA++ (corda_kernels.select_covariances), which is not installed")
+        cands = ck.collect_cov(model, loader, candidates=args.candidates, rank=args.rank, mode=args.mode, **kw)
+        covs = ck.select_covariances(model, cands, rank=args.rank, mode=args.mode)
+        _log(f"CorDA++ selection over {cands.rounds} rounds (* = chosen):\n{cands.table()}", rank)
+    else:
+        covs = ck.collect_cov(model, loader, **kw)
+    if rank == 0:
+        covs.save(args.output)
+    _log(
+        f"collected {len(covs)} layers in {len(covs.groups)} groups from {covs.tokens} tokens "
+        f"({len(batches)} batches) in {time.perf_counter() - t0:.1f}s -> {args.output}",
+        rank,
+    )
+    return 0
+
+
+def _parse_budget(text: str | None):
+    if text is None:
+        return None
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise CliError(f"--budget {text!r}: give an int (parameters) or a fraction in (0, 1]") from None
+
+
+def _spectra(model, covs, modules, damping: float) -> dict:
+    """Spectrum of W·C_d per target, one damped covariance per group, as build_corda would compute it."""
+    from ._targets import linear_weight
+    from .decompose import compute_spectrum, damp_covariance
+
+    out, damped = {}, {}
+    for name, module in modules.items():
+        w = linear_weight(module).detach()
+        key = (id(covs[name]), w.device)
+        if key not in damped:
+            damped[key] = damp_covariance(covs[name].to(w.device), damping, name=name)
+        out[name] = compute_spectrum(w, damped[key], name=name)
+    return out
+
+
+def cmd_build(args) -> int:
+    import corda_kernels as ck
+
+    from .export import save_pretrained
+    from .rewrite import resolve_targets
+
+    rank_, world = _maybe_init_distributed(args.device)
+    if args.budget is not None and not args.cordapp:
+        raise CliError("--budget is a CorDA++ rank allocation: add --cordapp (or use --rank for a uniform rank)")
+    if not os.path.isfile(args.covariances):
+        raise CliError(f"covariances file {args.covariances!r} does not exist")
+    covs = ck.Covariances.load(args.covariances)
+    model = _load_model(args.model, args)
+    tokenizer = None
+    try:
+        tokenizer = _load_tokenizer(args.tokenizer or args.model)
+    except CliError:
+        if args.tokenizer:
+            raise
+    t0 = time.perf_counter()
+    ranks = None
+    if args.cordapp:
+        if not hasattr(ck, "allocate_ranks"):
+            raise CliError("--cordapp needs CorDA++ (corda_kernels.allocate_ranks), which is not installed")
+        budget = _parse_budget(args.budget)
+        ranks = ck.allocate_ranks(
+            model,
+            covs,
+            budget=1.0 if budget is None else budget,
+            mode=args.mode,
+            min_rank=args.min_rank,
+            max_rank=args.max_rank,
+            multiple=args.multiple,
+            rank=args.rank,
+            damping=args.damping,
+            progress=not args.no_progress and rank_ == 0,
+        )
+        _log(f"CorDA++ allocation: {sum(ranks.values())} ranks, {ranks.used} of {ranks.budget} parameters", rank_)
+    spectra = None
+    values = {}
+    if args.report:
+        modules = resolve_targets(model, covs, args.targets)
+        cache = getattr(covs, "spectrum_cache", None)
+        from ._targets import linear_weight
+
+        for name, module in modules.items():
+            v = None
+            if cache is not None:
+                v = cache.values(name, linear_weight(module), covs[name], args.damping, torch.float32)
+            if v is not None:
+                values[name] = torch.as_tensor(v)
+        if len(values) < len(modules):
+            # Computed once here and handed to build_corda, so the report costs no second decomposition.
+            spectra = _spectra(model, covs, modules, args.damping)
+            values = {n: s.singular_values for n, s in spectra.items()}
+    ck.build_corda(
+        model,
+        covs,
+        rank=args.rank,
+        mode=args.mode,
+        ranks=ranks,
+        alpha=args.alpha,
+        targets=args.targets,
+        damping=args.damping,
+        dropout=args.dropout,
+        spectra=spectra,
+        progress=not args.no_progress and rank_ == 0,
+        distributed=world > 1,
+    )
+    layers = ck.corda_layers(model)
+    if rank_ == 0:
+        save_pretrained(model, args.output, tokenizer=tokenizer)
+        if args.report:
+            from .report import plot_report
+
+            plot_report(values, {n: m.rank for n, m in layers.items()}, args.mode, args.report)
+            _log(f"report -> {args.report}")
+    _log(
+        f"built {len(layers)} CorDA layers ({args.mode}), {ck.trainable_parameters(model):,} trainable parameters, "
+        f"in {time.perf_counter() - t0:.1f}s -> {args.output}/residual + {args.output}/adapter",
+        rank_,
+    )
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import atomic_dir, load_pretrained, to_lora
+    from .rewrite import merge_corda
+
+    _local_dir(args.source, "source")
+    model = load_pretrained(args.source, dtype=_dtype(args.dtype))
+    if args.merged:
+        merge_corda(model)
+        with atomic_dir(args.output) as tmp:
+            model.save_pretrained(tmp)
+            tok = os.path.join(args.source, "residual", "tokenizer_config.json")
+            if os.path.exists(tok):
+                _load_tokenizer(os.path.join(args.source, "residual")).save_pretrained(tmp)
+            with open(os.path.join(tmp, "corda_export.json"), "w", encoding="utf-8") as f:
+                json.dump({"format": "corda_kernels.export/1", "kind": "merged"}, f)
+        _log(f"merged model -> {args.output}")
+        return 0
+    if not args.base:
+        raise CliError("export needs --base ORIGINAL_MODEL_DIR (for a LoRA on the original weights) or --merged")
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(
+        _local_dir(args.base, "--base"), local_files_only=True, dtype=_dtype(args.dtype)
+    )
+    to_lora(model, original.state_dict(), args.output, base_model_name_or_path=os.path.abspath(args.base))
+    _log(f"LoRA (rank 2r) for the original model {args.base} -> {args.output}")
+    return 0
+
+
+def cmd_demo(args, rest: list[str]) -> int:
+    try:
+        from .demo import main as demo_main
+    except ImportError as e:
+        raise CliError(f"the demo is not available in this installation ({e})") from None
+    return int(demo_main(rest) or 0)
+
+
+BENCH = {"collect": "bench_collect.py", "ops": "bench_ops.py"}
+
+
+def cmd_bench(args, rest: list[str]) -> int:
+    root = Path(args.bench_dir) if args.bench_dir else Path(__file__).resolve().parents[1] / "bench"
+    which = list(BENCH) if args.which == "all" else [args.which]
+    scripts = [root / BENCH[w] for w in which]
+    missing = [str(s) for s in scripts if not s.is_file()]
+    if missing:
+        raise CliError(
+            f"benchmark script(s) {missing} not found: benchmarks ship with the source checkout "
+            "(run from it, or pass --bench-dir)"
+        )
+    for s in scripts:
+        rc = subprocess.call([sys.executable, str(s), *rest])
+        if rc:
+            return rc
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (device_map='auto')")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto (checkpoint's), float32, bfloat16, float16")
+    p.add_argument("--targets", nargs="+", default=None, help="module names/globs (default: every linear but the head)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="corda-kernels", description="Fast CorDA / CorDA++ adapter initialization.")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("collect", help="model + calibration data -> covariances file")
+    p.add_argument("model", help="local model directory (transformers save_pretrained)")
+    p.add_argument("data", nargs="+", help=".txt (one sample a line), .jsonl, or token files (.pt/.safetensors)")
+    p.add_argument("-o", "--output", required=True, help="covariances file (.safetensors)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    p.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--normalize", choices=("mean", "peft", "sum"), default="mean")
+    p.add_argument("--accum-dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--candidates", type=int, default=None, help="CorDA++: N candidate rounds, keep the best per group")
+    p.add_argument("--rank", type=int, default=None, help="CorDA++ scoring rank (with --candidates)")
+    p.add_argument("--mode", choices=("kpm", "ipm"), default="kpm", help="CorDA++ scoring mode (with --candidates)")
+    _model_options(p)
+
+    p = sub.add_parser("build", help="model + covariances -> CorDA model (residual + PEFT adapter)")
+    p.add_argument("model", help="local model directory")
+    p.add_argument("covariances", help="file written by `collect`")
+    p.add_argument("-o", "--output", required=True, help="output directory (residual/ and adapter/)")
+    p.add_argument("--tokenizer", help="tokenizer to save with the residual model (default: the model's, if any)")
+    p.add_argument("--mode", choices=("kpm", "ipm"), default="kpm")
+    p.add_argument("--rank", type=int, default=16, help="uniform rank (CorDA++: the reference rank of a fraction)")
+    p.add_argument("--budget", default=None, help="CorDA++ budget: int parameters, or a fraction of --rank's cost")
+    p.add_argument("--cordapp", action="store_true", help="CorDA++ rank allocation (allocate_ranks)")
+    p.add_argument("--min-rank", type=int, default=1)
+    p.add_argument("--max-rank", type=int, default=None)
+    p.add_argument("--multiple", type=int, default=1, help="CorDA++ ranks are multiples of this")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: each layer's rank)")
+    p.add_argument("--damping", type=float, default=0.01)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--report", default=None, help="draw spectra and ranks to this image (needs matplotlib)")
+    _model_options(p)
+
+    p = sub.add_parser("export", help="CorDA export -> LoRA on the original model (--base), or a merged model")
+    p.add_argument("source", help="directory written by `build` / corda_kernels.save_pretrained")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--base", help="the original model directory: write a rank-2r PEFT LoRA for it")
+    p.add_argument("--merged", action="store_true", help="write one merged transformers model instead")
+    p.add_argument("--dtype", default="auto")
+
+    p = sub.add_parser("demo", help="the README's end-to-end demo (options: corda-kernels demo --help)", add_help=False)
+    p = sub.add_parser("bench", help="run the benchmarks in bench/ (extra arguments go to the scripts)")
+    p.add_argument("which", nargs="?", choices=("collect", "ops", "all"), default="all")
+    p.add_argument("--bench-dir", default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``corda-kernels``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser()
+    args, rest = ap.parse_known_args(argv)
+    if rest and args.command not in ("demo", "bench"):
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "collect":
+            return cmd_collect(args)
+        if args.command == "build":
+            return cmd_build(args)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "demo":
+            return cmd_demo(args, rest)
+        return cmd_bench(args, rest)
+    except (CliError, ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        if args.debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"corda-kernels {args.command}: error: {msg}", file=sys.stderr)
+        return 1

@@ -1,0 +1,526 @@
+"""Interop with transformers and PEFT: export, conversion to a plain LoRA, import.
+
+Pipeline stage 4. A CorDA model is a *residual* base plus a low-rank adapter,
+which is exactly what PEFT's LoRA format can carry:
+
+- :func:`save_pretrained` writes ``out_dir/residual`` (a normal transformers
+  checkpoint whose target layers hold the residual weights) and
+  ``out_dir/adapter`` (a PEFT LoRA adapter), so
+  ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir/"residual"), out_dir/"adapter")``
+  is our model;
+- :func:`to_lora` turns the trained adapter into a rank-2r LoRA on the
+  *original* weights (what PEFT does for PiSSA/CorDA), to serve on the
+  unmodified base model;
+- :func:`from_peft` and :func:`load_pretrained` go the other way, into
+  ``CordaLinear`` layers.
+
+Every directory is written into a hidden temporary sibling and renamed into
+place at the end, so an interrupted write never leaves a loadable-looking
+directory behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._targets import Conv1D, get_submodule_parent, linear_weight
+from .layer import CordaLinear
+from .rewrite import corda_layers
+
+EXPORT_FORMAT = "corda_kernels.export/1"
+#: Written last into every export directory; an existing directory is only ever replaced if it holds this file.
+MARKER = "corda_export.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: PEFT's key prefix for a LoRA adapter saved from a ``PeftModel`` (``PeftModel.base_model.model``).
+PEFT_PREFIX = "base_model.model."
+
+
+# ---------------------------------------------------------------------- atomic directories
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[str]:
+    """Yield a fresh hidden temporary directory next to ``path``; rename it to ``path`` on success.
+
+    An existing ``path`` is replaced only if it is empty or is an earlier
+    export (holds :data:`MARKER`); anything else raises ``FileExistsError``
+    before any work is done, so a typo never deletes a user's directory.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, base = os.path.split(path)
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise FileExistsError(f"out_dir {path!r} exists and is not a directory")
+        if os.listdir(path) and not (replace and os.path.exists(os.path.join(path, MARKER))):
+            raise FileExistsError(
+                f"out_dir {path!r} exists and is not an earlier corda_kernels export (no {MARKER}): "
+                "refusing to replace it; remove it or choose another directory"
+            )
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        old = None
+        if os.path.lexists(path):
+            # Two renames: the old export is never half-overwritten, and is only deleted once the new one is in place.
+            old = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
+            os.rename(path, os.path.join(old, "x"))
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.rename(os.path.join(old, "x"), path)  # put the earlier export back
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _num(x: float) -> int | float:
+    """JSON-friendly alpha: PEFT configs usually hold ints."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# ---------------------------------------------------------------------- the adapter
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter in memory: ``state_dict`` with PEFT's key names and the ``adapter_config.json`` dict."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``path``, atomically."""
+        with atomic_dir(path) as tmp:
+            self._write(tmp)
+            _write_json(os.path.join(tmp, MARKER), {"format": EXPORT_FORMAT, "kind": "adapter"})
+
+    def _write(self, directory: str) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict.items()}
+        save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        _write_json(os.path.join(directory, ADAPTER_CONFIG), self.config)
+
+    def peft_config(self):
+        """The config as a ``peft.LoraConfig`` (needs peft)."""
+        from peft import LoraConfig
+
+        keys = set(LoraConfig.__dataclass_fields__)
+        return LoraConfig(**{k: v for k, v in self.config.items() if k in keys and k != "peft_type"})
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return "CAUSAL_LM" if name.endswith("ForCausalLM") or name.endswith("LMHeadModel") else None
+
+
+def _lora_config(
+    ranks: Mapping[str, int],
+    alphas: Mapping[str, float],
+    *,
+    conv1d: bool,
+    dropout: float,
+    task_type: str | None,
+    base_model_name_or_path: str | None,
+) -> dict:
+    """adapter_config.json for a LoRA with per-module ranks/alphas (most common value + patterns)."""
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    # PEFT matches a pattern key k against a module name with re.match(r"(.*\.)?(k)$"): full names match only themselves.
+    rank_pattern = {n: v for n, v in ranks.items() if v != r}
+    alpha_pattern = {n: _num(v) for n, v in alphas.items() if v != alpha}
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(r),
+        "lora_alpha": _num(alpha),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        # Full module names: PEFT's list matching is `name == t or name.endswith("." + t)`.
+        "target_modules": sorted(ranks),
+        "lora_dropout": float(dropout),
+        # transformers' Conv1D stores W transposed; PEFT needs to be told (A and B keep the usual layouts).
+        "fan_in_fan_out": bool(conv1d),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    try:
+        import peft
+        from peft import LoraConfig
+
+        # Round-trip through LoraConfig so the file has every field this peft version writes.
+        full = LoraConfig(**{k: v for k, v in cfg.items() if k != "peft_type"}).to_dict()
+        full = {k: (sorted(v) if isinstance(v, set) else v) for k, v in full.items()}
+        full["peft_type"] = "LORA"
+        full["peft_version"] = peft.__version__
+        for k in ("rank_pattern", "alpha_pattern", "target_modules"):
+            full[k] = cfg[k]
+        return json.loads(json.dumps(full, default=str))
+    except ImportError:
+        return cfg
+
+
+def _require_layers(model: nn.Module, what: str) -> dict[str, CordaLinear]:
+    layers = corda_layers(model)
+    if not layers:
+        raise ValueError(f"{what}: the model has no CordaLinear layer (run build_corda first)")
+    return layers
+
+
+def adapter_state(model: nn.Module, *, base_model_name_or_path: str | None = None) -> LoraAdapter:
+    """The model's CorDA adapters as a PEFT LoRA adapter for the *residual* base model."""
+    layers = _require_layers(model, "adapter_state")
+    sd = {}
+    for name, layer in layers.items():
+        sd[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
+        sd[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+    dropout = max(layer.dropout for layer in layers.values())
+    cfg = _lora_config(
+        {n: m.rank for n, m in layers.items()},
+        {n: m.alpha for n, m in layers.items()},
+        conv1d=any(m.base_type == "conv1d" for m in layers.values()),
+        dropout=dropout,
+        task_type=_task_type(model),
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    return LoraAdapter(sd, cfg)
+
+
+# ---------------------------------------------------------------------- residual model
+def _plain_layer(layer: CordaLinear) -> nn.Module:
+    """A plain layer of the original type holding the residual; shares storage with ``layer`` where the layout allows."""
+    with torch.device("meta"):
+        # Built on the meta device so no throwaway random init is computed for large layers.
+        plain = (
+            Conv1D(layer.out_features, layer.in_features)
+            if layer.base_type == "conv1d"
+            else nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        )
+    w = layer.weight.detach()
+    plain.weight = nn.Parameter(w.t().contiguous() if layer.base_type == "conv1d" else w, requires_grad=False)
+    if layer.bias is not None:
+        plain.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
+    elif layer.base_type == "conv1d":
+        plain.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=w.dtype, device=w.device), requires_grad=False)
+    return plain
+
+
+@contextlib.contextmanager
+def residual_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily swap every CordaLinear for a plain layer holding its residual; restored on exit, even on error."""
+    layers = corda_layers(model)
+    swapped = []
+    try:
+        for name, layer in layers.items():
+            parent, child = get_submodule_parent(model, name)
+            setattr(parent, child, _plain_layer(layer))
+            swapped.append((parent, child, layer))
+        yield model
+    finally:
+        for parent, child, layer in swapped:
+            setattr(parent, child, layer)
+
+
+# ---------------------------------------------------------------------- save
+def save_pretrained(
+    model: nn.Module, out_dir: str | os.PathLike, *, format: str = "peft", tokenizer=None, **save_kwargs
+) -> str:
+    """Write ``out_dir/residual`` (transformers checkpoint) and ``out_dir/adapter`` (PEFT LoRA); returns ``out_dir``.
+
+    The residual checkpoint holds plain layers of the original types with the
+    residual weights, so ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir/"residual"),
+    out_dir/"adapter")`` reproduces ``model``. ``model`` itself is left
+    unchanged. The whole directory appears atomically; an existing
+    ``out_dir`` is replaced only if it is an earlier export. A ``tokenizer``
+    is saved with the residual model; ``save_kwargs`` go to the model's own
+    ``save_pretrained`` (e.g. ``max_shard_size``).
+    """
+    if format != "peft":
+        raise ValueError(f"format must be 'peft', got {format!r}")
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise TypeError(
+            f"model must be a transformers PreTrainedModel (with save_pretrained), got {type(model).__name__}"
+        )
+    layers = _require_layers(model, "save_pretrained")
+    final = os.path.abspath(os.fspath(out_dir))
+    with atomic_dir(final) as tmp:
+        with residual_view(model):
+            model.save_pretrained(os.path.join(tmp, "residual"), **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tmp, "residual"))
+        adapter = adapter_state(model, base_model_name_or_path=os.path.join(final, "residual"))
+        adapter._write(_mkdir(os.path.join(tmp, "adapter")))
+        meta = {
+            "format": EXPORT_FORMAT,
+            "kind": "corda",
+            "residual": "residual",
+            "adapter": "adapter",
+            "layers": {
+                n: {"rank": m.rank, "alpha": m.alpha, "mode": m.mode, "base_type": m.base_type}
+                for n, m in layers.items()
+            },
+        }
+        _write_json(os.path.join(tmp, MARKER), meta)
+    return final
+
+
+def _mkdir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------- to a LoRA on the original weights
+def _rank_r_factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(U·√S, √S·Vᵀ) of the best rank-r approximation of ``delta`` (float64), and the Frobenius norm of the rest."""
+    m, n = delta.shape
+    q = r + 8
+    if q >= min(m, n):
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    else:
+        # delta is rank r up to rounding, so a randomized range finder with oversampling recovers it
+        # at O(m·n·q) cost instead of a full SVD of a (d_out, d_in) matrix per layer.
+        g = torch.Generator(device=delta.device).manual_seed(0) if delta.device.type == "cpu" else None
+        omega = torch.randn(n, q, dtype=delta.dtype, device=delta.device, generator=g)
+        y = delta @ omega
+        for _ in range(2):
+            y, _ = torch.linalg.qr(y)
+            y = delta @ (delta.T @ y)
+        qm, _ = torch.linalg.qr(y)
+        ub, s, vh = torch.linalg.svd(qm.T @ delta, full_matrices=False)
+        u = qm @ ub
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    tail = float((delta.norm() ** 2 - (s**2).sum()).clamp_min(0).sqrt())
+    root = s.sqrt()
+    return u * root, root.unsqueeze(1) * vh, tail
+
+
+def _original_weight(original: Mapping[str, torch.Tensor], name: str, layer: CordaLinear) -> torch.Tensor:
+    for key in (f"{name}.weight", f"{PEFT_PREFIX}{name}.weight", f"{PEFT_PREFIX}{name}.base_layer.weight"):
+        if key in original:
+            w = original[key]
+            break
+    else:
+        raise KeyError(f"original_state_dict has no weight for module {name!r} (looked for '{name}.weight')")
+    shape = (layer.out_features, layer.in_features)
+    if layer.base_type == "conv1d" and tuple(w.shape) == shape[::-1]:
+        w = w.t()
+    if tuple(w.shape) != shape:
+        raise ValueError(
+            f"original weight of module {name!r} has shape {tuple(w.shape)}, but the layer is (d_out, d_in) = {shape}"
+        )
+    return w
+
+
+@torch.no_grad()
+def to_lora(
+    model: nn.Module,
+    original_state_dict: Mapping[str, torch.Tensor],
+    out_dir: str | os.PathLike | None = None,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> LoraAdapter:
+    """The trained CorDA adapters as a plain rank-2r LoRA on the *original* weights (PEFT's PiSSA/CorDA conversion).
+
+    With init factors (A₀, B₀) and trained (A, B), the original layer plus
+    s·[B, −B₀]·[A; A₀] equals residual + s·B·A, because the residual is
+    W − s·B₀A₀. The init factors are not stored anywhere, so they are
+    recovered from ``original_state_dict``: W − residual = s·B₀A₀ has rank r,
+    and its rank-r SVD gives factors with the same product (exact up to the
+    rounding of the stored residual: fp32 models match to ~1e-6, bf16/fp16
+    ones to their own rounding). Alpha is doubled with the rank, so the scaling
+    is unchanged. Returns a :class:`LoraAdapter`; with ``out_dir`` it is also
+    written there (load it with ``PeftModel.from_pretrained(original_model, out_dir)``).
+    """
+    layers = _require_layers(model, "to_lora")
+    sd: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        res = layer.weight.detach()
+        w0 = _original_weight(original_state_dict, name, layer).to(device=res.device, dtype=torch.float64)
+        delta = w0 - res.double()
+        s = layer.scaling
+        b0, a0, tail = _rank_r_factors(delta / s, layer.rank)
+        eps = torch.finfo(res.dtype).eps if res.dtype.is_floating_point else 1e-7
+        if tail > 16 * eps * float(w0.norm()) + 1e-12:
+            raise ValueError(
+                f"module {name!r}: the original weight minus the residual is not a rank-{layer.rank} matrix "
+                f"(remainder {tail:.3g} vs |W| {float(w0.norm()):.3g}); is original_state_dict the model this "
+                "CorDA model was built from?"
+            )
+        dt = layer.lora_A.dtype
+        sd[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.cat([layer.lora_A.detach(), a0.to(dt)], dim=0)
+        sd[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.cat([layer.lora_B.detach(), -b0.to(dt)], dim=1)
+    cfg = _lora_config(
+        {n: 2 * m.rank for n, m in layers.items()},
+        {n: 2 * m.alpha for n, m in layers.items()},
+        conv1d=any(m.base_type == "conv1d" for m in layers.values()),
+        dropout=max(m.dropout for m in layers.values()),
+        task_type=_task_type(model),
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    adapter = LoraAdapter(sd, cfg)
+    if out_dir is not None:
+        adapter.save(out_dir)
+    return adapter
+
+
+# ---------------------------------------------------------------------- import
+def _swap_in(model: nn.Module, name: str, base: nn.Module, A, B, *, alpha: float, dropout: float, mode: str) -> None:
+    if not isinstance(base, (nn.Linear, Conv1D)):
+        raise TypeError(f"module {name!r}: a LoRA on a {type(base).__name__} cannot become a CordaLinear")
+    w = linear_weight(base).detach()
+    layer = CordaLinear.from_factors(base, w, A.detach(), B.detach(), alpha=alpha, dropout=dropout, mode=mode)
+    layer.lora_A.requires_grad_(True)
+    layer.lora_B.requires_grad_(True)
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, layer)
+
+
+@torch.no_grad()
+def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Turn a PEFT LoRA (or PEFT-CorDA) model into the underlying transformers model with CordaLinear layers.
+
+    Works in place on the wrapped model and returns it; the PEFT wrapper must
+    not be used afterwards. Outputs are unchanged: each ``CordaLinear`` holds
+    the LoRA layer's base weight, A, B and scaling (alpha is set to
+    scaling·r, so rsLoRA carries over). Only ``adapter_name`` (default: the
+    active adapter) is kept. DoRA, LoRA biases and LoRA on non-linear layers
+    raise, naming the layer.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    try:
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:  # pragma: no cover - older peft
+        ModulesToSaveWrapper = ()  # type: ignore[assignment]
+
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if isinstance(peft_model, PeftModel):
+        lora_model = peft_model.base_model
+    elif isinstance(peft_model, BaseTuner):
+        lora_model = peft_model
+    else:
+        raise TypeError(f"peft_model must be a peft PeftModel or LoraModel, got {type(peft_model).__name__}")
+    inner = lora_model.model
+    if adapter_name is None:
+        active = getattr(lora_model, "active_adapter", "default")
+        if isinstance(active, (list, tuple)):
+            if len(active) != 1:
+                raise ValueError(f"several adapters are active ({list(active)}): pass adapter_name=")
+            active = active[0]
+        adapter_name = active
+    cfg = lora_model.peft_config.get(adapter_name)
+    if cfg is None:
+        raise ValueError(f"adapter_name {adapter_name!r} is not one of {sorted(lora_model.peft_config)}")
+    peft_type = getattr(cfg.peft_type, "value", cfg.peft_type)
+    if peft_type != "LORA":
+        raise ValueError(f"from_peft converts LoRA adapters; adapter {adapter_name!r} is {peft_type}")
+    corda_cfg = getattr(cfg, "corda_config", None)
+    mode = getattr(corda_cfg, "corda_method", None) or "lora"
+
+    for name, module in list(inner.named_modules()):
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            if adapter_name not in module.lora_A:
+                parent, child = get_submodule_parent(inner, name)
+                setattr(parent, child, base)
+                continue
+            if module.use_dora.get(adapter_name, False):
+                raise ValueError(f"module {name!r} uses DoRA, which CordaLinear does not implement")
+            if getattr(module, "lora_bias", {}).get(adapter_name, False):
+                raise ValueError(f"module {name!r} has a LoRA bias (lora_bias=True), which CordaLinear does not hold")
+            if getattr(module, "merged", False):
+                module.unmerge()
+            drop = module.lora_dropout[adapter_name]
+            p = float(getattr(drop, "p", 0.0))
+            r = module.r[adapter_name]
+            _swap_in(
+                inner,
+                name,
+                base,
+                module.lora_A[adapter_name].weight,
+                module.lora_B[adapter_name].weight,
+                alpha=float(module.scaling[adapter_name]) * r,
+                dropout=p,
+                mode=mode,
+            )
+        elif ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
+            keep = module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save else None
+            parent, child = get_submodule_parent(inner, name)
+            setattr(parent, child, keep if keep is not None else module.original_module)
+    left = [n for n, m in inner.named_modules() if type(m).__module__.startswith("peft.")]
+    if left:
+        raise ValueError(f"module {left[0]!r} is a PEFT {type(inner.get_submodule(left[0])).__name__}: not convertible")
+    return inner
+
+
+def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrained_kwargs) -> nn.Module:
+    """Load a :func:`save_pretrained` directory back as a transformers model with CordaLinear layers (no peft needed).
+
+    ``model_class`` defaults to ``AutoModelForCausalLM``; files are read from
+    ``path`` only (``local_files_only=True``). Only ``lora_A``/``lora_B`` are
+    trainable afterwards, as after :func:`build_corda`.
+    """
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    marker = os.path.join(path, MARKER)
+    if not os.path.exists(marker):
+        raise FileNotFoundError(f"{path!r} is not a corda_kernels export (no {MARKER})")
+    with open(marker, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != EXPORT_FORMAT or meta.get("kind") != "corda":
+        raise ValueError(f"{path!r} holds {meta.get('kind')!r} export format {meta.get('format')!r}, not a CorDA model")
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    from_pretrained_kwargs.setdefault("local_files_only", True)
+    model = model_class.from_pretrained(os.path.join(path, meta["residual"]), **from_pretrained_kwargs)
+    adir = os.path.join(path, meta["adapter"])
+    with open(os.path.join(adir, ADAPTER_CONFIG), encoding="utf-8") as f:
+        cfg = json.load(f)
+    sd = load_file(os.path.join(adir, ADAPTER_WEIGHTS))
+    for name, info in meta["layers"].items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the residual model has no module {name!r} named by the adapter") from None
+        w = linear_weight(base)
+        A = sd[f"{PEFT_PREFIX}{name}.lora_A.weight"].to(device=w.device, dtype=w.dtype)
+        B = sd[f"{PEFT_PREFIX}{name}.lora_B.weight"].to(device=w.device, dtype=w.dtype)
+        _swap_in(
+            model,
+            name,
+            base,
+            A,
+            B,
+            alpha=float(info["alpha"]),
+            dropout=float(cfg.get("lora_dropout", 0.0)),
+            mode=info.get("mode", "kpm"),
+        )
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith(".lora_A") or n.endswith(".lora_B"))
+    return model

@@ -1,0 +1,189 @@
+"""The command line, end to end on a tiny local model + tokenizer (built offline, nothing downloaded)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_llama
+
+import corda_kernels as ck
+from corda_kernels import cli
+
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "low rank adapters are small and fast",
+    "the model reads the text",
+    "covariance of the inputs of every layer",
+]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(TEXTS, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    model = tiny_llama()
+    model.save_pretrained(d / "model")
+    _tokenizer().save_pretrained(d / "model")
+    (d / "data.txt").write_text("\n".join(TEXTS[:3]) + "\n\n")
+    (d / "data.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS[3:])))
+    g = torch.Generator().manual_seed(0)
+    torch.save({"input_ids": torch.randint(3, 20, (2, 9), generator=g)}, d / "tokens.pt")
+    return d
+
+
+def _run(args, cwd, console_script=False):
+    exe = [str(Path(sys.executable).with_name("corda-kernels"))] if console_script else [sys.executable, "-m"]
+    cmd = exe + ([] if console_script else ["corda_kernels"]) + [str(a) for a in args]
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stderr[-3000:]}"
+    return r
+
+
+def test_collect_build_export_end_to_end(workdir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    d = workdir
+    data = [d / "data.txt", d / "data.jsonl", d / "tokens.pt"]
+    r = _run(["collect", d / "model", *data, "-o", d / "covs.safetensors", "--batch-size", "2"], d)
+    assert "tok/s" in r.stderr  # the token progress bar with a rate
+
+    # The file holds what collect_cov gives on the same batches, and every word counted once.
+    covs = ck.Covariances.load(d / "covs.safetensors")
+    words = sum(len(t.split()) for t in TEXTS) + 2 * 9
+    assert covs.tokens == words
+    model = tiny_llama()
+    args = cli.build_parser().parse_args(["collect", str(d / "model"), "x", "-o", "y", "--batch-size", "2"])
+    batches = cli.load_batches([str(p) for p in data], args, str(d / "model"))
+    assert len(batches) == 3 + 1  # 5 texts + 2 token rows, 2 a batch
+    ref = ck.collect_cov(model, batches, progress=False)
+    for name in ref:
+        torch.testing.assert_close(covs[name], ref[name], rtol=1e-6, atol=1e-7)
+
+    exe_ok = Path(sys.executable).with_name("corda-kernels").exists()
+    r = _run(
+        ["build", d / "model", d / "covs.safetensors", "-o", d / "out", "--rank", "4", "--mode", "ipm"],
+        d,
+        console_script=exe_ok,
+    )
+    assert "layer/s" in r.stderr  # the decomposition progress bar
+    assert sorted(os.listdir(d / "out")) == ["adapter", "corda_export.json", "residual"]
+    assert (d / "out" / "residual" / "tokenizer.json").exists()
+    cfg = json.loads((d / "out" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
+
+    ids = batches[0]
+    with torch.no_grad():
+        base = model(**ids).logits
+    ck.build_corda(model, ref, rank=4, mode="ipm")
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(d / "out" / "residual"), d / "out" / "adapter"
+    )
+    with torch.no_grad():
+        got = peft.eval()(**ids).logits
+        ours = model(**ids).logits
+    torch.testing.assert_close(got, ours, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, base, rtol=1e-3, atol=1e-4)  # building does not change the function
+
+    assert cli.main(["export", str(d / "out"), "-o", str(d / "lora"), "--base", str(d / "model")]) == 0
+    original = AutoModelForCausalLM.from_pretrained(d / "model")
+    lora = PeftModel.from_pretrained(original, d / "lora").eval()
+    assert json.loads((d / "lora" / "adapter_config.json").read_text())["r"] == 8
+    with torch.no_grad():
+        torch.testing.assert_close(lora(**ids).logits, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_cordapp_and_merged_export_in_process(workdir, tmp_path, capsys):
+    d = workdir
+    rc = cli.main(
+        ["collect", str(d / "model"), str(d / "data.txt"), str(d / "data.jsonl"), "-o", str(tmp_path / "c.safetensors")]
+        + ["--batch-size", "1", "--candidates", "2", "--no-progress"]
+    )
+    assert rc == 0
+    assert "chosen" in capsys.readouterr().err
+    covs = ck.Covariances.load(tmp_path / "c.safetensors")
+    assert covs.meta.get("candidates") == "2"
+
+    rc = cli.main(
+        ["build", str(d / "model"), str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "pp"), "--cordapp"]
+        + ["--budget", "0.5", "--rank", "4", "--no-progress", "--report", str(tmp_path / "report.png")]
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    cfg = json.loads((tmp_path / "pp" / "adapter" / "adapter_config.json").read_text())
+    ranks = {n: cfg["rank_pattern"].get(n, cfg["r"]) for n in cfg["target_modules"]}
+    assert len(set(ranks.values())) > 1  # an allocation, not a uniform rank
+    assert cfg["rank_pattern"]
+
+    # Merged export: one plain transformers model equal to the CorDA model.
+    rc = cli.main(["export", str(tmp_path / "pp"), "-o", str(tmp_path / "merged"), "--merged"])
+    assert rc == 0
+    from transformers import AutoModelForCausalLM
+
+    from corda_kernels.export import load_pretrained
+
+    corda = load_pretrained(tmp_path / "pp")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not ck.corda_layers(merged)
+    ids = torch.randint(3, 20, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, corda(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["build", "{m}", "{m}/c.safetensors", "-o", "{t}/o", "--budget", "100"], "--cordapp"),
+        (["build", "{m}", "{t}/missing.safetensors", "-o", "{t}/o"], "does not exist"),
+        (["collect", "{t}/nope", "{d}/data.txt", "-o", "{t}/c"], "not a local directory"),
+        (["collect", "{m}", "{t}/bad.jsonl", "-o", "{t}/c"], "field 'text'"),
+        (["collect", "{m}", "{d}/data.csv", "-o", "{t}/c"], "does not exist"),
+        (["export", "{m}", "-o", "{t}/e"], "not a corda_kernels export"),
+        (["bench", "--bench-dir", "{t}"], "not found"),
+    ],
+)
+def test_errors_are_one_clear_line(workdir, tmp_path, capsys, argv, message):
+    (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
+    fill = {"m": str(workdir / "model"), "d": str(workdir), "t": str(tmp_path)}
+    rc = cli.main([a.format(**fill) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert message in err and "Traceback" not in err
+
+
+def test_demo_and_bench_delegate(monkeypatch, tmp_path):
+    import corda_kernels.demo as demo
+
+    seen = {}
+
+    def fake_main(argv=None):
+        seen["argv"] = argv
+        return 0
+
+    monkeypatch.setattr(demo, "main", fake_main)
+    assert cli.main(["demo", "--rank", "4", "--help"]) == 0
+    assert seen["argv"] == ["--rank", "4", "--help"]
+
+    (tmp_path / "bench_ops.py").write_text("import sys\nopen(sys.argv[1], 'w').write('ran')\n")
+    assert cli.main(["bench", "ops", "--bench-dir", str(tmp_path), str(tmp_path / "flag")]) == 0
+    assert (tmp_path / "flag").read_text() == "ran"
+
+
+def test_unknown_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["build", "a", "b", "-o", "c", "--no-such-option"])
+    assert e.value.code == 2

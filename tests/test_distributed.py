@@ -1,0 +1,132 @@
+"""torch.distributed: a 2-process gloo run on CPU equals one process over the union of the data."""
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tiny import padded_batches, tiny_llama
+
+import corda_kernels as ck
+from corda_kernels.distributed import Shard, assign_groups
+
+N_BATCHES = 5  # odd: the two shards differ in size
+
+
+def _factors(model):
+    return {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in ck.corda_layers(model).items()}
+
+
+def _worker(rank, world, init_file, out_dir):
+    torch.manual_seed(0)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = tiny_llama()
+        batches = padded_batches(model.config.vocab_size, n_batches=N_BATCHES, seed=1)
+        res = {}
+        res["covs"] = ck.collect_cov(model, batches, progress=False)
+        res["covs_max1"] = ck.collect_cov(model, batches, max_batches=1, progress=False)  # rank 1 reads nothing
+        res["covs_pre"] = ck.collect_cov(model, batches[rank::world], distributed="presharded", progress=False)
+        single = ck.Covariances.load(os.path.join(out_dir, "single.safetensors"))
+        own = tiny_llama()  # adapters from this run's own (all-reduced) covariances
+        ck.build_corda(own, res["covs"], rank=4, distributed=True)
+        ck.build_corda(model, single, rank=4, ranks={"model.layers.0.mlp.down_proj": 2}, distributed=True)
+        torch.save(
+            {
+                "covs": {k: v for k, v in res["covs"].items()},
+                "tokens": res["covs"].token_counts,
+                "max1": {k: v for k, v in res["covs_max1"].items()},
+                "max1_tokens": res["covs_max1"].token_counts,
+                "pre": {k: v for k, v in res["covs_pre"].items()},
+                "factors": _factors(model),
+                "own": {n: m.merged_weight() - m.weight for n, m in ck.corda_layers(own).items()},
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, args, nprocs=2, timeout=240):
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"distributed workers did not finish within {timeout}s")
+
+
+def test_two_process_gloo_matches_single_process(tmp_path):
+    model = tiny_llama()
+    batches = padded_batches(model.config.vocab_size, n_batches=N_BATCHES, seed=1)
+    covs = ck.collect_cov(model, batches, progress=False)
+    covs1 = ck.collect_cov(model, batches, max_batches=1, progress=False)
+    covs.save(tmp_path / "single.safetensors")
+    single = ck.Covariances.load(tmp_path / "single.safetensors")
+    ck.build_corda(model, single, rank=4, ranks={"model.layers.0.mlp.down_proj": 2})
+    ref_factors = _factors(model)
+    plain = tiny_llama()
+    ck.build_corda(plain, covs, rank=4)
+    ref_updates = {n: m.merged_weight() - m.weight for n, m in ck.corda_layers(plain).items()}
+
+    _spawn(_worker, (2, str(tmp_path / "init"), str(tmp_path)))
+    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    for out in outs:
+        assert set(out["covs"]) == set(covs)
+        assert out["tokens"] == covs.token_counts
+        assert out["max1_tokens"] == covs1.token_counts
+        for name in covs:
+            torch.testing.assert_close(out["covs"][name], covs[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out["max1"][name], covs1[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out["pre"][name], covs[name], rtol=1e-5, atol=1e-6)
+        # Same covariances in, so the split decompositions must give exactly the single-process factors.
+        assert set(out["factors"]) == set(ref_factors)
+        for name, (A, B) in ref_factors.items():
+            torch.testing.assert_close(out["factors"][name][0], A, rtol=0, atol=0)
+            torch.testing.assert_close(out["factors"][name][1], B, rtol=0, atol=0)
+    # End to end (distributed collection + distributed build): the same adapters, up to summation order.
+    for out in outs:
+        for name, upd in ref_updates.items():
+            torch.testing.assert_close(out["own"][name], upd, rtol=1e-3, atol=1e-5)
+    # Every rank holds identical covariances (one all-reduce, same result everywhere).
+    for name in covs:
+        assert torch.equal(outs[0]["covs"][name], outs[1]["covs"][name])
+
+
+def test_sharding_and_assignment_without_a_group():
+    s = Shard(rank=1, world=3)
+    loader, local_max = s.split(range(10), 8)
+    assert list(loader) == [1, 4, 7]
+    assert local_max == 3
+    loader, local_max = Shard(rank=1, world=3, presharded=True).split(range(10), 8)
+    assert list(loader) == list(range(10)) and local_max == 8
+    assert Shard.resolve(None) is None  # no process group: plain local collection
+    with pytest.raises(RuntimeError, match="process group"):
+        Shard.resolve(True)
+    with pytest.raises(ValueError, match="distributed"):
+        Shard.resolve("yes")
+
+    model = tiny_llama()
+    from corda_kernels._targets import find_targets
+
+    modules = find_targets(model)
+    groups = [[n] for n in modules]
+    owners = assign_groups(modules, groups, 2)
+    assert set(owners) == {0, 1}
+    # The biggest layers (down_proj) go to different ranks.
+    downs = [owners[i] for i, g in enumerate(groups) if g[0].endswith("down_proj")]
+    assert sorted(downs) == [0, 1]
+
+
+def test_build_distributed_needs_a_group():
+    model = tiny_llama()
+    batches = padded_batches(model.config.vocab_size, n_batches=1)
+    covs = ck.collect_cov(model, batches, progress=False)
+    with pytest.raises(RuntimeError, match="process group"):
+        ck.build_corda(model, covs, rank=2, distributed=True)
+    with pytest.raises(RuntimeError, match="process group"):
+        ck.collect_cov(model, batches, distributed=True, progress=False)

@@ -1,0 +1,196 @@
+"""PEFT interop: save_pretrained (residual + adapter), to_lora (rank 2r on the original), from_peft, atomic writes."""
+
+import json
+import os
+
+import pytest
+import torch
+from tiny import padded_batches, tiny_gpt2, tiny_llama
+
+import corda_kernels as ck
+from corda_kernels import export
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+
+def _corda(make, mixed=True):
+    model = make()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = padded_batches(model.config.vocab_size, n_batches=2, seq=10)
+    covs = ck.collect_cov(model, batches, progress=False)
+    names = list(covs)
+    ranks = {n: (2 if i % 3 == 0 else 4) for i, n in enumerate(names)} if mixed else None
+    alpha = {n: (8.0 if i % 2 else 4.0) for i, n in enumerate(names)} if mixed else None
+    ck.build_corda(model, covs, rank=4, ranks=ranks, alpha=alpha)
+    return model, original, batches
+
+
+def _train(model, batches, steps=3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    model.train()
+    for i in range(steps):
+        b = batches[i % len(batches)]
+        loss = model(**b, labels=b["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _peft_logits(out_dir, batch):
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, "residual"))
+    return _logits(PeftModel.from_pretrained(base, os.path.join(out_dir, "adapter")).eval(), batch)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama-linear", "gpt2-conv1d"])
+def test_save_pretrained_loads_in_peft_before_and_after_training(make, tmp_path):
+    model, _, batches = _corda(make)
+    b = batches[0]
+    out = tmp_path / "export"
+    keys = sorted(model.state_dict())
+    ref = _logits(model, b)
+    export.save_pretrained(model, out)
+    # The user's model is untouched: still CordaLinear, same parameters, same function.
+    assert sorted(model.state_dict()) == keys
+    assert len(ck.corda_layers(model)) > 0
+    torch.testing.assert_close(_logits(model, b), ref, rtol=0, atol=0)
+
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    layers = ck.corda_layers(model)
+    assert cfg["fan_in_fan_out"] == (make is tiny_gpt2)
+    assert {n: cfg["rank_pattern"].get(n, cfg["r"]) for n in cfg["target_modules"]} == {
+        n: m.rank for n, m in layers.items()
+    }
+    assert {n: cfg["alpha_pattern"].get(n, cfg["lora_alpha"]) for n in cfg["target_modules"]} == {
+        n: m.alpha for n, m in layers.items()
+    }
+    torch.testing.assert_close(_peft_logits(out, b), ref, rtol=1e-5, atol=1e-5)
+
+    _train(model, batches)
+    trained = _logits(model, b)
+    assert (trained - ref).abs().max() > 1e-3  # the adapters really moved
+    export.save_pretrained(model, out)  # replaces the earlier export
+    torch.testing.assert_close(_peft_logits(out, b), trained, rtol=1e-5, atol=1e-5)
+
+    back = export.load_pretrained(out)
+    torch.testing.assert_close(_logits(back, b), trained, rtol=1e-6, atol=1e-6)
+    assert {n for n, p in back.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama-linear", "gpt2-conv1d"])
+def test_to_lora_serves_on_the_original_model(make, tmp_path):
+    model, original, batches = _corda(make)
+    _train(model, batches)
+    b = batches[1]
+    want = _logits(model, b)
+    adapter = export.to_lora(model, original, tmp_path / "lora")
+    layers = ck.corda_layers(model)
+    for name, layer in layers.items():
+        A = adapter.state_dict[f"base_model.model.{name}.lora_A.weight"]
+        assert A.shape == (2 * layer.rank, layer.in_features)
+    base = make()  # same seed: the unmodified original weights
+    got = _logits(PeftModel.from_pretrained(base, tmp_path / "lora").eval(), b)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    # Applied by hand to the original weights, the adapter is W + s·B·A with the doubled alpha.
+    cfg = adapter.config
+    name = next(iter(layers))
+    a = adapter.state_dict[f"base_model.model.{name}.lora_A.weight"]
+    bb = adapter.state_dict[f"base_model.model.{name}.lora_B.weight"]
+    r = cfg["rank_pattern"].get(name, cfg["r"])
+    alpha = cfg["alpha_pattern"].get(name, cfg["lora_alpha"])
+    assert alpha / r == layers[name].scaling
+    w0 = original[f"{name}.weight"]
+    w0 = w0.t() if layers[name].base_type == "conv1d" else w0
+    torch.testing.assert_close(w0 + alpha / r * bb @ a, layers[name].merged_weight(), rtol=1e-4, atol=1e-5)
+
+
+def test_to_lora_rejects_the_wrong_original():
+    model, _, _ = _corda(tiny_llama, mixed=False)
+    other = tiny_llama(seed=1).state_dict()
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj"):
+        export.to_lora(model, other)
+    with pytest.raises(KeyError, match="no weight for module"):
+        export.to_lora(model, {})
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_from_peft_gives_corda_layers_with_equal_outputs(rslora):
+    base = tiny_llama()
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"model.layers.1.mlp.down_proj": 2},
+        init_lora_weights=False,  # random A and B: the adapter changes the outputs
+        use_rslora=rslora,
+    )
+    pm = get_peft_model(base, cfg).eval()
+    b = padded_batches(base.config.vocab_size, n_batches=1)[0]
+    want = _logits(pm, b)
+    model = export.from_peft(pm)
+    layers = ck.corda_layers(model)
+    assert len(layers) == 6 and layers["model.layers.1.mlp.down_proj"].rank == 2
+    assert not [n for n, m in model.named_modules() if type(m).__module__.startswith("peft")]
+    torch.testing.assert_close(_logits(model, b), want, rtol=1e-6, atol=1e-6)
+    assert all(p.requires_grad for m in layers.values() for p in (m.lora_A, m.lora_B))
+    assert not any(m.weight.requires_grad for m in layers.values())
+
+
+def test_from_peft_conv1d_and_dora_error():
+    base = tiny_gpt2()
+    pm = get_peft_model(base, LoraConfig(r=3, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False))
+    b = padded_batches(base.config.vocab_size, n_batches=1)[0]
+    want = _logits(pm.eval(), b)
+    model = export.from_peft(pm.base_model)  # a LoraModel works as well as the PeftModel
+    assert {m.base_type for m in ck.corda_layers(model).values()} == {"conv1d"}
+    torch.testing.assert_close(_logits(model, b), want, rtol=1e-6, atol=1e-6)
+
+    dora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="q_proj.*DoRA"):
+        export.from_peft(dora)
+    with pytest.raises(TypeError, match="PeftModel or LoraModel"):
+        export.from_peft(tiny_llama())
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    model, _, batches = _corda(tiny_llama, mixed=False)
+    out = tmp_path / "export"
+
+    def boom(self, directory):
+        # Fail after the residual model is fully written: the half-made export must vanish.
+        assert os.path.exists(os.path.join(os.path.dirname(directory), "residual", "config.json"))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export.LoraAdapter, "_write", boom)
+    with pytest.raises(OSError, match="disk full"):
+        export.save_pretrained(model, out)
+    assert os.listdir(tmp_path) == []  # no out_dir, no temporary left behind
+
+    monkeypatch.undo()
+    export.save_pretrained(model, out)
+    before = sorted(p.name for p in out.rglob("*"))
+    monkeypatch.setattr(export.LoraAdapter, "_write", boom)
+    with pytest.raises(OSError):
+        export.save_pretrained(model, out)
+    assert sorted(p.name for p in out.rglob("*")) == before  # the earlier export is intact
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+    monkeypatch.undo()
+
+    # A directory that is not an earlier export is never replaced.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="refusing"):
+        export.save_pretrained(model, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="no CordaLinear"):
+        export.save_pretrained(tiny_llama(), tmp_path / "plain")
