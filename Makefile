@@ -22,8 +22,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check corda_kernels tests bench
-	$(BIN)/ruff format --check corda_kernels tests bench
+	$(BIN)/ruff check corda_kernels tests bench examples
+	$(BIN)/ruff format --check corda_kernels tests bench examples
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_collect.py
