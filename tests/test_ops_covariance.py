@@ -133,6 +133,21 @@ def test_lower_triangle_is_never_read(backend):
     assert rel_err(acc, covariance_reference(x)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("band", [16, 50])
+def test_torch_row_bands(band):
+    # The banded torch update (used for large d) on a small d, with ragged last band.
+    d = 129
+    x = rand(3, 20, d)
+    mask = torch.rand(3, 20, device=DEV) > 0.3
+    acc = torch.zeros(d, d, device=DEV)
+    acc[torch.ones(d, d, dtype=torch.bool, device=DEV).tril(-1)] = float("nan")
+    scale = torch.rand(3, device=DEV) + 0.5
+    cov_mod.covariance_update_torch(acc, x, mask, scale, band=band)
+    assert rel_err(acc, covariance_reference(x, mask, scale)) < TOL[torch.float32]
+    assert torch.isnan(acc[d - 1, 0])  # the bands skipped the lower triangle
+    assert cov_mod.torch_band(4096) == 1024 and cov_mod.torch_band(512) == cov_mod.TORCH_BAND
+
+
 def test_triton_grid_skips_lower_tiles():
     # Entry (d-1, 0) lies in a strictly lower tile for any tile width below d: no program may touch it.
     d = 129

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve
+from ._backend import interpreting, resolve
 
 try:
     import triton
@@ -23,12 +23,150 @@ except ImportError:  # pragma: no cover - the package works without triton, on t
     triton = None
     tl = None
 
-#: Width of a row band in the torch triangle update. Measured on the 2-core dev
-#: box (bench/bench_ops.py): bands narrower than ~256 lose to BLAS overheads.
+#: Narrowest row band of the torch triangle update; the band used is about d/4
+#: (``torch_band``), and d <= 2·band falls back to one full ``addmm_``. Measured
+#: on the 2-core dev box, fp32, 2048 rows, speed-up over one full ``addmm_``
+#: (bench/bench_ops.py --sweep, medians of 7, interleaved):
+#:
+#:   1 thread:             d=512: band 128 1.37x, 192 1.33x; d=1376: 128-384 1.53-1.62x,
+#:                         512 1.46x; d=2048: 128-384 1.62-1.68x, 512 1.58x, 768 1.50x
+#:   2 threads, one core   d=512: band 128 0.50x, 192 0.67x; d=1376: 128 0.82x, 320 1.18x,
+#:   busy with other work: 512 1.24x; d=2048: 128 0.93x, 384-768 1.35-1.41x
+#:
+#: Narrow bands mean many BLAS calls, each re-reading x[:, i:] and, multi-threaded,
+#: each paying a thread hand-off; wide ones give back the skipped flops. d/4 with a
+#: floor of 256 never lost to ``addmm_`` in these runs (d=512 stays on ``addmm_``).
 TORCH_BAND = 256
+
+
+def torch_band(d: int) -> int:
+    """Row-band width for the torch triangle update of a (d, d) accumulator."""
+    return max(TORCH_BAND, (d // 4) // 64 * 64)
+
 
 ACC_DTYPES = (torch.float32, torch.float64)
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+# Tiling. The output is a d×d Gram matrix and the reduction runs over rows, so
+# each program owns one BLOCK_D×BLOCK_D output tile and streams every row of x
+# through it: the (rows, BLOCK_D) panels a = x[:, i-block] and b = x[:, j-block]
+# go through tl.dot as aᵀ·b, so the reduction lives in registers and each tile
+# of acc is read and written exactly once per call, with no atomics, which also
+# keeps the result deterministic. Because the matrix is symmetric, the launch
+# grid enumerates only the nb·(nb+1)/2 tiles with i <= j (nb = cdiv(d, BLOCK_D)):
+# the lower triangle costs neither flops nor a program. Program ids walk the
+# triangle column by column, so programs running side by side share the column
+# panel b, which stays in L2 while their row panels a stream past.
+#
+# Rows may come from a (B, T, d) view with any strides (no copy of x); a dropped
+# row is removed with tl.where on the loaded values, never by multiplying, so a
+# NaN sitting in padding cannot reach the sum. A per-row scale s is applied to
+# both panels before the dot (in fp32, then rounded back to x's dtype so 16-bit
+# inputs still run on tensor cores): the tile is then the exact Gram matrix of
+# round(s·x), a perturbation of one rounding in x's own dtype, and it stays
+# positive semi-definite, which scaling only one side by s² would not.
+if triton is not None:
+
+    @triton.jit
+    def _cov_triangle_kernel(
+        acc_ptr,
+        x_ptr,
+        keep_ptr,
+        scale_ptr,
+        R,
+        T,
+        D,
+        stride_xb,
+        stride_xt,
+        stride_xd,
+        stride_am,
+        stride_an,
+        HAS_KEEP: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        THREE_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        # Program id -> tile (bi, bj) with bi <= bj; column bj holds bj + 1 tiles.
+        # The float square root may be off by one either way; the two fix-ups settle it.
+        pid = tl.program_id(0)
+        bj = ((tl.sqrt(8.0 * pid.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+        bj = tl.where(bj * (bj + 1) // 2 > pid, bj - 1, bj)
+        bj = tl.where((bj + 1) * (bj + 2) // 2 <= pid, bj + 1, bj)
+        bi = pid - bj * (bj + 1) // 2
+
+        offs_i = bi * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_j = bj * BLOCK_D + tl.arange(0, BLOCK_D)
+        in_i = offs_i < D
+        in_j = offs_j < D
+        col_i = offs_i.to(tl.int64) * stride_xd
+        col_j = offs_j.to(tl.int64) * stride_xd
+        dt = x_ptr.dtype.element_ty
+
+        tile = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            in_r = rows < R
+            if THREE_D:
+                row_off = (rows // T).to(tl.int64) * stride_xb + (rows % T).to(tl.int64) * stride_xt
+            else:
+                row_off = rows.to(tl.int64) * stride_xt
+            a = tl.load(x_ptr + row_off[:, None] + col_i[None, :], mask=in_r[:, None] & in_i[None, :], other=0.0)
+            b = tl.load(x_ptr + row_off[:, None] + col_j[None, :], mask=in_r[:, None] & in_j[None, :], other=0.0)
+            if HAS_SCALE:
+                s = tl.load(scale_ptr + rows, mask=in_r, other=0.0)
+                a = (a.to(tl.float32) * s[:, None]).to(dt)
+                b = (b.to(tl.float32) * s[:, None]).to(dt)
+            if HAS_KEEP:
+                keep = tl.load(keep_ptr + rows, mask=in_r, other=0) != 0
+                a = tl.where(keep[:, None], a, tl.zeros_like(a))
+                b = tl.where(keep[:, None], b, tl.zeros_like(b))
+            tile = tl.dot(tl.trans(a), b, tile, input_precision=INPUT_PRECISION)
+
+        acc_ptrs = acc_ptr + offs_i[:, None].to(tl.int64) * stride_am + offs_j[None, :].to(tl.int64) * stride_an
+        in_tile = in_i[:, None] & in_j[None, :]
+        old = tl.load(acc_ptrs, mask=in_tile, other=0.0)
+        tl.store(acc_ptrs, old + tile.to(old.dtype), mask=in_tile)
+
+    def _cov_configs():
+        if interpreting():
+            # The interpreter runs every program in numpy: few, mid-sized tiles are fastest,
+            # and autotuning there would only burn time.
+            return [triton.Config({"BLOCK_D": 32, "BLOCK_R": 32}, num_warps=4, num_stages=1)]
+        # Hopper and Ampere: 128-wide tiles feed the tensor cores best for large d, 64-wide
+        # ones keep enough programs in flight when d is small (a 1024-wide triangle is only
+        # 36 tiles of 128). Shared memory per stage is 2·BLOCK_R·BLOCK_D elements.
+        shapes = [
+            (128, 64, 8, 3),
+            (128, 64, 8, 4),
+            (128, 32, 8, 4),
+            (128, 64, 4, 3),
+            (128, 32, 4, 4),
+            (64, 64, 4, 4),
+            (64, 32, 4, 3),
+            (64, 64, 8, 3),
+        ]
+        return [triton.Config({"BLOCK_D": bd, "BLOCK_R": br}, num_warps=w, num_stages=s) for bd, br, w, s in shapes]
+
+    def _cov_prune(configs, named_args, **kwargs):
+        # A small triangle is launch-bound and has few tiles: tuning it costs more than it wins.
+        d = named_args["D"]
+        if d <= 512 and len(configs) > 1:
+            small = [c for c in configs if c.kwargs["BLOCK_D"] == 64]
+            return small[:1] or configs[:1]
+        return configs
+
+    # The kernel adds into acc, so every benchmarking run of the autotuner must start from
+    # the caller's values: restore_value puts acc back after each trial.
+    _cov_triangle_tuned = triton.autotune(
+        configs=_cov_configs(),
+        key=["D"],
+        prune_configs_by={"early_config_prune": _cov_prune},
+        restore_value=["acc_ptr"],
+    )(_cov_triangle_kernel)
 
 
 def _check(acc: torch.Tensor, x: torch.Tensor) -> int:
@@ -73,7 +211,7 @@ def row_weights(x: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor 
     return keep, s
 
 
-def covariance_update_torch(acc: torch.Tensor, x: torch.Tensor, mask=None, scale=None, band: int = TORCH_BAND):
+def covariance_update_torch(acc: torch.Tensor, x: torch.Tensor, mask=None, scale=None, band: int | None = None):
     """Reference update with the same triangle contract as the kernel.
 
     Dropped rows are zeroed with ``where`` (not multiplied), so a NaN in a
@@ -86,6 +224,7 @@ def covariance_update_torch(acc: torch.Tensor, x: torch.Tensor, mask=None, scale
         xf = xf * s.to(acc.dtype).unsqueeze(1)
     if keep is not None:
         xf = torch.where(keep.unsqueeze(1), xf, xf.new_zeros(()))
+    band = torch_band(d) if band is None else band
     if d <= 2 * band:
         acc.addmm_(xf.T, xf)
         return acc
@@ -95,8 +234,62 @@ def covariance_update_torch(acc: torch.Tensor, x: torch.Tensor, mask=None, scale
     return acc
 
 
-def covariance_update_triton(acc: torch.Tensor, x: torch.Tensor, mask=None, scale=None):  # pragma: no cover
-    raise NotImplementedError("the Triton covariance kernel is not built yet")
+def _rows_view(x: torch.Tensor) -> torch.Tensor:
+    """x as a (B, T, d) tensor sharing x's storage whenever the leading dims allow it."""
+    if x.dim() == 1:
+        return x.view(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    if x.dim() == 3:
+        return x
+    return x.flatten(0, -3)  # a view when the outer dims merge, else the one copy we cannot avoid
+
+
+def covariance_update_triton(acc: torch.Tensor, x: torch.Tensor, mask=None, scale=None):
+    """Launch the upper-triangle tile kernel; same contract as :func:`covariance_update_torch`."""
+    d = acc.shape[0]
+    keep, s = row_weights(x, mask, scale)
+    x3 = _rows_view(x)
+    nb_, nt, _ = x3.shape
+    rows = nb_ * nt
+    if rows == 0 or d == 0:
+        return acc
+    sb, st, sd = x3.stride()
+    if nt == 1:
+        st = sb  # one row per sequence: rows are spaced by the outer stride
+    # Rows are evenly spaced when there is one sequence or sequences sit back to back:
+    # then the kernel skips the per-row divmod.
+    three_d = nb_ > 1 and nt > 1 and sb != nt * st
+    keep_arg = keep.to(torch.uint8) if keep is not None else x3  # uint8: bool pointers vary across triton versions
+    scale_arg = s.to(device=x.device, dtype=torch.float32).contiguous() if s is not None else x3
+    # fp32 x is summed in true fp32 unless the caller opted into TF32 for matmuls (torch's own switch);
+    # 16-bit operands ignore the setting.
+    tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    precision = "ieee" if x.dtype == torch.float32 and not tf32 else "tf32"
+
+    def grid(meta):
+        nb = triton.cdiv(d, meta["BLOCK_D"])
+        return (nb * (nb + 1) // 2,)
+
+    _cov_triangle_tuned[grid](
+        acc,
+        x3,
+        keep_arg,
+        scale_arg,
+        rows,
+        nt,
+        d,
+        sb,
+        st,
+        sd,
+        acc.stride(0),
+        acc.stride(1),
+        HAS_KEEP=keep is not None,
+        HAS_SCALE=s is not None,
+        THREE_D=three_d,
+        INPUT_PRECISION=precision,
+    )
+    return acc
 
 
 def covariance_update(acc: torch.Tensor, x: torch.Tensor, mask=None, *, scale=None, backend: str = "auto"):

@@ -1,21 +1,239 @@
 """Low-rank adapter linear: y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ.
 
 W and b are the frozen residual; gradients flow to x, A and B (and to W/b only
-if a caller unfreezes them). The torch path never forms B@A and never writes a
-separate (M, N) adapter output: the rank-r update is added into y with one
-``addmm_``.
+if a caller unfreezes them). Neither path forms B@A or writes a separate
+(M, N) adapter output: the torch path adds the rank-r update into y with one
+``addmm_``; the Triton path adds it inside the GEMM's own accumulator.
 
-This file holds the torch reference launchers, the Triton seam, and the small
-autograd Function that only saves tensors and calls launchers.
+This file holds, top to bottom: the Triton kernel, the launchers (torch
+reference and Triton), and the small autograd Function that only saves tensors
+and calls launchers.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._backend import resolve
+from ._backend import interpreting, resolve
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the package works without triton, on the torch path
+    triton = None
+    tl = None
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+# One kernel serves the forward and the input gradient, which have the same shape:
+#
+#     out = X·Wt + bias + keep ⊙ (alpha·L)·Rt        X (M, K), Wt (K, N), L (M, r), Rt (r, N)
+#
+#   forward:  X = x,  Wt = Wᵀ, L = s = xd·Aᵀ,      Rt = Bᵀ, alpha = scaling
+#   backward: X = dy, Wt = W,  L = dy·B,           Rt = A,  alpha = scaling, keep = dropout mask/(1-p)
+#
+# Tiling. Each program owns one BLOCK_M×BLOCK_N tile of out and runs the usual
+# K loop for X·Wt into an fp32 accumulator. The adapter term is a product with
+# inner dimension r, so it is nothing but a few more iterations of that same
+# loop, over rank chunks of BLOCK_RANK (r padded to at least 16, the smallest
+# tensor-core K), reading a (BLOCK_M, r) slice of L and an (r, BLOCK_N) slice
+# of Rt: the rank-r update costs 2·M·N·r flops and no extra pass over the output,
+# which is written once. L is the only thing computed outside the kernel; it is
+# (M, r), tiny, kept in fp32 and rounded to X's dtype right before its dot,
+# after alpha is applied, so tensor cores take it at one rounding. Programs are
+# ordered in groups of GROUP_M row-tiles so neighbours reuse the same Wt panel
+# from L2. With dropout, keep ⊙ (·) cannot be folded into a shared accumulator,
+# so the adapter term gets its own and is masked once in the epilogue.
+if triton is not None:
+
+    @triton.jit
+    def _lowrank_dot(
+        acc,
+        l_ptr,
+        r_ptr,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        RANK,
+        alpha,
+        stride_lm,
+        stride_lr,
+        stride_rr,
+        stride_rn,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_RANK: tl.constexpr,
+    ):
+        dt = r_ptr.dtype.element_ty
+        in_m = offs_m < M
+        in_n = offs_n < N
+        for r0 in range(0, RANK, BLOCK_RANK):
+            rr = r0 + tl.arange(0, BLOCK_RANK)
+            in_r = rr < RANK
+            lo = tl.load(
+                l_ptr + offs_m[:, None] * stride_lm + rr[None, :] * stride_lr,
+                mask=in_m[:, None] & in_r[None, :],
+                other=0.0,
+            )
+            ro = tl.load(
+                r_ptr + rr[:, None] * stride_rr + offs_n[None, :] * stride_rn,
+                mask=in_r[:, None] & in_n[None, :],
+                other=0.0,
+            )
+            acc = tl.dot((lo * alpha).to(dt), ro, acc, input_precision=INPUT_PRECISION)
+        return acc
+
+    @triton.jit
+    def _gemm_lowrank_kernel(
+        out_ptr,
+        x_ptr,
+        w_ptr,
+        bias_ptr,
+        l_ptr,
+        r_ptr,
+        keep_ptr,
+        M,
+        N,
+        K,
+        RANK,
+        alpha,
+        keep_scale,
+        stride_om,
+        stride_on,
+        stride_xm,
+        stride_xk,
+        stride_wk,
+        stride_wn,
+        stride_lm,
+        stride_lr,
+        stride_rr,
+        stride_rn,
+        stride_km,
+        stride_kn,
+        M_BUCKET,  # autotuning key only: M rounded up to a power of two
+        HAS_BIAS: tl.constexpr,
+        HAS_KEEP: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_RANK: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        in_m = offs_m < M
+        in_n = offs_n < N
+        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+        w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            in_k = kk < K
+            a = tl.load(x_rows + kk[None, :] * stride_xk, mask=in_m[:, None] & in_k[None, :], other=0.0)
+            b = tl.load(w_cols + kk[:, None] * stride_wk, mask=in_k[:, None] & in_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+        if HAS_KEEP:
+            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            low = _lowrank_dot(
+                low,
+                l_ptr,
+                r_ptr,
+                offs_m,
+                offs_n,
+                M,
+                N,
+                RANK,
+                alpha,
+                stride_lm,
+                stride_lr,
+                stride_rr,
+                stride_rn,
+                INPUT_PRECISION,
+                BLOCK_RANK,
+            )
+            keep = tl.load(
+                keep_ptr + offs_m[:, None].to(tl.int64) * stride_km + offs_n[None, :] * stride_kn,
+                mask=in_m[:, None] & in_n[None, :],
+                other=0,
+            )
+            acc += tl.where(keep != 0, low * keep_scale, 0.0)
+        else:
+            acc = _lowrank_dot(
+                acc,
+                l_ptr,
+                r_ptr,
+                offs_m,
+                offs_n,
+                M,
+                N,
+                RANK,
+                alpha,
+                stride_lm,
+                stride_lr,
+                stride_rr,
+                stride_rn,
+                INPUT_PRECISION,
+                BLOCK_RANK,
+            )
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+
+    def _gemm_configs():
+        if interpreting():
+            # The interpreter runs every program in numpy: one mid-sized config, no autotuning.
+            return [
+                triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)
+            ]
+        # Hopper first (large tiles, 8 warps for the 128×256 accumulator), then shapes that suit
+        # Ampere's smaller shared memory and small M or N.
+        shapes = [
+            (128, 256, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 128, 64, 4, 3),
+            (256, 128, 64, 8, 3),
+            (128, 128, 32, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 64, 64, 4, 3),
+        ]
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes
+        ]
+
+    def _gemm_prune(configs, named_args, **kwargs):
+        # Tiles larger than the problem only add masked work; tiny problems get one config.
+        m, n, k = named_args["M"], named_args["N"], named_args["K"]
+        if len(configs) == 1:
+            return configs
+        if m * n * k <= 1 << 24:
+            return [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64][:1] or configs[:1]
+        return configs
+
+    # Each trial writes out from scratch, so autotuning needs no restore.
+    _gemm_lowrank_tuned = triton.autotune(
+        configs=_gemm_configs(),
+        key=["M_BUCKET", "N", "K"],
+        prune_configs_by={"early_config_prune": _gemm_prune},
+    )(_gemm_lowrank_kernel)
 
 
 # ----------------------------------------------------------------------------- torch launchers
@@ -49,13 +267,113 @@ def lora_backward_torch(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
     return dx, dW, db, dA, dB
 
 
-# ----------------------------------------------------------------------------- Triton seam
-def lora_forward_triton(x2, weight, bias, A, B, scaling, xd2):  # pragma: no cover
-    raise NotImplementedError("the Triton adapter kernel is not built yet")
+# ----------------------------------------------------------------------------- Triton launchers
+_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=) exists on CUDA from torch 2.8; cleared on first failure
 
 
-def lora_backward_triton(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):  # pragma: no cover
-    raise NotImplementedError("the Triton adapter kernel is not built yet")
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as fp32 without an fp32 copy of a 16-bit operand where torch allows it."""
+    global _MM_OUT_DTYPE
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        if _MM_OUT_DTYPE:
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE = False
+        return torch.mm(a, b).float()  # fp32 accumulation inside, one rounding of the result
+    return torch.mm(a.float(), b.float())  # CPU (the interpreter): operands are small there
+
+
+def _dot_precision(t: torch.Tensor) -> str:
+    """fp32 operands follow torch's own matmul setting; 16-bit operands ignore it."""
+    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def _gemm_lowrank(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
+    """out = x·wt + bias + keep ⊙ (alpha·low)·rt, written once. x (M, K), wt (K, N), low (M, r) fp32, rt (r, N)."""
+    M, K = x.shape
+    N = wt.shape[1]
+    rank = low.shape[1]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return out
+    block_rank = min(64, max(16, triton.next_power_of_2(rank)))
+    keep_arg = keep.view(torch.uint8) if keep is not None else x  # uint8: bool pointers vary across triton versions
+    keep_strides = keep.stride() if keep is not None else (0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _gemm_lowrank_tuned[grid](
+        out,
+        x,
+        wt,
+        bias if bias is not None else x,
+        low,
+        rt,
+        keep_arg,
+        M,
+        N,
+        K,
+        rank,
+        float(alpha),
+        float(keep_scale),
+        out.stride(0),
+        out.stride(1),
+        x.stride(0),
+        x.stride(1),
+        wt.stride(0),
+        wt.stride(1),
+        low.stride(0),
+        low.stride(1),
+        rt.stride(0),
+        rt.stride(1),
+        keep_strides[0],
+        keep_strides[1],
+        triton.next_power_of_2(M),
+        HAS_BIAS=bias is not None,
+        HAS_KEEP=keep is not None,
+        INPUT_PRECISION=_dot_precision(x),
+        BLOCK_RANK=block_rank,
+    )
+    return out
+
+
+def lora_forward_triton(x2, weight, bias, A, B, scaling, xd2):
+    """Same contract as :func:`lora_forward_torch`: returns y (M, N) and s = xd2·Aᵀ (M, r) in fp32."""
+    s = _mm_f32(xd2, A.t())  # the adapter's only intermediate; small, and saved for backward
+    y = _gemm_lowrank(x2, weight.t(), bias, s, B.t(), scaling)
+    return y, s
+
+
+def lora_backward_triton(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
+    """Same contract as :func:`lora_backward_torch`.
+
+    dx comes from the fused kernel (dy·W plus the rank-r term, dropout mask in its
+    epilogue). The rank-sized products around it are plain torch calls: u = dy·B and
+    dB = scaling·dyᵀ·s each read dy once (two skinny GEMMs, memory-bound, a few % of
+    the step at r <= 128), and dA = scaling·uᵀ·xd. For 16-bit inputs u and s are
+    rounded to that dtype before those GEMMs (fp32 accumulation), like the torch path.
+    """
+    need_x, need_w, need_b, need_a, need_bb = needs
+    dx = dW = db = dA = dB = None
+    u = _mm_f32(dy2, B) if (need_x or need_a) else None  # (M, r), not yet scaled
+    if need_x:
+        keep_scale = 1.0 / (1.0 - p) if keep is not None else 1.0
+        dx = _gemm_lowrank(dy2, weight, None, u, A, scaling, keep, keep_scale)
+    if need_a:
+        dA = _mm_f32((u * scaling).to(xd2.dtype).t(), xd2).to(A.dtype)
+    if need_bb:
+        dB = _mm_f32(dy2.t(), s.to(dy2.dtype)).mul_(scaling).to(B.dtype)
+    if need_w:
+        dW = dy2.t() @ x2
+    if need_b:
+        db = dy2.sum(0)
+    return dx, dW, db, dA, dB
 
 
 # ----------------------------------------------------------------------------- autograd glue
@@ -118,9 +436,14 @@ def lora_linear(
         raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+    named = [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    if bias is not None:
+        named.append(("bias", bias))
+    for name, t in named:
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: all operands must share one dtype")
     which = resolve(backend, x, weight, lora_A, lora_B, supported=True)
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), which)
 

@@ -1,0 +1,354 @@
+"""GPU timings of the Triton ops against torch and PEFT (run by bench/gpu_check.sh on an H200).
+
+  (a) covariance update, bf16 x, fp32 accumulator: the upper-triangle kernel vs
+      torch.addmm on an fp32 upcast of x and vs torch.mm(..., out_dtype=fp32);
+      TFLOP/s counts the useful work rows·d·(d+1) (the triangle) for every
+      candidate, and "% peak" is against dense bf16 tensor-core peak (989 TFLOP/s,
+      H200/H100 SXM datasheet).
+  (b) adapter linear, forward + backward, bf16: ops.lora_linear (Triton) vs the
+      frozen base nn.Linear alone and vs PEFT's LoRA Linear.
+  (c) end to end on a Llama-shaped model built from a config (random weights):
+      corda_kernels.collect_cov vs PEFT's CorDA covariance collection.
+
+CUDA events, warm-ups, medians; candidates interleaved. Each section runs in its
+own try/except and prints an error row instead of aborting the script. Sizes are
+chosen so the whole script, autotuning included, takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+PEAK_BF16 = 989e12  # dense bf16, H100/H200 SXM datasheet
+DEV, DTYPE = "cuda", torch.bfloat16  # module globals so a CPU smoke harness can swap them
+
+
+def cuda_medians(cands: dict, iters: int, warmup: int = 2) -> dict:
+    """Median milliseconds per candidate, each timed with CUDA events, candidates interleaved."""
+    for fn in cands.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    events = {name: [] for name in cands}
+    for _ in range(iters):
+        for name, fn in cands.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {name: statistics.median(s.elapsed_time(e) for s, e in ev) for name, ev in events.items()}
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def error_row(ncols: int, where: str, exc: BaseException) -> list[str]:
+    msg = f"ERROR in {where}: {type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")[:300]
+    return [msg] + [""] * (ncols - 1)
+
+
+# ----------------------------------------------------------------------------- (a) covariance
+def section_covariance(args) -> str:
+    from corda_kernels import ops
+
+    header = ["d", "rows", "candidate", "ms", "useful TFLOP/s", "% bf16 peak", "rel err vs fp64"]
+    rows = []
+    has_out_dtype = True
+    for d in args.cov_dims:
+        for n in args.cov_rows:
+            try:
+                torch.manual_seed(0)
+                x = torch.randn(n, d, device=DEV, dtype=DTYPE)
+                acc = torch.zeros(d, d, device=DEV)
+                cands = {
+                    "corda_kernels triangle (triton)": lambda acc=acc, x=x: ops.covariance_update(
+                        acc, x, backend="triton"
+                    ),
+                    "torch addmm, fp32 upcast": lambda acc=acc, x=x: acc.addmm_(x.float().t(), x.float()),
+                    "torch mm bf16 full (bf16 out)": lambda x=x: torch.mm(x.t(), x),
+                }
+                if has_out_dtype:
+                    try:
+                        torch.mm(x[:16, :16].t(), x[:16, :16], out_dtype=torch.float32)
+                        cands["torch mm bf16, out_dtype=fp32 (+ add)"] = lambda acc=acc, x=x: acc.add_(
+                            torch.mm(x.t(), x, out_dtype=torch.float32)
+                        )
+                    except (TypeError, RuntimeError, NotImplementedError):
+                        has_out_dtype = False
+                med = cuda_medians(cands, args.iters)
+                # Accuracy on a fresh accumulator (one update), against a float64 Gram matrix.
+                ref = x.double().t() @ x.double()
+                errs = {}
+                acc2 = torch.zeros(d, d, device=DEV)
+                ops.covariance_update(acc2, x, backend="triton")
+                errs["corda_kernels triangle (triton)"] = (
+                    ops.covariance_result(acc2).double() - ref
+                ).norm() / ref.norm()
+                if has_out_dtype:
+                    full = torch.mm(x.t(), x, out_dtype=torch.float32).double()
+                    errs["torch mm bf16, out_dtype=fp32 (+ add)"] = (full - ref).norm() / ref.norm()
+                del ref, acc2
+                flops = n * d * (d + 1)
+                for name, ms in med.items():
+                    tf = flops / (ms * 1e-3)
+                    err = f"{float(errs[name]):.1e}" if name in errs else ""
+                    rows.append([d, n, name, f"{ms:.3f}", f"{tf / 1e12:.1f}", f"{100 * tf / PEAK_BF16:.1f}%", err])
+                del x, acc
+                torch.cuda.empty_cache()
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                rows.append(error_row(len(header), f"covariance d={d} rows={n}", exc))
+                traceback.print_exc()
+    return table("(a) covariance update, bf16 x, fp32 accumulator", header, rows)
+
+
+# ----------------------------------------------------------------------------- (b) adapter linear
+def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
+    import torch.nn as nn
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    from corda_kernels import ops
+
+    torch.manual_seed(0)
+    dev, dt = DEV, DTYPE
+    x = torch.randn(M, D, device=dev, dtype=dt, requires_grad=True)
+    dy = torch.randn(M, D, device=dev, dtype=dt)
+    base = nn.Linear(D, D, device=dev, dtype=dt).requires_grad_(False)
+    W, b = base.weight, base.bias
+    A = (torch.randn(r, D, device=dev) / D**0.5).to(dt).requires_grad_()
+    B = (torch.randn(D, r, device=dev) * 0.02).to(dt).requires_grad_()
+    cfg = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["base"])
+    peft_layer = PeftLoraLinear(nn.Linear(D, D, device=dev, dtype=dt), "default", cfg, r=r, lora_alpha=r)
+    peft_layer.to(device=dev, dtype=dt)
+    peft_layer.base_layer.requires_grad_(False)
+    with torch.no_grad():
+        peft_layer.base_layer.weight.copy_(W)
+        peft_layer.base_layer.bias.copy_(b)
+        peft_layer.lora_A["default"].weight.copy_(A)
+        peft_layer.lora_B["default"].weight.copy_(B)
+    scaling = peft_layer.scaling["default"]
+
+    def step(fn):
+        def run():
+            x.grad = None
+            A.grad = B.grad = None
+            fn().backward(dy)
+
+        return run
+
+    cands = {
+        "base nn.Linear (frozen)": step(lambda: base(x)),
+        "corda_kernels lora_linear (triton)": step(lambda: ops.lora_linear(x, W, b, A, B, scaling, backend="triton")),
+        "corda_kernels lora_linear (torch path)": step(
+            lambda: ops.lora_linear(x, W, b, A, B, scaling, backend="torch")
+        ),
+        "PEFT lora.Linear": step(lambda: peft_layer(x)),
+    }
+    med = cuda_medians(cands, iters)
+    with torch.no_grad():
+        y_ours = ops.lora_linear(x, W, b, A, B, scaling, backend="triton").double()
+        y_peft = peft_layer(x).double()
+        err = float((y_ours - y_peft).norm() / y_peft.norm())
+    t_base, t_peft = med["base nn.Linear (frozen)"], med["PEFT lora.Linear"]
+    rows = []
+    for name, ms in med.items():
+        note = f"y vs PEFT rel diff {err:.1e}" if "triton" in name else ""
+        rows.append([M, D, r, name, f"{ms:.3f}", f"{ms / t_base:.3f}x", f"{t_peft / ms:.2f}x", note])
+    return rows
+
+
+def section_lora(args) -> str:
+    header = ["M", "K=N", "r", "candidate", "fwd+bwd ms", "time vs base Linear", "speed-up vs PEFT", "note"]
+    rows = []
+    for r in args.lora_ranks:
+        try:
+            rows += _lora_case(args.lora_m, args.lora_d, r, args.iters)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            rows.append(error_row(len(header), f"adapter r={r}", exc))
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    return table("(b) adapter linear forward + backward, bf16 (x requires grad, base frozen)", header, rows)
+
+
+# ----------------------------------------------------------------------------- (c) end to end
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def section_collect(args) -> str:
+    header = ["stage", "seconds (median)", "ratio", "note"]
+    rows = []
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import corda as peft_corda
+        from peft.tuners.lora.config import CordaConfig
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        import corda_kernels as ck
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 128,
+            num_key_value_heads=max(1, args.hidden // 512),
+            vocab_size=32000,
+            max_position_embeddings=max(4096, args.seq),
+        )
+        with torch.device(DEV):
+            model = LlamaForCausalLM(cfg)
+        model = model.to(DTYPE).eval()
+        g = torch.Generator().manual_seed(0)
+        loader = []
+        for _ in range(args.seqs // args.batch):
+            ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(DEV)
+            loader.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        sequences = [row for bt in loader for row in bt["input_ids"]]
+        lcfg = LoraConfig(
+            r=16,
+            lora_alpha=16,
+            target_modules=TARGETS,
+            init_lora_weights="corda",
+            corda_config=CordaConfig(corda_method="kpm"),
+        )
+
+        def plain():
+            with torch.no_grad():
+                for bt in loader:
+                    model(**bt, use_cache=False)
+
+        def ours(normalize="mean"):
+            return ck.collect_cov(model, loader, normalize=normalize, progress=False)
+
+        def peft_collect():
+            def run_model():
+                with torch.no_grad():
+                    for ids in sequences:
+                        model(input_ids=ids.unsqueeze(0), use_cache=False)
+
+            peft_corda.calib_cov_distribution(model, lcfg, run_model, None, None)
+
+        def clear_peft():
+            for _, m in peft_corda.target_modules(model, lcfg):
+                for attr in ("covariance_matrix", "sample_count"):
+                    if hasattr(m, attr):
+                        delattr(m, attr)
+
+        def wall(fn):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            return time.perf_counter() - t, out
+
+        # Warm-up (autotuning, cuBLAS heuristics, allocator), then interleaved repeats.
+        plain()
+        ours()
+        peft_collect()
+        clear_peft()
+        times = {"plain forward (batched)": [], "PEFT collection (1 sequence at a time)": [], "collect_cov": []}
+        for _ in range(args.repeats):
+            times["plain forward (batched)"].append(wall(plain)[0])
+            times["PEFT collection (1 sequence at a time)"].append(wall(peft_collect)[0])
+            clear_peft()
+            times["collect_cov"].append(wall(ours)[0])
+        med = {k: statistics.median(v) for k, v in times.items()}
+
+        # Agreement: our normalize="peft" against PEFT's own matrices, on a few targets.
+        note = ""
+        try:
+            peft_collect()
+            theirs = {n: m.covariance_matrix for n, m in peft_corda.target_modules(model, lcfg)}
+            mine = ours("peft")
+            errs = []
+            for name in list(theirs)[:7]:
+                c = mine[name].double()
+                t = theirs[name].double()
+                errs.append(float((c - t).norm() / t.norm()))
+            note = f"normalize='peft' vs PEFT's matrices: max rel diff {max(errs):.1e} over {len(errs)} targets"
+            clear_peft()
+        except Exception as exc:  # noqa: BLE001
+            note = f"agreement check failed: {type(exc).__name__}: {exc}"[:200]
+        base = med["plain forward (batched)"]
+        peft_t = med["PEFT collection (1 sequence at a time)"]
+        for name, t in med.items():
+            extra = ""
+            if name == "collect_cov":
+                extra = f"**{peft_t / t:.1f}x faster than PEFT**; {note}"
+            rows.append([name, f"{t:.3f}", f"{t / base:.2f}x forward", extra.replace("|", "/")])
+    except Exception as exc:  # noqa: BLE001
+        rows.append(error_row(len(header), "collect_cov end to end", exc))
+        traceback.print_exc()
+    title = (
+        f"(c) end to end: Llama hidden={args.hidden} inter={args.intermediate} layers={args.layers}, bf16, "
+        f"{args.seqs} sequences x {args.seq} tokens (batches of {args.batch} for ours), median of {args.repeats}"
+    )
+    return table(title, header, rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--cov-dims", type=int, nargs="+", default=[4096, 11008])
+    ap.add_argument("--cov-rows", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--lora-m", type=int, default=8192)
+    ap.add_argument("--lora-d", type=int, default=4096)
+    ap.add_argument("--lora-ranks", type=int, nargs="+", default=[16, 64, 128])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--seqs", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_bench.py: no CUDA device here; nothing to measure (run it on a GPU machine, see bench/gpu_check.sh)")
+        return 0
+    if args.quick:
+        args.iters, args.cov_dims, args.cov_rows = 3, [1024], [1024]
+        args.lora_m, args.lora_d, args.lora_ranks = 1024, 1024, [16]
+        args.hidden, args.intermediate, args.layers, args.seqs, args.seq, args.batch, args.repeats = (
+            512, 1376, 2, 8, 256, 4, 1)  # fmt: skip
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:  # noqa: BLE001
+        tv = "missing"
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {tv}; CUDA {torch.version.cuda}")
+    print()
+    sections = {"a": section_covariance, "b": section_lora, "c": section_collect}
+    for key in args.sections:
+        t = time.perf_counter()
+        try:
+            text = sections[key](args)
+        except Exception as exc:  # noqa: BLE001
+            text = table(f"({key})", ["error"], [error_row(1, f"section {key}", exc)])
+            traceback.print_exc()
+        print(text)
+        print(
+            f"\n(section {key}: {time.perf_counter() - t:.0f} s wall, autotuning and compiles included)\n", flush=True
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One-shot GPU check for a lent H200 (no internet; the image's python3 has torch, triton, transformers, peft).
+#   1. the op tests on CUDA (Triton kernels compiled for real, bf16 included);
+#   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end.
+# Budget: a few minutes in all (the tests compile each kernel specialization once; the bench autotunes).
+# Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
+# Logs go to $OUT when set (the device tool's folder), else to ./out/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+LOG_DIR=${OUT:-out}
+mkdir -p "$LOG_DIR"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET CORDA_KERNELS_BACKEND
+
+start=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+
+# Tests in a few processes when pytest-xdist is there: kernel compiles are CPU-bound and independent.
+XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
+echo "== pytest (CUDA) =="
+"$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_ops_covariance.py tests/test_ops_lora.py 2>&1 \
+    | tee "$LOG_DIR/gpu_pytest.log"
+test_rc=${PIPESTATUS[0]}
+echo "pytest exit code: $test_rc ($(( $(date +%s) - start )) s so far)"
+
+echo "== gpu_bench.py =="
+timeout 420 "$PY" bench/gpu_bench.py "$@" 2>&1 | tee "$LOG_DIR/gpu_bench.log"
+bench_rc=${PIPESTATUS[0]}
+echo "gpu_bench exit code: $bench_rc; total $(( $(date +%s) - start )) s"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
