@@ -60,7 +60,10 @@ def peft_config(rank, mode):
     from peft.tuners.lora.config import CordaConfig
 
     return LoraConfig(
-        r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="corda",
+        r=rank,
+        lora_alpha=rank,
+        target_modules=TARGETS,
+        init_lora_weights="corda",
         corda_config=CordaConfig(corda_method=mode),
     )
 
@@ -81,7 +84,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.vocab, args.seqs, args.seq, args.repeats = (
-            128, 344, 2, 512, 8, 64, 1)
+            128,
+            344,
+            2,
+            512,
+            8,
+            64,
+            1,
+        )
 
     from peft.tuners.lora import corda as peft_corda
 
@@ -126,15 +136,18 @@ def main(argv=None):
         for n in g:
             covs_shared[n] = c
             by_ptr[n] = c
+
+    def ours_decompose():
+        mods, p = plan(model, covs_shared, args.rank, "kpm", targets=TARGETS)
+        return decompose_all(mods, covs_shared, p, "kpm")
+
     td, tp = [], []
     for _ in range(args.repeats):
         tp.append(timed(lambda: peft_corda.collect_eigens(model, cfg, False))[0])
-        mods, p = plan(model, covs_shared, args.rank, "kpm", targets=TARGETS)
-        td.append(timed(lambda: decompose_all(mods, covs_shared, p, "kpm"))[0])
+        td.append(timed(ours_decompose)[0])
     med["PEFT eigen step"] = statistics.median(tp)
     med["our decomposition"] = statistics.median(td)
-    mods, p = plan(model, covs_shared, args.rank, "kpm", targets=TARGETS)
-    factors = decompose_all(mods, covs_shared, p, "kpm")
+    factors = ours_decompose()
     err_ours, err_peft = [], []
     r = args.rank
     for n, m in modules.items():
@@ -149,15 +162,24 @@ def main(argv=None):
         del m.eigens
 
     rows = [
-        ("plain forward (batches of %d)" % args.batch, med["plain forward"], "1.00x forward"),
-        ("PEFT collection (batch 1)", med["PEFT collection"], f"{med['PEFT collection'] / med['plain forward']:.2f}x forward"),
-        ("corda_kernels.collect_cov", med["collect_cov"],
-         f"{med['collect_cov'] / med['plain forward']:.2f}x forward; "
-         f"**{med['PEFT collection'] / med['collect_cov']:.2f}x faster than PEFT**"),
-        (f"PEFT eigen step ({len(modules)} layers)", med["PEFT eigen step"],
-         f"max error vs fp64 {max(err_peft):.1e}"),
-        ("our decomposition", med["our decomposition"],
-         f"max error vs fp64 {max(err_ours):.1e}; **{med['PEFT eigen step'] / med['our decomposition']:.2f}x faster**"),
+        (f"plain forward (batches of {args.batch})", med["plain forward"], "1.00x forward"),
+        (
+            "PEFT collection (batch 1)",
+            med["PEFT collection"],
+            f"{med['PEFT collection'] / med['plain forward']:.2f}x forward",
+        ),
+        (
+            "corda_kernels.collect_cov",
+            med["collect_cov"],
+            f"{med['collect_cov'] / med['plain forward']:.2f}x forward; "
+            f"**{med['PEFT collection'] / med['collect_cov']:.2f}x faster than PEFT**",
+        ),
+        (f"PEFT eigen step ({len(modules)} layers)", med["PEFT eigen step"], f"max error vs fp64 {max(err_peft):.1e}"),
+        (
+            "our decomposition",
+            med["our decomposition"],
+            f"max error vs fp64 {max(err_ours):.1e}; **{med['PEFT eigen step'] / med['our decomposition']:.2f}x faster**",
+        ),
     ]
     head = (
         f"Llama hidden={args.hidden} inter={args.intermediate} layers={args.layers} vocab={args.vocab}; "
@@ -172,7 +194,9 @@ def main(argv=None):
         path = os.path.join(os.path.dirname(__file__), "RESULTS.md")
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         with open(path, "a") as f:
-            f.write(f"\n### bench_collect.py, {stamp}, CPU dev machine\n\n`python bench/bench_collect.py --record`\n\n{text}\n")
+            f.write(
+                f"\n### bench_collect.py, {stamp}, CPU dev machine\n\n`python bench/bench_collect.py --record`\n\n{text}\n"
+            )
     return 0
 
 

@@ -214,12 +214,21 @@ def row_weights(x: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor 
 def covariance_update_torch(acc: torch.Tensor, x: torch.Tensor, mask=None, scale=None, band: int | None = None):
     """Reference update with the same triangle contract as the kernel.
 
-    Dropped rows are zeroed with ``where`` (not multiplied), so a NaN in a
-    padding position cannot leak into the sum; no host synchronization.
+    On the CPU, dropped rows are gathered out first, so padding costs no flops
+    (a CPU mask needs no device sync to be read). Elsewhere they are zeroed
+    with ``where`` (not multiplied, so a NaN in a padding position cannot leak)
+    and no host synchronization happens.
     """
     d = acc.shape[0]
     keep, s = row_weights(x, mask, scale)
-    xf = x.reshape(-1, d).to(acc.dtype)
+    xf = x.reshape(-1, d)
+    if keep is not None and keep.device.type == "cpu":
+        idx = keep.nonzero().squeeze(1)
+        if idx.numel() < keep.numel():
+            xf = xf.index_select(0, idx)
+            s = None if s is None else s.index_select(0, idx)
+        keep = None
+    xf = xf.to(acc.dtype)
     if s is not None:
         xf = xf * s.to(acc.dtype).unsqueeze(1)
     if keep is not None:
