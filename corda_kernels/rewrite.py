@@ -24,9 +24,9 @@ from .decompose import (
     DampedCovariance,
     Spectrum,
     adapter_factors,
-    compute_spectrum,
     damp_covariance,
     residual_weight,
+    selected_spectrum,
     validate,
 )
 from .layer import CordaLinear
@@ -134,7 +134,8 @@ def decompose_all(
                     damped = damp_covariance(covs[name].to(w.device), damping, dtype=compute_dtype, name=name)
                 spec = spectra.get(name) if spectra is not None else None
                 if spec is None:
-                    spec = compute_spectrum(w, damped, name=name)
+                    # Building needs only the adapter's r components, not the whole spectrum.
+                    spec = selected_spectrum(w, damped, p.ranks[name], mode, name=name)
                 scaling = p.alphas[name] / p.ranks[name]
                 A, B, _ = adapter_factors(w, damped, spec, p.ranks[name], mode, scaling)
                 out[name] = (A, B)

@@ -495,6 +495,7 @@ def count_spectra(monkeypatch):
     rw = importlib.import_module("corda_kernels.rewrite")
     calls = {"score": 0, "build": 0}
     orig = dec.compute_spectrum
+    orig_selected = rw.selected_spectrum
 
     def scored(*a, **k):
         calls["score"] += 1
@@ -502,10 +503,10 @@ def count_spectra(monkeypatch):
 
     def built(*a, **k):
         calls["build"] += 1
-        return orig(*a, **k)
+        return orig_selected(*a, **k)
 
     monkeypatch.setattr(dec, "compute_spectrum", scored)
-    monkeypatch.setattr(rw, "compute_spectrum", built)
+    monkeypatch.setattr(rw, "selected_spectrum", built)
     return calls
 
 

@@ -116,3 +116,29 @@ def test_argument_errors_name_the_argument():
         ck.context_svd(w.to(torch.int8), c, 2)
     with pytest.raises(ValueError, match="scaling"):
         ck.context_svd(w, c, 2, scaling=0.0)
+
+
+@pytest.mark.parametrize("d_out,d_in", [(24, 37), (50, 13)])
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("subset", [True, False])
+def test_selected_spectrum_equals_the_full_one(d_out, d_in, mode, subset, monkeypatch):
+    from corda_kernels import decompose as dec
+
+    if not subset:
+        monkeypatch.setattr(dec, "_subset_eigh", lambda: None)
+    elif dec._subset_eigh() is None:
+        pytest.skip("scipy is not installed: only the torch path exists")
+    w = torch.randn(d_out, d_in)
+    damped = dec.damp_covariance(_cov(d_in, 3 * d_in))
+    full = dec.compute_spectrum(w, damped)
+    part = dec.selected_spectrum(w, damped, 4, mode)
+    assert part.singular_values.numel() == 4 and not part.complete
+    s_full, _, idx = full.take(4, mode)
+    s_part, _, idx_part = part.take(4, mode)
+    assert torch.equal(idx, idx_part)
+    assert rel(s_part, s_full) < 1e-10
+    A1, B1, _ = dec.adapter_factors(w, damped, full, 4, mode)
+    A2, B2, _ = dec.adapter_factors(w, damped, part, 4, mode)
+    assert rel(_components(A2, B2), _components(A1, B1)) < 1e-5
+    with pytest.raises(ValueError, match="partial spectrum"):
+        part.take(4, "ipm" if mode == "kpm" else "kpm")

@@ -145,7 +145,16 @@ def test_torch_row_bands(band):
     cov_mod.covariance_update_torch(acc, x, mask, scale, band=band)
     assert rel_err(acc, covariance_reference(x, mask, scale)) < TOL[torch.float32]
     assert torch.isnan(acc[d - 1, 0])  # the bands skipped the lower triangle
-    assert cov_mod.torch_band(4096) == 1024 and cov_mod.torch_band(512) == cov_mod.TORCH_BAND
+
+
+def test_torch_default_bands_skip_lower_triangle():
+    d = 2 * cov_mod.TORCH_BAND + 7
+    x = rand(30, d)
+    acc = torch.zeros(d, d, device=DEV)
+    acc[d - 1, 0] = float("nan")
+    cov_mod.covariance_update_torch(acc, x)
+    assert torch.isnan(acc[d - 1, 0])
+    assert rel_err(acc, covariance_reference(x)) < TOL[torch.float32]
 
 
 def test_triton_grid_skips_lower_tiles():

@@ -23,25 +23,26 @@ except ImportError:  # pragma: no cover - the package works without triton, on t
     triton = None
     tl = None
 
-#: Narrowest row band of the torch triangle update; the band used is about d/4
-#: (``torch_band``), and d <= 2·band falls back to one full ``addmm_``. Measured
-#: on the 2-core dev box, fp32, 2048 rows, speed-up over one full ``addmm_``
-#: (bench/bench_ops.py --sweep, medians of 7, interleaved):
+#: Row band of the torch triangle update; d <= 2·band falls back to one full
+#: ``addmm_``. Speed-up over one full ``addmm_``, fp32, 2048 rows, on the 2-core
+#: dev box (bench/bench_ops.py --sweep and a quiet re-run, medians, interleaved):
 #:
-#:   1 thread:             d=512: band 128 1.37x, 192 1.33x; d=1376: 128-384 1.53-1.62x,
-#:                         512 1.46x; d=2048: 128-384 1.62-1.68x, 512 1.58x, 768 1.50x
-#:   2 threads, one core   d=512: band 128 0.50x, 192 0.67x; d=1376: 128 0.82x, 320 1.18x,
-#:   busy with other work: 512 1.24x; d=2048: 128 0.93x, 384-768 1.35-1.41x
+#:   2 threads, quiet:     d=512: band 128 1.37x, 192 1.38x, 256 1.27x;
+#:                         d=1376: 128 1.50x, 192 1.52x, 256 1.49x, 512 1.41x
+#:   1 thread:             d=512: band 128 1.37x, 192 1.33x; d=1376: 128-384 1.53-1.62x;
+#:                         d=2048: 128-384 1.62-1.68x, 512 1.58x, 768 1.50x
+#:   2 threads, one core   d=512: band 128 0.50x, 192 0.67x; d=1376: 128 0.82x, 320 1.18x;
+#:   busy with other work: d=2048: 128 0.93x, 384-768 1.35-1.41x
 #:
-#: Narrow bands mean many BLAS calls, each re-reading x[:, i:] and, multi-threaded,
-#: each paying a thread hand-off; wide ones give back the skipped flops. d/4 with a
-#: floor of 256 never lost to ``addmm_`` in these runs (d=512 stays on ``addmm_``).
-TORCH_BAND = 256
+#: Narrow bands mean more BLAS calls, each re-reading x[:, i:] and paying a
+#: thread hand-off, which hurts on an oversubscribed machine; wide ones give back
+#: the skipped flops. 192 is the best quiet-machine choice at every d measured.
+TORCH_BAND = 192
 
 
 def torch_band(d: int) -> int:
     """Row-band width for the torch triangle update of a (d, d) accumulator."""
-    return max(TORCH_BAND, (d // 4) // 64 * 64)
+    return TORCH_BAND
 
 
 ACC_DTYPES = (torch.float32, torch.float64)
