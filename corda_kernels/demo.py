@@ -120,7 +120,8 @@ def format_report(rep: dict) -> str:
         f"  target layers        {rep['layers']}",
         f"  shared-input groups  {len(rep['groups'])} "
         f"({sum(len(g) > 1 for g in rep['groups'])} shared, e.g. {', '.join(n.split('.')[-1] for n in rep['groups'][0])})",
-        f"  calibration tokens   {rep['tokens']} counted of {rep['sequences']} padded sequences",
+        f"  calibration tokens   {rep['tokens']} counted of {rep['sequences']} padded sequences"
+        + (" (the selected round's share)" if "CorDA++" in rep["mode"] else ""),
         f"  ranks                {_rank_summary(rep['ranks'])}",
         f"  trainable params     {rep['trainable']:,} of {rep['total']:,} ({100 * rep['trainable'] / rep['total']:.2f}%)",
         f"  logits unchanged     max relative change {rep['max_rel_logit_change']:.2e}",
