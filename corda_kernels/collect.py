@@ -306,7 +306,10 @@ def run_batches(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc=desc, unit="batch", total=max_batches, dynamic_ncols=True, leave=False)
+        total = len(loader) if hasattr(loader, "__len__") else None
+        if max_batches is not None:
+            total = max_batches if total is None else min(total, max_batches)
+        bar = tqdm(desc=desc, unit="batch", total=total, dynamic_ncols=True, leave=False)  # total gives the ETA
     n = 0
     tokens = 0
     model.eval()
@@ -332,9 +335,16 @@ def run_batches(
                 collector.end_batch(completed)
                 n += 1
                 if bar is not None:
-                    if mask is not None and not mask.is_cuda:
-                        tokens += int(mask.sum())
-                        bar.set_postfix(tokens=tokens, refresh=False)
+                    ids = kwargs.get("input_ids", args[0] if args else None)
+                    counted = None
+                    if mask is not None and not mask.is_cuda:  # reading a GPU mask would sync
+                        counted = int(mask.sum())
+                    elif mask is None and isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+                        counted = ids.numel()
+                    if counted is not None:
+                        tokens += counted
+                        rate = tokens / max(bar.format_dict["elapsed"], 1e-9)
+                        bar.set_postfix(tokens=tokens, tok_s=f"{rate:,.0f}", refresh=False)
                     bar.update(1)
                 if on_batch is not None:
                     on_batch(n)

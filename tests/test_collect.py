@@ -191,3 +191,12 @@ def test_early_stop_keeps_every_layer():
     ref, _ = reference_covariances(model, batches, list(covs))
     last = "model.layers.2.mlp.down_proj"
     assert rel(covs[last], ref[last]) < 1e-5
+
+
+def test_progress_bar_shows_total_and_token_rate(capsys):
+    model = tiny_llama(layers=1)
+    batches = padded_batches(128, n_batches=3)
+    covs = ck.collect_cov(model, batches, progress=True)
+    err = capsys.readouterr().err
+    assert "/3" in err  # the total is known, so tqdm can give an ETA
+    assert covs.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
