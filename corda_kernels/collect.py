@@ -185,12 +185,14 @@ class Collector:
     def finish(self, meta: Mapping[str, str] | None = None) -> Covariances:
         if not self.groups:
             raise ValueError("no target module was called during collection: is the loader feeding this model?")
-        # One host sync for all groups: finiteness and counts.
-        accs = [g.acc for g in self.groups]
-        finite = torch.stack([torch.isfinite(a).all().to(a.device).cpu() for a in accs])
-        counts = [int(g.count.item()) for g in self.groups]
-        seqs = [int(g.seqs.item()) for g in self.groups]
-        bad = [self.groups[i].names for i in range(len(accs)) if not bool(finite[i])]
+        # One host read of (finite, count, sequences) for every group, not three per group.
+        home = self.groups[0].acc.device
+        stats = torch.stack(
+            [torch.stack([torch.isfinite(g.acc).all().double(), g.count, g.seqs]).to(home) for g in self.groups]
+        ).tolist()
+        counts = [int(c) for _, c, _ in stats]
+        seqs = [int(q) for _, _, q in stats]
+        bad = [g.names for g, (ok, _, _) in zip(self.groups, stats) if not ok]
         if bad:
             raise ValueError(
                 f"non-finite activations (NaN/Inf) reached module(s) {bad[0]}"

@@ -16,6 +16,7 @@ tail components that KPM keeps.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,9 +108,8 @@ def damp_covariance(
         raise ValueError(f"damping must be >= 0, got {damping}")
     c = cov.to(dtype)
     c = (c + c.T) * 0.5
-    mean_diag = c.diagonal().mean()
-    md = float(mean_diag)
-    if not torch.isfinite(c).all() or not md == md or md in (float("inf"), float("-inf")):
+    md = float(c.diagonal().mean())
+    if not torch.isfinite(c).all() or not math.isfinite(md):
         raise ValueError(f"cov{_label(name)} contains NaN or Inf")
     if md <= 0.0:
         raise ValueError(
