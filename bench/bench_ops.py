@@ -1,13 +1,13 @@
 """CPU timings of the ops' torch paths against the plain alternatives, in one process.
 
-  1. covariance update: ours (upper-triangle row bands, corda_kernels.ops.covariance_update
+  1. covariance update: ours (recursive upper triangle, corda_kernels.ops.covariance_update
      on the CPU) vs a plain full ``acc.addmm_(x.T, x)``, fp32, rows = 2048;
   2. adapter linear, forward + backward: ops.lora_linear vs PEFT's LoRA ``Linear``
      (frozen nn.Linear base, r = 16) vs the bare frozen nn.Linear, x requiring grad.
 
 Candidates are interleaved within each repeat so drifting clocks hit all of them
-alike; the table reports medians and ratios. ``--sweep`` adds other band widths
-for the triangle update (how torch_band in ops/covariance.py was chosen).
+alike; the table reports medians and ratios. ``--sweep`` adds other leaf sizes
+and fixed row bands for the triangle update (how TORCH_LEAF in ops/covariance.py was chosen).
 
     python bench/bench_ops.py            # full sizes
     python bench/bench_ops.py --quick    # smoke run, seconds
@@ -47,16 +47,19 @@ def interleaved(cands: dict, repeats: int, warmup: int = 1) -> dict:
 
 def covariance_candidates(acc, x, sweep):
     d = acc.shape[0]
-    band = cov_mod.torch_band(d)
-    label = f"ours (band {band})" if d > 2 * band else "ours (d <= 2*band: one addmm_)"
+    leaf = cov_mod.TORCH_LEAF
+    label = f"ours (recursive, leaf {leaf})" if d > leaf else "ours (d <= leaf: one addmm_)"
     cands = {
         label: lambda: ops.covariance_update(acc, x, backend="torch"),
         "acc.addmm_(x.T, x)": lambda: acc.addmm_(x.T, x),
     }
     if sweep:
-        for band in (128, 192, 384, 512, 768):
-            if band != cov_mod.torch_band(d) and d > 2 * band:
-                cands[f"band {band}"] = lambda band=band: cov_mod.covariance_update_torch(acc, x, band=band)
+        for leaf in (128, 192, 256):
+            if leaf != cov_mod.TORCH_LEAF and d > leaf:
+                cands[f"leaf {leaf}"] = lambda leaf=leaf: cov_mod.covariance_update_torch(acc, x, leaf=leaf)
+        for band in (128, 192, 384):
+            if d > 2 * band:
+                cands[f"row bands {band}"] = lambda band=band: cov_mod.covariance_update_torch(acc, x, band=band)
     return cands
 
 
@@ -115,7 +118,7 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--dims", type=int, nargs="+", default=[512, 1376, 2048])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--sweep", action="store_true", help="also time other triangle band widths")
+    ap.add_argument("--sweep", action="store_true", help="also time other triangle leaf sizes and row bands")
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)

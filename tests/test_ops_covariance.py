@@ -133,22 +133,22 @@ def test_lower_triangle_is_never_read(backend):
     assert rel_err(acc, covariance_reference(x)) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("band", [16, 50])
-def test_torch_row_bands(band):
-    # The banded torch update (used for large d) on a small d, with ragged last band.
+@pytest.mark.parametrize("split", [{"band": 16}, {"band": 50}, {"leaf": 8}, {"leaf": 20}, {"leaf": 64}])
+def test_torch_triangle_splits(split):
+    # Both torch triangle layouts (recursive halves, row bands) on a small d, with ragged last blocks.
     d = 129
     x = rand(3, 20, d)
     mask = torch.rand(3, 20, device=DEV) > 0.3
     acc = torch.zeros(d, d, device=DEV)
     acc[torch.ones(d, d, dtype=torch.bool, device=DEV).tril(-1)] = float("nan")
     scale = torch.rand(3, device=DEV) + 0.5
-    cov_mod.covariance_update_torch(acc, x, mask, scale, band=band)
+    cov_mod.covariance_update_torch(acc, x, mask, scale, **split)
     assert rel_err(acc, covariance_reference(x, mask, scale)) < TOL[torch.float32]
-    assert torch.isnan(acc[d - 1, 0])  # the bands skipped the lower triangle
+    assert torch.isnan(acc[d - 1, 0])  # the lower triangle was skipped
 
 
-def test_torch_default_bands_skip_lower_triangle():
-    d = 2 * cov_mod.TORCH_BAND + 7
+def test_torch_default_triangle_skips_lower_triangle():
+    d = 2 * cov_mod.TORCH_LEAF + 7
     x = rand(30, d)
     acc = torch.zeros(d, d, device=DEV)
     acc[d - 1, 0] = float("nan")

@@ -23,26 +23,42 @@ except ImportError:  # pragma: no cover - the package works without triton, on t
     triton = None
     tl = None
 
-#: Row band of the torch triangle update; d <= 2·band falls back to one full
-#: ``addmm_``. Speed-up over one full ``addmm_``, fp32, 2048 rows, on the 2-core
-#: dev box (bench/bench_ops.py --sweep and a quiet re-run, medians, interleaved):
+#: Torch triangle update: the (d, d) upper triangle is split in halves
+#: recursively; each split adds one off-diagonal block as a single GEMM and
+#: recurses into the two diagonal blocks, down to diagonal leaves of at most
+#: TORCH_LEAF columns, which take one full ``addmm_``. Split points are rounded
+#: to TORCH_ALIGN columns so the BLAS sees aligned panels. Compared with fixed
+#: row bands, most of the flops land in a few large, square GEMMs, which run
+#: closer to BLAS peak. Speed-up over one full ``addmm_``, fp32, 2048 rows,
+#: 2 threads, quiet 2-core dev box, medians of 11 interleaved (2026-11-29):
 #:
-#:   2 threads, quiet:     d=512: band 128 1.37x, 192 1.38x, 256 1.27x;
-#:                         d=1376: 128 1.50x, 192 1.52x, 256 1.49x, 512 1.41x
-#:   1 thread:             d=512: band 128 1.37x, 192 1.33x; d=1376: 128-384 1.53-1.62x;
-#:                         d=2048: 128-384 1.62-1.68x, 512 1.58x, 768 1.50x
-#:   2 threads, one core   d=512: band 128 0.50x, 192 0.67x; d=1376: 128 0.82x, 320 1.18x;
-#:   busy with other work: d=2048: 128 0.93x, 384-768 1.35-1.41x
+#:   d          384   512   768   1376  2048  3000
+#:   band 192   1.25  1.32  1.32  1.48  1.58  1.51   (the previous default)
+#:   leaf 160   1.27  1.40  1.44  1.62  1.73  1.82   (align 64; this default)
+#:   leaf 192   1.28  1.41  1.38  1.60  1.77  1.74
+#:   leaf 256   1.25  1.25  1.41  1.59  1.65  1.73
 #:
-#: Narrow bands mean more BLAS calls, each re-reading x[:, i:] and paying a
-#: thread hand-off, which hurts on an oversubscribed machine; wide ones give back
-#: the skipped flops. 192 is the best quiet-machine choice at every d measured.
-TORCH_BAND = 192
+#: The ideal is 2x; the diagonal leaves and the smaller GEMMs give back the rest.
+TORCH_LEAF = 160
+TORCH_ALIGN = 64
 
 
-def torch_band(d: int) -> int:
-    """Row-band width for the torch triangle update of a (d, d) accumulator."""
-    return TORCH_BAND
+def _triangle_recursive(acc: torch.Tensor, xf: torch.Tensor, lo: int, hi: int, leaf: int) -> None:
+    if hi - lo <= leaf:
+        acc[lo:hi, lo:hi].addmm_(xf[:, lo:hi].T, xf[:, lo:hi])
+        return
+    mid = lo + -(-((hi - lo) // 2) // TORCH_ALIGN) * TORCH_ALIGN
+    if mid >= hi:  # a span just above the leaf size: split at the middle instead
+        mid = lo + (hi - lo) // 2
+    acc[lo:mid, mid:hi].addmm_(xf[:, lo:mid].T, xf[:, mid:hi])
+    _triangle_recursive(acc, xf, lo, mid, leaf)
+    _triangle_recursive(acc, xf, mid, hi, leaf)
+
+
+def _triangle_bands(acc: torch.Tensor, xf: torch.Tensor, band: int) -> None:
+    # Row band i only needs columns i: onward; kept for bench_ops.py --sweep and the tests.
+    for i in range(0, acc.shape[0], band):
+        acc[i : i + band, i:].addmm_(xf[:, i : i + band].T, xf[:, i:])
 
 
 ACC_DTYPES = (torch.float32, torch.float64)
@@ -212,13 +228,16 @@ def row_weights(x: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor 
     return keep, s
 
 
-def covariance_update_torch(acc: torch.Tensor, x: torch.Tensor, mask=None, scale=None, band: int | None = None):
+def covariance_update_torch(
+    acc: torch.Tensor, x: torch.Tensor, mask=None, scale=None, *, leaf: int | None = None, band: int | None = None
+):
     """Reference update with the same triangle contract as the kernel.
 
     On the CPU, dropped rows are gathered out first, so padding costs no flops
     (a CPU mask needs no device sync to be read). Elsewhere they are zeroed
     with ``where`` (not multiplied, so a NaN in a padding position cannot leak)
-    and no host synchronization happens.
+    and no host synchronization happens. ``leaf`` overrides TORCH_LEAF of the
+    recursive triangle; ``band`` switches to fixed row bands of that width.
     """
     d = acc.shape[0]
     keep, s = row_weights(x, mask, scale)
@@ -234,13 +253,10 @@ def covariance_update_torch(acc: torch.Tensor, x: torch.Tensor, mask=None, scale
         xf = xf * s.to(acc.dtype).unsqueeze(1)
     if keep is not None:
         xf = torch.where(keep.unsqueeze(1), xf, xf.new_zeros(()))
-    band = torch_band(d) if band is None else band
-    if d <= 2 * band:
-        acc.addmm_(xf.T, xf)
-        return acc
-    # Row band i only needs columns i: onward; this skips the lower triangle's flops.
-    for i in range(0, d, band):
-        acc[i : i + band, i:].addmm_(xf[:, i : i + band].T, xf[:, i:])
+    if band is not None:
+        _triangle_bands(acc, xf, band)
+    else:
+        _triangle_recursive(acc, xf, 0, d, TORCH_LEAF if leaf is None else leaf)
     return acc
 
 
