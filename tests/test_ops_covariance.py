@@ -133,6 +133,28 @@ def test_lower_triangle_is_never_read(backend):
     assert rel_err(acc, covariance_reference(x)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_padding_runs_longer_than_a_row_chunk(backend, dtype):
+    # Whole chunks of rows are padding (the kernel skips them) next to partly padded chunks;
+    # every padded row holds NaN, which must not reach the sum.
+    d = 37
+    x = rand(4, 70, d, dtype=dtype) + 0.5
+    mask = torch.ones(4, 70, dtype=torch.bool, device=DEV)
+    mask[0, 10:] = False  # 60 padded rows in a row, ragged start
+    mask[1] = False  # a sequence with no kept token
+    mask[3, :45] = False  # left padding
+    x[~mask] = float("nan")
+    acc = torch.zeros(d, d, device=DEV)
+    ops.covariance_update(acc, x, mask, backend=backend)
+    ref = covariance_reference(torch.where(mask.unsqueeze(-1), x, 0.0), mask)
+    assert rel_err(acc, ref) < TOL[dtype]
+    # and the same update with every row kept but the padding zeroed agrees with it
+    acc_all = torch.zeros(d, d, device=DEV)
+    ops.covariance_update(acc_all, torch.where(mask.unsqueeze(-1), x, 0.0), backend=backend)
+    assert rel_err(acc, ops.covariance_result(acc_all).double()) < TOL[dtype]
+
+
 @pytest.mark.parametrize("split", [{"band": 16}, {"band": 50}, {"leaf": 8}, {"leaf": 20}, {"leaf": 64}])
 def test_torch_triangle_splits(split):
     # Both torch triangle layouts (recursive halves, row bands) on a small d, with ragged last blocks.

@@ -127,6 +127,44 @@ def test_frozen_adapter_only_input_grad(backend):
     assert rel(xg.grad, xr.grad) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(50, 37, 5), (70, 33, 16), (9, 100, 1), (45, 20, 80)])
+@pytest.mark.parametrize("chunks", [1, 3, None])
+def test_dy_kernel_one_read_gives_both_products(dtype, shape, chunks):
+    # u = dy·B and dB = dyᵀ·s from the fused kernel, with rows split over several programs (atomics)
+    # and dy a strided view.
+    M, N, r = shape
+    dy = torch.randn(M, 2 * N, device=DEV).to(dtype)[:, ::2]
+    B = (torch.randn(N, r, device=DEV) / r**0.5).to(dtype)
+    s = torch.randn(M, r, device=DEV)
+    u, db = lora_mod._dy_lowrank(dy, B, s, chunks=chunks)
+    assert u.dtype == db.dtype == torch.float32
+    assert rel(u, dy.double() @ B.double()) < TOL[dtype]
+    assert rel(db, dy.double().t() @ s.double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("which", ["u", "db"])
+def test_dy_kernel_computes_only_what_is_asked(which):
+    M, N, r = 40, 30, 3
+    dy, B, s = torch.randn(M, N, device=DEV), torch.randn(N, r, device=DEV), torch.randn(M, r, device=DEV)
+    u, db = lora_mod._dy_lowrank(dy, B if which == "u" else None, s if which == "db" else None, chunks=2)
+    if which == "u":
+        assert db is None and rel(u, dy.double() @ B.double()) < 1e-5
+    else:
+        assert u is None and rel(db, dy.double().t() @ s.double()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ranks_above_the_fused_limit_take_torch_gemms(monkeypatch, dtype):
+    # Above MAX_FUSED_RANK backward falls back to two torch GEMMs over dy: same gradients.
+    monkeypatch.setattr(lora_mod, "MAX_FUSED_RANK", 2)
+    x, W, b, A, B = make(50, 37, 29, 5, dtype)
+    y, dy, (x1, A1, B1), _, _, (xr, Ar, Br), wr, br = run(x, W, b, A, B, 0.7, "triton")
+    lora_linear_reference(xr, wr, br, Ar, Br, 0.7).backward(dy.double())
+    for got, ref in ((x1.grad, xr.grad), (A1.grad, Ar.grad), (B1.grad, Br.grad)):
+        assert rel(got, ref) < TOL[dtype]
+
+
 @requires_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rank", [1, 16, 80])

@@ -78,13 +78,29 @@ X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # panel b, which stays in L2 while their row panels a stream past.
 #
 # Rows may come from a (B, T, d) view with any strides (no copy of x); a dropped
-# row is removed with tl.where on the loaded values, never by multiplying, so a
-# NaN sitting in padding cannot reach the sum. A per-row scale s is applied to
+# row is masked out of the loads themselves, so it costs no memory traffic and a
+# NaN sitting in padding cannot reach the sum, and a chunk of BLOCK_R rows that
+# holds no kept row (a run of padding) skips its loads and its dot entirely. A per-row scale s is applied to
 # both panels before the dot (in fp32, then rounded back to x's dtype so 16-bit
 # inputs still run on tensor cores): the tile is then the exact Gram matrix of
 # round(s·x), a perturbation of one rounding in x's own dtype, and it stays
 # positive semi-definite, which scaling only one side by s² would not.
 if triton is not None:
+
+    @triton.jit
+    def _cov_rows(
+        tile, x_ptr, scale_ptr, rows, row_off, live, col_i, col_j, in_i, in_j,
+        HAS_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # One chunk of rows into the tile: rows not `live` read as zero and are never fetched.
+        dt = x_ptr.dtype.element_ty
+        a = tl.load(x_ptr + row_off[:, None] + col_i[None, :], mask=live[:, None] & in_i[None, :], other=0.0)
+        b = tl.load(x_ptr + row_off[:, None] + col_j[None, :], mask=live[:, None] & in_j[None, :], other=0.0)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + rows, mask=live, other=0.0)
+            a = (a.to(tl.float32) * s[:, None]).to(dt)
+            b = (b.to(tl.float32) * s[:, None]).to(dt)
+        return tl.dot(tl.trans(a), b, tile, input_precision=INPUT_PRECISION)
 
     @triton.jit
     def _cov_triangle_kernel(
@@ -121,7 +137,6 @@ if triton is not None:
         in_j = offs_j < D
         col_i = offs_i.to(tl.int64) * stride_xd
         col_j = offs_j.to(tl.int64) * stride_xd
-        dt = x_ptr.dtype.element_ty
 
         tile = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
@@ -131,17 +146,20 @@ if triton is not None:
                 row_off = (rows // T).to(tl.int64) * stride_xb + (rows % T).to(tl.int64) * stride_xt
             else:
                 row_off = rows.to(tl.int64) * stride_xt
-            a = tl.load(x_ptr + row_off[:, None] + col_i[None, :], mask=in_r[:, None] & in_i[None, :], other=0.0)
-            b = tl.load(x_ptr + row_off[:, None] + col_j[None, :], mask=in_r[:, None] & in_j[None, :], other=0.0)
-            if HAS_SCALE:
-                s = tl.load(scale_ptr + rows, mask=in_r, other=0.0)
-                a = (a.to(tl.float32) * s[:, None]).to(dt)
-                b = (b.to(tl.float32) * s[:, None]).to(dt)
             if HAS_KEEP:
-                keep = tl.load(keep_ptr + rows, mask=in_r, other=0) != 0
-                a = tl.where(keep[:, None], a, tl.zeros_like(a))
-                b = tl.where(keep[:, None], b, tl.zeros_like(b))
-            tile = tl.dot(tl.trans(a), b, tile, input_precision=INPUT_PRECISION)
+                # Dropped rows are never loaded; a chunk with no kept row (a run of padding)
+                # skips its loads and its dot altogether.
+                live = in_r & (tl.load(keep_ptr + rows, mask=in_r, other=0) != 0)
+                if tl.max(live.to(tl.int32), axis=0) > 0:
+                    tile = _cov_rows(
+                        tile, x_ptr, scale_ptr, rows, row_off, live, col_i, col_j, in_i, in_j,
+                        HAS_SCALE, INPUT_PRECISION,
+                    )  # fmt: skip
+            else:
+                tile = _cov_rows(
+                    tile, x_ptr, scale_ptr, rows, row_off, in_r, col_i, col_j, in_i, in_j,
+                    HAS_SCALE, INPUT_PRECISION,
+                )  # fmt: skip
 
         acc_ptrs = acc_ptr + offs_i[:, None].to(tl.int64) * stride_am + offs_j[None, :].to(tl.int64) * stride_an
         in_tile = in_i[:, None] & in_j[None, :]

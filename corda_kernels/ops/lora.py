@@ -236,6 +236,123 @@ if triton is not None:
     )(_gemm_lowrank_kernel)
 
 
+# The rank-sized gradients of backward, from one read of dy:
+#
+#     u  = dy·B      (M, r)   reduced over N
+#     dB = dyᵀ·s     (N, r)   reduced over M      (both still to be scaled by `scaling`)
+#
+# Each program owns one BLOCK_N column strip of dy and a contiguous chunk of its
+# row blocks. Per (BLOCK_M, BLOCK_N) tile of dy it does two small dots: tile·B
+# (added into u with atomics, since u sums over every column strip) and
+# tileᵀ·s (kept in registers across the chunk, then added into dB with one
+# atomic per element). dy is therefore read exactly once; the atomics touch
+# M·r·cdiv(N, BLOCK_N) + N·r·chunks fp32 values, small next to dy's M·N when
+# r <= MAX_FUSED_RANK. The sums are fp32 and their order varies between runs,
+# as in any split-K GEMM.
+if triton is not None:
+
+    @triton.jit
+    def _dy_lowrank_kernel(
+        dy_ptr,
+        b_ptr,
+        s_ptr,
+        u_ptr,
+        db_ptr,
+        M,
+        N,
+        RANK,
+        stride_dym,
+        stride_dyn,
+        stride_bn,
+        stride_br,
+        stride_sm,
+        stride_sr,
+        stride_um,
+        stride_ur,
+        stride_dbn,
+        stride_dbr,
+        M_BUCKET,  # autotuning key only: M rounded up to a power of two
+        NEED_U: tl.constexpr,
+        NEED_DB: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_RANK: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        dt = dy_ptr.dtype.element_ty
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = offs_n < N
+        rr = tl.arange(0, BLOCK_RANK)
+        in_r = rr < RANK
+        if NEED_U:
+            bt = tl.load(
+                b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + rr[None, :] * stride_br,
+                mask=in_n[:, None] & in_r[None, :],
+                other=0.0,
+            ).to(dt)
+        else:
+            bt = tl.zeros((BLOCK_N, BLOCK_RANK), dtype=dt)
+        db_acc = tl.zeros((BLOCK_N, BLOCK_RANK), dtype=tl.float32)
+        # Row chunks: grid axis 1 splits the cdiv(M, BLOCK_M) row blocks as evenly as it can.
+        per_chunk = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(1)) * BLOCK_M
+        m_start = pid_c * per_chunk
+        m_end = tl.minimum(m_start + per_chunk, M)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            in_m = offs_m < m_end
+            rows = offs_m[:, None].to(tl.int64)
+            tile = tl.load(
+                dy_ptr + rows * stride_dym + offs_n[None, :] * stride_dyn,
+                mask=in_m[:, None] & in_n[None, :],
+                other=0.0,
+            )
+            if NEED_U:
+                part = tl.dot(tile, bt, input_precision=INPUT_PRECISION)
+                tl.atomic_add(
+                    u_ptr + rows * stride_um + rr[None, :] * stride_ur,
+                    part,
+                    mask=in_m[:, None] & in_r[None, :],
+                    sem="relaxed",
+                )
+            if NEED_DB:
+                sv = tl.load(
+                    s_ptr + rows * stride_sm + rr[None, :] * stride_sr,
+                    mask=in_m[:, None] & in_r[None, :],
+                    other=0.0,
+                )
+                db_acc = tl.dot(tl.trans(tile), sv.to(dt), db_acc, input_precision=INPUT_PRECISION)
+        if NEED_DB:
+            tl.atomic_add(
+                db_ptr + offs_n[:, None].to(tl.int64) * stride_dbn + rr[None, :] * stride_dbr,
+                db_acc,
+                mask=in_n[:, None] & in_r[None, :],
+                sem="relaxed",
+            )
+
+    def _dy_configs():
+        if interpreting():
+            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        shapes = [(64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (32, 128, 4, 3)]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
+
+    def _dy_prune(configs, named_args, **kwargs):
+        # At r > 64 a 128-row tile with its (BLOCK_N, r) accumulator overflows shared memory on
+        # Ampere and Hopper alike (tests/aot_compile.py): do not even compile those.
+        if kwargs.get("BLOCK_RANK", 16) > 64:
+            return [c for c in configs if c.kwargs["BLOCK_M"] <= 64] or configs
+        return configs
+
+    # Trials accumulate into u and dB with atomics: reset_to_zero gives every trial a clean start.
+    _dy_lowrank_tuned = triton.autotune(
+        configs=_dy_configs(),
+        key=["M_BUCKET", "N", "BLOCK_RANK"],
+        prune_configs_by={"early_config_prune": _dy_prune},
+        reset_to_zero=["u_ptr", "db_ptr"],
+    )(_dy_lowrank_kernel)
+
+
 # ----------------------------------------------------------------------------- torch launchers
 def lora_forward_torch(x2, weight, bias, A, B, scaling, xd2):
     """x2: (M, K) input, xd2: the dropped-out input feeding A (x2 itself when p=0)."""
@@ -343,6 +460,66 @@ def _gemm_lowrank(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
     return out
 
 
+#: Largest rank whose dB accumulator (BLOCK_N × r, fp32) the fused dy kernel keeps in
+#: registers; above it, backward takes two torch GEMMs over dy instead.
+MAX_FUSED_RANK = 128
+
+
+def _dy_lowrank(dy, B, s, chunks: int | None = None):
+    """(dy·B, dyᵀ·s) in fp32 from one read of dy; either factor may be None to skip its product.
+
+    dy (M, N), B (N, r) in dy's dtype, s (M, r) fp32. ``chunks`` fixes how many
+    programs split the rows (default: enough to fill the GPU; tests force it).
+    """
+    M, N = dy.shape
+    ref = B if B is not None else s
+    rank = ref.shape[1]
+    u = torch.zeros((M, rank), device=dy.device, dtype=torch.float32) if B is not None else None
+    db = torch.zeros((N, rank), device=dy.device, dtype=torch.float32) if s is not None else None
+    if M == 0 or N == 0:
+        return u, db
+    if chunks is None:
+        target = 4 * torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 2
+    else:
+        target = None
+
+    def grid(meta):
+        n_tiles = triton.cdiv(N, meta["BLOCK_N"])
+        m_blocks = triton.cdiv(M, meta["BLOCK_M"])
+        want = chunks if target is None else triton.cdiv(target, n_tiles)
+        return (n_tiles, max(1, min(m_blocks, want)))
+
+    dummy = dy
+    u_arg, db_arg = (u if u is not None else dummy), (db if db is not None else dummy)
+    b_arg, s_arg = (B if B is not None else dummy), (s if s is not None else dummy)
+    _dy_lowrank_tuned[grid](
+        dy,
+        b_arg,
+        s_arg,
+        u_arg,
+        db_arg,
+        M,
+        N,
+        rank,
+        dy.stride(0),
+        dy.stride(1),
+        b_arg.stride(0) if B is not None else 0,
+        b_arg.stride(1) if B is not None else 0,
+        s_arg.stride(0) if s is not None else 0,
+        s_arg.stride(1) if s is not None else 0,
+        u_arg.stride(0) if u is not None else 0,
+        u_arg.stride(1) if u is not None else 0,
+        db_arg.stride(0) if db is not None else 0,
+        db_arg.stride(1) if db is not None else 0,
+        triton.next_power_of_2(M),
+        NEED_U=B is not None,
+        NEED_DB=s is not None,
+        INPUT_PRECISION=_dot_precision(dy),
+        BLOCK_RANK=max(16, triton.next_power_of_2(rank)),
+    )
+    return u, db
+
+
 def lora_forward_triton(x2, weight, bias, A, B, scaling, xd2):
     """Same contract as :func:`lora_forward_torch`: returns y (M, N) and s = xd2·Aᵀ (M, r) in fp32."""
     s = _mm_f32(xd2, A.t())  # the adapter's only intermediate; small, and saved for backward
@@ -353,22 +530,28 @@ def lora_forward_triton(x2, weight, bias, A, B, scaling, xd2):
 def lora_backward_triton(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
     """Same contract as :func:`lora_backward_torch`.
 
-    dx comes from the fused kernel (dy·W plus the rank-r term, dropout mask in its
-    epilogue). The rank-sized products around it are plain torch calls: u = dy·B and
-    dB = scaling·dyᵀ·s each read dy once (two skinny GEMMs, memory-bound, a few % of
-    the step at r <= 128), and dA = scaling·uᵀ·xd. For 16-bit inputs u and s are
-    rounded to that dtype before those GEMMs (fp32 accumulation), like the torch path.
+    u = dy·B and dB = scaling·dyᵀ·s come from one read of dy (:func:`_dy_lowrank`,
+    for r <= MAX_FUSED_RANK; two torch GEMMs above it). dx comes from the fused
+    GEMM kernel (dy·W plus the rank-r term, dropout mask in its epilogue), and
+    dA = scaling·uᵀ·xd. For 16-bit inputs u and s are rounded to that dtype before
+    their GEMMs (fp32 accumulation), like the torch path.
     """
     need_x, need_w, need_b, need_a, need_bb = needs
     dx = dW = db = dA = dB = None
-    u = _mm_f32(dy2, B) if (need_x or need_a) else None  # (M, r), not yet scaled
+    need_u = need_x or need_a
+    u = db32 = None
+    if B.shape[1] <= MAX_FUSED_RANK and (need_u or need_bb):
+        u, db32 = _dy_lowrank(dy2, B if need_u else None, s if need_bb else None)
+    else:
+        u = _mm_f32(dy2, B) if need_u else None
+        db32 = _mm_f32(dy2.t(), s.to(dy2.dtype)) if need_bb else None
     if need_x:
         keep_scale = 1.0 / (1.0 - p) if keep is not None else 1.0
         dx = _gemm_lowrank(dy2, weight, None, u, A, scaling, keep, keep_scale)
     if need_a:
         dA = _mm_f32((u * scaling).to(xd2.dtype).t(), xd2).to(A.dtype)
     if need_bb:
-        dB = _mm_f32(dy2.t(), s.to(dy2.dtype)).mul_(scaling).to(B.dtype)
+        dB = db32.mul_(scaling).to(B.dtype)
     if need_w:
         dW = dy2.t() @ x2
     if need_b:
