@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a lent H200 (no internet; the image's python3 has torch, triton, transformers, peft).
-#   1. the op tests on CUDA (Triton kernels compiled for real, bf16 included);
+#   1. the op tests on CUDA (Triton kernels compiled for real, bf16 included) and the
+#      device_map test (a model split over cuda:0 and cpu, or two GPUs);
 #   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end.
 # Budget: a few minutes in all (the tests compile each kernel specialization once; the bench autotunes).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
@@ -22,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 XDIST=()
 if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
 echo "== pytest (CUDA) =="
-"$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_ops_covariance.py tests/test_ops_lora.py 2>&1 \
+"$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_ops_covariance.py tests/test_ops_lora.py tests/test_device_map.py 2>&1 \
     | tee "$LOG_DIR/gpu_pytest.log"
 test_rc=${PIPESTATUS[0]}
 echo "pytest exit code: $test_rc ($(( $(date +%s) - start )) s so far)"
