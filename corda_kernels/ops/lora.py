@@ -147,25 +147,17 @@ if triton is not None:
             b = tl.load(w_cols + kk[:, None] * stride_wk, mask=in_k[:, None] & in_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
+        # With a dropout mask the rank-r term needs its own accumulator, masked in the epilogue;
+        # without one it runs on in the GEMM's.
         if HAS_KEEP:
             low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            low = _lowrank_dot(
-                low,
-                l_ptr,
-                r_ptr,
-                offs_m,
-                offs_n,
-                M,
-                N,
-                RANK,
-                alpha,
-                stride_lm,
-                stride_lr,
-                stride_rr,
-                stride_rn,
-                INPUT_PRECISION,
-                BLOCK_RANK,
-            )
+        else:
+            low = acc
+        low = _lowrank_dot(
+            low, l_ptr, r_ptr, offs_m, offs_n, M, N, RANK, alpha,
+            stride_lm, stride_lr, stride_rr, stride_rn, INPUT_PRECISION, BLOCK_RANK,
+        )  # fmt: skip
+        if HAS_KEEP:
             keep = tl.load(
                 keep_ptr + offs_m[:, None].to(tl.int64) * stride_km + offs_n[None, :] * stride_kn,
                 mask=in_m[:, None] & in_n[None, :],
@@ -173,23 +165,7 @@ if triton is not None:
             )
             acc += tl.where(keep != 0, low * keep_scale, 0.0)
         else:
-            acc = _lowrank_dot(
-                acc,
-                l_ptr,
-                r_ptr,
-                offs_m,
-                offs_n,
-                M,
-                N,
-                RANK,
-                alpha,
-                stride_lm,
-                stride_lr,
-                stride_rr,
-                stride_rn,
-                INPUT_PRECISION,
-                BLOCK_RANK,
-            )
+            acc = low
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
 
