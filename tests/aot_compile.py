@@ -72,7 +72,7 @@ def kernels(dtype: str):
     gemm_const = {"HAS_BIAS": True, "HAS_KEEP": True, "INPUT_PRECISION": precision, "BLOCK_RANK": 64}
     dy_sig = signature(
         lora._dy_lowrank_kernel,
-        {"dy_ptr": dt, "b_ptr": dt, "s_ptr": "fp32", "u_ptr": "fp32", "db_ptr": "fp32"},
+        {"dy_ptr": dt, "b_ptr": dt, "s_ptr": dt, "u_ptr": "fp32", "db_ptr": "fp32"},
     )
     dy_const = {"NEED_U": True, "NEED_DB": True, "INPUT_PRECISION": precision, "BLOCK_RANK": lora.MAX_FUSED_RANK}
     return [
