@@ -168,6 +168,23 @@ def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
     for name, ms in med.items():
         note = f"y vs PEFT rel diff {err:.1e}" if "triton" in name else ""
         rows.append([M, D, r, name, f"{ms:.3f}", f"{ms / t_base:.3f}x", f"{t_peft / ms:.2f}x", note])
+
+    # The rank-sized backward products alone (u = dy·B, dB = dyᵀ·s): the fused one-read kernel
+    # against two GEMMs over dy. This is the measurement that should set lora.MAX_FUSED_RANK.
+    from corda_kernels.ops import lora as lora_mod
+
+    s = torch.randn(M, r, device=dev).to(dt)
+    Bd = B.detach()
+    pair = {
+        "  dy products: fused kernel, one read of dy": lambda: lora_mod._dy_lowrank(dy, Bd, s),
+        "  dy products: two GEMMs over dy": lambda: (lora_mod._mm_f32(dy, Bd), lora_mod._mm_f32(dy.t(), s)),
+    }
+    pm = cuda_medians(pair, iters)
+    two = pm["  dy products: two GEMMs over dy"]
+    used = "fused" if r <= lora_mod.MAX_FUSED_RANK else "two GEMMs"
+    for name, ms in pm.items():
+        note = f"backward uses: {used} (MAX_FUSED_RANK={lora_mod.MAX_FUSED_RANK})" if "fused" in name else ""
+        rows.append([M, D, r, name, f"{ms:.3f}", "", f"{two / ms:.2f}x vs two GEMMs", note])
     return rows
 
 

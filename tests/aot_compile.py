@@ -74,7 +74,12 @@ def kernels(dtype: str):
         lora._dy_lowrank_kernel,
         {"dy_ptr": dt, "b_ptr": dt, "s_ptr": dt, "u_ptr": "fp32", "db_ptr": "fp32"},
     )
-    dy_const = {"NEED_U": True, "NEED_DB": True, "INPUT_PRECISION": precision, "BLOCK_RANK": lora.MAX_FUSED_RANK}
+    dy_const = {
+        "NEED_U": True,
+        "NEED_DB": True,
+        "INPUT_PRECISION": precision,
+        "BLOCK_RANK": 128,
+    }  # the widest rank tile
     return [
         ("covariance triangle", cov._cov_triangle_kernel, cov_sig, cov_const, cov._cov_triangle_tuned.configs),
         ("adapter GEMM", lora._gemm_lowrank_kernel, gemm_sig, gemm_const, lora._gemm_lowrank_tuned.configs),

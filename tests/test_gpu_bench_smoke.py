@@ -66,8 +66,9 @@ def test_covariance_section(gpu_bench):
 
 
 def test_adapter_section(gpu_bench):
-    rows = _check(gpu_bench.section_lora(tiny_args()), 8)  # 4 candidates x 2 ranks
+    rows = _check(gpu_bench.section_lora(tiny_args()), 12)  # (4 candidates + 2 dy-product rows) x 2 ranks
     assert sum("PEFT lora.Linear" in r for r in rows) == 2
+    assert sum("backward uses" in r for r in rows) == 2
 
 
 def test_end_to_end_section(gpu_bench):

@@ -221,10 +221,11 @@ if triton is not None:
 # row blocks. Per (BLOCK_M, BLOCK_N) tile of dy it does two small dots: tile·B
 # (added into u with atomics, since u sums over every column strip) and
 # tileᵀ·s (kept in registers across the chunk, then added into dB with one
-# atomic per element). dy is therefore read exactly once; the atomics touch
-# M·r·cdiv(N, BLOCK_N) + N·r·chunks fp32 values, small next to dy's M·N when
-# r <= MAX_FUSED_RANK. The sums are fp32 and their order varies between runs,
-# as in any split-K GEMM.
+# atomic per element). dy is therefore read exactly once, from DRAM; the
+# atomics land in L2 (u is M·r fp32, a few MB) and number M·r·cdiv(N, BLOCK_N)
+# + N·r·chunks, i.e. r/BLOCK_N of dy's element count for u. That ratio is why
+# backward uses this kernel only up to MAX_FUSED_RANK and two GEMMs above it.
+# The sums are fp32 and their order varies between runs, as in any split-K GEMM.
 if triton is not None:
 
     @triton.jit
@@ -430,9 +431,11 @@ def _gemm_lowrank(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
     return out
 
 
-#: Largest rank whose dB accumulator (BLOCK_N × r, fp32) the fused dy kernel keeps in
-#: registers; above it, backward takes two torch GEMMs over dy instead.
-MAX_FUSED_RANK = 128
+#: Largest rank for which backward takes the fused dy kernel; above it, two torch GEMMs
+#: over dy. At r = 64 and BLOCK_N = 128 the kernel's L2 atomics for u already number
+#: half of dy's elements, against a second full read of dy for the GEMM pair: an
+#: estimate, not yet a GPU measurement (bench/gpu_bench.py section (b) times both).
+MAX_FUSED_RANK = 64
 
 
 def _dy_lowrank(dy, B, s, chunks: int | None = None):
