@@ -154,6 +154,28 @@ def test_dy_kernel_computes_only_what_is_asked(which):
         assert u is None and rel(db, dy.double().t() @ s.double()) < 1e-5
 
 
+@pytest.mark.parametrize("which", ["u", "db", "both"])
+def test_dy_kernel_never_hands_a_caller_tensor_to_reset_to_zero(monkeypatch, which):
+    # On a GPU the autotuner zeroes u_ptr and db_ptr before each trial: those two arguments
+    # must be fresh outputs or scratch, never dy, B or s (the interpreter never autotunes).
+    seen = {}
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.update(zip(["dy", "b", "s", "u", "db"], args[:5]))
+
+            return launch
+
+    monkeypatch.setattr(lora_mod, "_dy_lowrank_tuned", Launcher())
+    dy, B, s = torch.randn(40, 30, device=DEV), torch.randn(30, 3, device=DEV), torch.randn(40, 3, device=DEV)
+    lora_mod._dy_lowrank(dy, B if which != "db" else None, s if which != "u" else None)
+    callers = [t.untyped_storage().data_ptr() for t in (dy, B, s)]
+    for out in ("u", "db"):
+        assert seen[out].untyped_storage().data_ptr() not in callers
+        assert seen[out].dtype == torch.float32
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_ranks_above_the_fused_limit_take_torch_gemms(monkeypatch, dtype):
     # Above MAX_FUSED_RANK backward falls back to two torch GEMMs over dy: same gradients.

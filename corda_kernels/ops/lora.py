@@ -463,9 +463,11 @@ def _dy_lowrank(dy, B, s, chunks: int | None = None):
         want = chunks if target is None else triton.cdiv(target, n_tiles)
         return (n_tiles, max(1, min(m_blocks, want)))
 
-    dummy = dy
-    u_arg, db_arg = (u if u is not None else dummy), (db if db is not None else dummy)
-    b_arg, s_arg = (B if B is not None else dummy), (s if s is not None else dummy)
+    # The autotuner zeroes u_ptr and db_ptr before every trial (reset_to_zero), so an output
+    # that is not asked for gets a scratch placeholder, never a caller's tensor.
+    scratch = torch.zeros(1, device=dy.device, dtype=torch.float32)
+    u_arg, db_arg = (u if u is not None else scratch), (db if db is not None else scratch)
+    b_arg, s_arg = (B if B is not None else dy), (s if s is not None else dy)
     _dy_lowrank_tuned[grid](
         dy,
         b_arg,
