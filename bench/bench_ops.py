@@ -77,8 +77,7 @@ def bench_covariance(dims, rows, repeats, sweep):
 
 
 def bench_lora(M, K, N, r, repeats):
-    from peft import LoraConfig
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+    from peft_layer import peft_lora_linear
 
     torch.manual_seed(0)
     x = torch.randn(M, K, requires_grad=True)
@@ -86,9 +85,7 @@ def bench_lora(M, K, N, r, repeats):
 
     base = nn.Linear(K, N)
     base.requires_grad_(False)
-    cfg = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["base"])
-    peft_layer = PeftLoraLinear(nn.Linear(K, N), "default", cfg, r=r, lora_alpha=r)
-    peft_layer.base_layer.requires_grad_(False)
+    peft_layer = peft_lora_linear(nn.Linear(K, N), r)
     nn.init.normal_(peft_layer.lora_B["default"].weight, std=0.02)
 
     W, b = base.weight.detach(), base.bias.detach()

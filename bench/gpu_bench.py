@@ -118,8 +118,7 @@ def section_covariance(args) -> str:
 # ----------------------------------------------------------------------------- (b) adapter linear
 def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
     import torch.nn as nn
-    from peft import LoraConfig
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+    from peft_layer import peft_lora_linear
 
     from corda_kernels import ops
 
@@ -131,10 +130,8 @@ def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
     W, b = base.weight, base.bias
     A = (torch.randn(r, D, device=dev) / D**0.5).to(dt).requires_grad_()
     B = (torch.randn(D, r, device=dev) * 0.02).to(dt).requires_grad_()
-    cfg = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["base"])
-    peft_layer = PeftLoraLinear(nn.Linear(D, D, device=dev, dtype=dt), "default", cfg, r=r, lora_alpha=r)
+    peft_layer = peft_lora_linear(nn.Linear(D, D, device=dev, dtype=dt), r)
     peft_layer.to(device=dev, dtype=dt)
-    peft_layer.base_layer.requires_grad_(False)
     with torch.no_grad():
         peft_layer.base_layer.weight.copy_(W)
         peft_layer.base_layer.bias.copy_(b)

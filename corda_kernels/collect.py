@@ -139,7 +139,7 @@ class Collector:
     def _accumulate(self, g: _Group, name: str, x: torch.Tensor) -> None:
         g.batch_log.append(id(x))
         if x.device != g.acc.device:
-            x = x.to(g.acc.device, non_blocking=True)
+            x = x.to(g.acc.device, non_blocking=_async_copy(g.acc.device))
         lead = x.shape[:-1]
         mask = self._mask
         if mask is not None:
@@ -251,6 +251,12 @@ def _peft_scale(x: torch.Tensor, mask: torch.Tensor | None):
     return scale, nseq
 
 
+def _async_copy(dst) -> bool:
+    """non_blocking only towards a GPU: a non-blocking copy *to* the CPU may still be in flight
+    when the CPU reads it, since nothing on the CPU side waits for the GPU's stream."""
+    return torch.device(dst).type != "cpu"
+
+
 # ---------------------------------------------------------------------- driving the model
 def _input_device(model: nn.Module) -> torch.device | None:
     get = getattr(model, "get_input_embeddings", None)
@@ -268,7 +274,7 @@ def _to(obj, device):
     if device is None:
         return obj
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+        return obj.to(device, non_blocking=_async_copy(device))
     if isinstance(obj, Mapping):
         return {k: _to(v, device) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):

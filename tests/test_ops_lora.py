@@ -263,3 +263,44 @@ def test_bad_arguments(backend):
         f(x, W, b.half(), A, B, 1.0, backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         f(x, W, b, A, B, 1.0, backend="gpu")
+
+
+def test_tf32_switch_is_read_through_either_torch_api():
+    # Since torch 2.9, reading the legacy allow_tf32 raises once fp32_precision was set (transformers'
+    # tf32=True does that); the kernels' precision choice must work under both. Own process: the
+    # switch is global.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from corda_kernels.ops._backend import tf32_matmul\n"
+        "assert tf32_matmul() is False\n"
+        "torch.backends.cuda.matmul.allow_tf32 = True\n"
+        "assert tf32_matmul() is True\n"
+        "torch.backends.cuda.matmul.allow_tf32 = False\n"
+        "if hasattr(torch.backends.cuda.matmul, 'fp32_precision'):\n"
+        "    torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "    assert tf32_matmul() is True\n"
+        "    torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
+        "    assert tf32_matmul() is False\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_autotune_switch_keeps_only_the_smallest_config(monkeypatch):
+    # CORDA_KERNELS_AUTOTUNE=0 (gpu_check.sh's test run): one config that fits any GPU, no tuning.
+    triton = pytest.importorskip("triton")
+    from corda_kernels.ops._backend import tuning_configs
+
+    cfgs = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "GROUP_M": 1}, num_warps=4, num_stages=3),
+    ]
+    monkeypatch.delenv("CORDA_KERNELS_AUTOTUNE", raising=False)
+    assert tuning_configs(cfgs) == cfgs
+    monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "0")
+    assert tuning_configs(cfgs) == [cfgs[2]]

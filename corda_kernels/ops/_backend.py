@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
 _ENV = "CORDA_KERNELS_BACKEND"
+_AUTOTUNE_ENV = "CORDA_KERNELS_AUTOTUNE"
 
 
 def triton_available() -> bool:
@@ -53,3 +56,37 @@ def resolve(backend: str, *tensors: torch.Tensor, supported: bool = True) -> str
         return "triton"
     ok = supported and all(t.is_cuda for t in tensors)
     return "triton" if ok and triton_available() else "torch"
+
+
+def tf32_matmul() -> bool:
+    """Whether torch lets CUDA matmuls run fp32 inputs in TF32, set through either API.
+
+    Reading the legacy ``allow_tf32`` raises once the newer ``fp32_precision``
+    was set (as transformers' ``tf32=True`` does), so the new one is read first.
+    """
+    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if prec is not None:
+        return prec == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def on_device(t: torch.Tensor):
+    """Context for a kernel launch on ``t``'s GPU: Triton launches on the *current* device and stream."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(_AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def tuning_configs(configs: list) -> list:
+    """A kernel's autotune candidates; with ``CORDA_KERNELS_AUTOTUNE=0`` only the one with the
+    smallest tiles and fewest stages, which fits any supported GPU's shared memory and compiles
+    once per specialization (for test runs, where tuning time is pure cost)."""
+    if autotune_enabled() or not configs:
+        return configs
+
+    def size(c):
+        return math.prod(v for k, v in c.kwargs.items() if k.startswith("BLOCK_")) * c.num_stages
+
+    return [min(configs, key=size)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import interpreting, resolve
+from ._backend import interpreting, on_device, resolve, tf32_matmul, tuning_configs
 
 try:
     import triton
@@ -184,7 +184,9 @@ if triton is not None:
             (64, 32, 4, 3),
             (64, 64, 8, 3),
         ]
-        return [triton.Config({"BLOCK_D": bd, "BLOCK_R": br}, num_warps=w, num_stages=s) for bd, br, w, s in shapes]
+        return tuning_configs(
+            [triton.Config({"BLOCK_D": bd, "BLOCK_R": br}, num_warps=w, num_stages=s) for bd, br, w, s in shapes]
+        )
 
     def _cov_prune(configs, named_args, **kwargs):
         # A small triangle is launch-bound and has few tiles: tuning it costs more than it wins.
@@ -308,31 +310,31 @@ def covariance_update_triton(acc: torch.Tensor, x: torch.Tensor, mask=None, scal
     scale_arg = s.to(device=x.device, dtype=torch.float32).contiguous() if s is not None else x3
     # fp32 x is summed in true fp32 unless the caller opted into TF32 for matmuls (torch's own switch);
     # 16-bit operands ignore the setting.
-    tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    precision = "ieee" if x.dtype == torch.float32 and not tf32 else "tf32"
+    precision = "tf32" if x.dtype != torch.float32 or (x.is_cuda and tf32_matmul()) else "ieee"
 
     def grid(meta):
         nb = triton.cdiv(d, meta["BLOCK_D"])
         return (nb * (nb + 1) // 2,)
 
-    _cov_triangle_tuned[grid](
-        acc,
-        x3,
-        keep_arg,
-        scale_arg,
-        rows,
-        nt,
-        d,
-        sb,
-        st,
-        sd,
-        acc.stride(0),
-        acc.stride(1),
-        HAS_KEEP=keep is not None,
-        HAS_SCALE=s is not None,
-        THREE_D=three_d,
-        INPUT_PRECISION=precision,
-    )
+    with on_device(x):
+        _cov_triangle_tuned[grid](
+            acc,
+            x3,
+            keep_arg,
+            scale_arg,
+            rows,
+            nt,
+            d,
+            sb,
+            st,
+            sd,
+            acc.stride(0),
+            acc.stride(1),
+            HAS_KEEP=keep is not None,
+            HAS_SCALE=s is not None,
+            THREE_D=three_d,
+            INPUT_PRECISION=precision,
+        )
     return acc
 
 

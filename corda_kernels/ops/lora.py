@@ -12,9 +12,11 @@ and calls launchers.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ._backend import interpreting, resolve
+from ._backend import interpreting, on_device, resolve, tf32_matmul, tuning_configs
 
 try:
     import triton
@@ -73,12 +75,12 @@ if triton is not None:
             rr = r0 + tl.arange(0, BLOCK_RANK)
             in_r = rr < RANK
             lo = tl.load(
-                l_ptr + offs_m[:, None] * stride_lm + rr[None, :] * stride_lr,
+                l_ptr + offs_m[:, None].to(tl.int64) * stride_lm + rr[None, :] * stride_lr,
                 mask=in_m[:, None] & in_r[None, :],
                 other=0.0,
             )
             ro = tl.load(
-                r_ptr + rr[:, None] * stride_rr + offs_n[None, :] * stride_rn,
+                r_ptr + rr[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn,
                 mask=in_r[:, None] & in_n[None, :],
                 other=0.0,
             )
@@ -143,8 +145,9 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             in_k = kk < K
-            a = tl.load(x_rows + kk[None, :] * stride_xk, mask=in_m[:, None] & in_k[None, :], other=0.0)
-            b = tl.load(w_cols + kk[:, None] * stride_wk, mask=in_k[:, None] & in_n[None, :], other=0.0)
+            kk64 = kk.to(tl.int64)  # a transposed operand's K stride can be M or N: keep products in 64 bits
+            a = tl.load(x_rows + kk64[None, :] * stride_xk, mask=in_m[:, None] & in_k[None, :], other=0.0)
+            b = tl.load(w_cols + kk64[:, None] * stride_wk, mask=in_k[:, None] & in_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
         # With a dropout mask the rank-r term needs its own accumulator, masked in the epilogue;
@@ -190,10 +193,12 @@ if triton is not None:
             (128, 64, 64, 4, 4),
             (64, 64, 64, 4, 3),
         ]
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes
-        ]
+        return tuning_configs(
+            [
+                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                for bm, bn, bk, w, s in shapes
+            ]
+        )
 
     def _gemm_prune(configs, named_args, **kwargs):
         # Tiles larger than the problem only add masked work; tiny problems get one config.
@@ -281,7 +286,7 @@ if triton is not None:
             in_m = offs_m < m_end
             rows = offs_m[:, None].to(tl.int64)
             tile = tl.load(
-                dy_ptr + rows * stride_dym + offs_n[None, :] * stride_dyn,
+                dy_ptr + rows * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn,
                 mask=in_m[:, None] & in_n[None, :],
                 other=0.0,
             )
@@ -314,7 +319,9 @@ if triton is not None:
         # With s in dy's dtype every shape fits Hopper's shared memory at r = 128 in bf16
         # (tests/aot_compile.py); the autotuner skips any that do not fit elsewhere.
         shapes = [(64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (32, 128, 4, 3)]
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
+        return tuning_configs(
+            [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
+        )
 
     # Trials accumulate into u and dB with atomics: reset_to_zero gives every trial a clean start.
     _dy_lowrank_tuned = triton.autotune(
@@ -376,11 +383,23 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _dot_precision(t: torch.Tensor) -> str:
     """fp32 operands follow torch's own matmul setting; 16-bit operands ignore it."""
-    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+    if t.dtype == torch.float32 and t.is_cuda and tf32_matmul():
         return "tf32"
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
+def _on_first_device(fn):
+    """Run a launcher under its first tensor's CUDA device: Triton launches on the current one."""
+
+    @functools.wraps(fn)
+    def run(t, *args, **kwargs):
+        with on_device(t):
+            return fn(t, *args, **kwargs)
+
+    return run
+
+
+@_on_first_device
 def _gemm_lowrank(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
     """out = x·wt + bias + keep ⊙ (alpha·low)·rt, written once. x (M, K), wt (K, N), low (M, r) fp32, rt (r, N)."""
     M, K = x.shape
@@ -438,6 +457,7 @@ def _gemm_lowrank(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
 MAX_FUSED_RANK = 64
 
 
+@_on_first_device
 def _dy_lowrank(dy, B, s, chunks: int | None = None):
     """(dy·B, dyᵀ·s) in fp32 from one read of dy; either factor may be None to skip its product.
 
