@@ -11,7 +11,9 @@ identified by the object itself, kept referenced until the batch ends, never by
 from __future__ import annotations
 
 import inspect
+import itertools
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -73,11 +75,16 @@ class Collector:
         self.group_of: dict[str, int] = {}
         self.unmasked: set[str] = set()
         self.batch = -1
-        self.calls = 0
-        self.calls_first_batch: int | None = None
         self.stop_early = False
+        # Early stop: every target's call count in the first batch; a later batch may stop once each
+        # of them has been called that often again. A module the first batch never called means the
+        # call pattern depends on the data (e.g. image and text-only batches): then it never stops early.
+        self.first_counts: dict[str, int] | None = None
+        self.layout_changed = False
+        self._counts: dict[str, int] = {}
+        self._pending = 0
         self._mask: torch.Tensor | None = None
-        self._seen: dict[int, tuple[torch.Tensor, set[int]]] = {}
+        self._seen: dict[int, tuple[weakref.ref, set[int]]] = {}
         self._member_log: dict[str, list[int]] = {}
         self._handles: list = []
 
@@ -102,9 +109,16 @@ class Collector:
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"module {name!r} was called without a tensor input")
             self._on_input(name, x)
-            self.calls += 1
-            if self.stop_early and self.calls == self.calls_first_batch:
-                raise _StopForward
+            c = self._counts[name] = self._counts.get(name, 0) + 1
+            if self.stop_early:
+                target = self.first_counts.get(name)
+                if target is None:
+                    self.layout_changed = True
+                    self.stop_early = False
+                elif c == target:
+                    self._pending -= 1
+                    if self._pending == 0:
+                        raise _StopForward
 
         return hook
 
@@ -112,7 +126,11 @@ class Collector:
         key = id(x)
         entry = self._seen.get(key)
         if entry is None:
-            entry = self._seen[key] = (x, set())  # keep x alive: its id stays unique this batch
+            # A weak reference whose callback drops the entry the moment x dies, before the id can be
+            # reused: x is never kept alive (peak memory stays that of a plain no-grad forward), and a
+            # later tensor with the same id starts a fresh entry.
+            ref = weakref.ref(x, lambda _, k=key, seen=self._seen: seen.pop(k, None))
+            entry = self._seen[key] = (ref, set())
         self._member_log.setdefault(name, []).append(key)
         gi = self.group_of.get(name)
         if gi is None:
@@ -143,12 +161,12 @@ class Collector:
         lead = x.shape[:-1]
         mask = self._mask
         if mask is not None:
-            if mask.shape != lead and mask.numel() != lead.numel():
-                # Tokens were re-arranged (routing, pooling): the attention mask does not apply.
-                self.unmasked.add(name)
-                mask = None
-            else:
+            if _mask_applies(mask, x):
                 mask = mask.to(x.device).reshape(lead)
+            else:
+                # Rows that are not the text tokens (image patches, routed or pooled tokens): count them all.
+                self.unmasked.update(g.names)
+                mask = None
         scale = None
         if self.normalize == "peft":
             scale, nseq = _peft_scale(x, mask)
@@ -157,9 +175,13 @@ class Collector:
         g.count += mask.sum() if mask is not None else lead.numel()
 
     # ------------------------------------------------------------------ batches
-    def begin_batch(self, mask: torch.Tensor | None) -> None:
+    def begin_batch(self, mask: torch.Tensor | None, *, early_stop: bool = False) -> None:
+        """Start a batch. ``early_stop``: stop the forward once every target has run as often as in
+        the first batch (ignored for the first batch itself, and once the call pattern changed)."""
         self.batch += 1
-        self.calls = 0
+        self._counts = {}
+        self.stop_early = early_stop and self.first_counts is not None and not self.layout_changed
+        self._pending = len(self.first_counts) if self.stop_early else 0
         self._mask = None if mask is None else (mask != 0)
         self._seen.clear()
         self._member_log.clear()
@@ -178,7 +200,7 @@ class Collector:
                         "(targets=...)"
                     )
         if self.batch == 0:
-            self.calls_first_batch = self.calls
+            self.first_counts = dict(self._counts)
         self._seen.clear()
         self._mask = None
 
@@ -282,23 +304,60 @@ def _to(obj, device):
     return obj
 
 
-def _accepts(model: nn.Module, kw: str) -> bool:
+def _positional_params(model: nn.Module) -> list[str]:
     try:
-        return kw in inspect.signature(model.forward).parameters
+        return list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return []
 
 
-def split_batch(batch):
-    """(args, kwargs, attention_mask) for a batch of any supported form."""
+def split_batch(batch, params: list[str] | None = None):
+    """(args, kwargs, attention_mask) for a batch of any supported form.
+
+    A tuple batch is passed positionally; its attention mask is the element in
+    the position of the forward's ``attention_mask`` parameter (``params``: the
+    forward's parameter names), as in ``TensorDataset(input_ids, attention_mask)``.
+    """
     if isinstance(batch, torch.Tensor):
         return (batch,), {}, None
     if isinstance(batch, Mapping):
         kwargs = dict(batch)
         return (), kwargs, kwargs.get("attention_mask")
     if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}, None
+        if batch and all(isinstance(b, Mapping) for b in batch):
+            raise TypeError(
+                "a batch is a list of dicts (one per example): collate it into one dict of tensors first, "
+                "e.g. with a transformers DataCollator or torch's default_collate"
+            )
+        args = tuple(batch)
+        mask = None
+        if params and "attention_mask" in params[: len(args)]:
+            mask = args[params.index("attention_mask")]
+            mask = mask if isinstance(mask, torch.Tensor) else None
+        return args, {}, mask
     raise TypeError(f"a batch must be a tensor, a dict/BatchEncoding, or a tuple/list; got {type(batch).__name__}")
+
+
+def _mask_applies(mask: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the (batch, seq) attention mask describes x's rows.
+
+    Yes when x's leading dims are (batch, seq); also when x is a flattened view
+    of a (batch, seq, ...) tensor (an MoE router's ``hidden.view(-1, d)``): same
+    tokens, same order. A mere equal row count is not enough: a vision tower's
+    flattened patch rows can match batch·seq by coincidence.
+    """
+    lead = x.shape[:-1]
+    if lead == mask.shape:
+        return True
+    base = x._base
+    return lead.numel() == mask.numel() and base is not None and tuple(base.shape[: mask.dim()]) == tuple(mask.shape)
+
+
+def _loader_len(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # e.g. a DataLoader over an IterableDataset defines __len__ but cannot answer
+        return None
 
 
 def run_batches(
@@ -306,7 +365,8 @@ def run_batches(
 ):
     """Feed ``loader`` through ``model`` with the collector's hooks attached. Returns the number of batches."""
     dev = _input_device(model)
-    no_cache = _accepts(model, "use_cache")
+    params = _positional_params(model)
+    no_cache = "use_cache" in params
     head = getattr(model, "get_output_embeddings", lambda: None)()
     stop_at = head if isinstance(head, nn.Module) and head not in collector.modules.values() else None
     states = {m: m.training for m in model.modules()}
@@ -314,7 +374,7 @@ def run_batches(
     if progress:
         from tqdm.auto import tqdm
 
-        total = len(loader) if hasattr(loader, "__len__") else None
+        total = _loader_len(loader)
         if max_batches is not None:
             total = max_batches if total is None else min(total, max_batches)
         bar = tqdm(desc=desc, unit="batch", total=total, dynamic_ncols=True, leave=False)  # total gives the ETA
@@ -324,17 +384,15 @@ def run_batches(
     collector.attach(stop_at=stop_at)
     try:
         with torch.no_grad():
-            for batch in loader:
-                if max_batches is not None and n >= max_batches:
-                    break
-                args, kwargs, mask = split_batch(batch)
+            # islice: with max_batches, never pull one batch more than is used (a generator may tokenize).
+            for batch in loader if max_batches is None else itertools.islice(loader, max_batches):
+                args, kwargs, mask = split_batch(batch, params)
                 if mask is not None and mask.dim() != 2:
                     mask = None  # 4-D additive masks carry no per-token padding flag we can trust
                 args, kwargs = _to(args, dev), _to(kwargs, dev)
                 if no_cache and kwargs is not None and "use_cache" not in kwargs:
                     kwargs["use_cache"] = False
-                collector.begin_batch(_to(mask, dev))
-                collector.stop_early = n > 0
+                collector.begin_batch(_to(mask, dev), early_stop=n > 0)
                 completed = True
                 try:
                     model(*args, **kwargs)

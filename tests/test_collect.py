@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 from tiny import padded_batches, reference_covariances, rel, tiny_gpt2, tiny_llama
@@ -200,3 +202,125 @@ def test_progress_bar_shows_total_and_token_rate(capsys):
     err = capsys.readouterr().err
     assert "/3" in err  # the total is known, so tqdm can give an ETA
     assert covs.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+class _Branchy(nn.Module):
+    """Text-only or text+image batches: the vision linear runs only when pixels come; `head` is the output."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.vision, self.l1, self.l2, self.head = (nn.Linear(d, d) for _ in range(4))
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, x, pixel=None):
+        if pixel is not None:
+            x = x + self.vision(pixel)
+        return self.head(self.l2(self.l1(x)))
+
+
+@pytest.mark.parametrize("order", ["text_first", "image_first"])
+def test_early_stop_survives_batches_that_call_different_modules(order):
+    # The forward stops early from the second batch on; a batch that calls a module the first batch
+    # did not (or skips one) must still reach every target.
+    torch.manual_seed(0)
+    model = _Branchy()
+    x, p = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    text, image = {"x": x}, {"x": x, "pixel": p}
+    batches = [text, image, image, text] if order == "text_first" else [image, text, image, text]
+    covs = ck.collect_cov(model, batches, progress=False, normalize="sum")
+    assert covs.token_counts == {"vision": 20, "l1": 40, "l2": 40}
+    h = x + model.vision(p)
+    l1_in = torch.cat([x, h, h, x] if order == "text_first" else [h, x, h, x]).reshape(-1, 8).double()
+    assert rel(covs["l1"], l1_in.T @ l1_in) < 1e-5
+
+
+def test_tuple_batches_take_the_mask_from_the_forward_signature():
+    model = tiny_llama()
+    batches = padded_batches(128)
+    covs = ck.collect_cov(model, [(b["input_ids"], b["attention_mask"]) for b in batches], progress=False)
+    assert covs.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+    ref, _ = reference_covariances(model, batches, list(covs))
+    assert all(rel(covs[n], ref[n]) < 1e-5 for n in covs)
+
+
+def test_list_of_dicts_gets_a_clear_error():
+    model = tiny_llama()
+    b = padded_batches(128, n_batches=1)[0]
+    with pytest.raises(TypeError, match="collate"):
+        ck.collect_cov(model, [[{"input_ids": b["input_ids"][0]}]], progress=False)
+
+
+def test_iterable_dataset_loader_with_progress_and_exact_max_batches():
+    model = tiny_llama()
+    batches = padded_batches(128, n_batches=4)
+    pulled = []
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for b in batches:
+                pulled.append(1)
+                yield b
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=None)
+    covs = ck.collect_cov(model, loader, max_batches=2, progress=True)  # len(loader) raises TypeError
+    assert len(pulled) == 2  # not one more than used
+    assert covs.tokens == sum(int(b["attention_mask"].sum()) for b in batches[:2])
+
+
+class _Router(nn.Module):
+    """A router that reads hidden.view(-1, d) (same tokens, flattened) and a layer that reads a flattened copy."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(50, d)
+        self.router = nn.Linear(d, 4)
+        self.patches = nn.Linear(d, d)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        self.router(h.view(-1, h.shape[-1]))
+        return self.patches(h.reshape(-1, h.shape[-1]).clone())  # same row count, but not a view of the tokens
+
+
+def test_mask_applies_to_flattened_views_only():
+    torch.manual_seed(0)
+    model = _Router()
+    ids = torch.randint(0, 50, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[2, 1:] = 0
+    with pytest.warns(UserWarning, match="patches"):
+        covs = ck.collect_cov(model, [{"input_ids": ids, "attention_mask": mask}], progress=False, normalize="sum")
+    h = model.emb(ids).detach().double()
+    kept = h[mask.bool()]
+    assert covs.token_counts["router"] == int(mask.sum())
+    assert rel(covs["router"], kept.T @ kept) < 1e-6
+    every = h.reshape(-1, 8)
+    assert covs.token_counts["patches"] == 18
+    assert rel(covs["patches"], every.T @ every) < 1e-6
+
+
+class _Watch(nn.Module):
+    """Llama-free probe: the second linear checks that the first one's input was already freed."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.freed = []
+
+    def forward(self, x):
+        t = x * 2.0
+        ref = weakref.ref(t)
+        y = self.a(t)
+        del t
+        self.freed.append(ref() is None)
+        return self.b(y)
+
+
+def test_collection_does_not_keep_inputs_alive():
+    # Peak memory must stay that of a plain no-grad forward: hooks may not hold activations.
+    model = _Watch()
+    ck.collect_cov(model, [torch.randn(4, 8)] * 2, targets=["a", "b"], progress=False)
+    assert model.freed == [True, True]
