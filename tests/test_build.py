@@ -177,3 +177,18 @@ def test_bf16_model_outputs_unchanged_to_bf16_rounding():
     assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.bfloat16
     after = _logits(model.float(), batches)
     assert rel(after[0], before[0]) < 5e-2
+
+
+def test_float64_model_collects_builds_and_runs():
+    # A float64 model goes through the torch paths end to end (the Triton kernels are 16/32-bit).
+    model = tiny_llama().double()
+    batches = padded_batches(128, n_batches=2)
+    covs = ck.collect_cov(model, batches, progress=False, accum_dtype=torch.float64)
+    before = _logits(copy.deepcopy(model), batches)
+    ck.build_corda(model, covs, rank=4, compute_dtype=torch.float64)
+    layer = ck.corda_layers(model)["model.layers.0.mlp.down_proj"]
+    assert layer.weight.dtype == torch.float64 and layer.lora_A.dtype == torch.float64
+    after = _logits(model, batches)
+    assert all(rel(a, b) < 1e-10 for a, b in zip(after, before))
+    model.float()  # and a built model moved between dtypes keeps running
+    assert torch.isfinite(_logits(model, batches)[0]).all()

@@ -250,8 +250,9 @@ def test_bad_arguments(backend):
     acc = torch.zeros(37, 37, device=DEV)
     with pytest.raises(TypeError, match="acc must be float32 or float64"):
         ops.covariance_update(acc.half(), x, backend=backend)
-    with pytest.raises(TypeError, match="x must be float32"):
-        ops.covariance_update(acc, x.double(), backend=backend)
+    if backend == "triton":  # float64 x is the torch path's alone
+        with pytest.raises(TypeError, match="use backend='torch'"):
+            ops.covariance_update(acc, x.double(), backend=backend)
     with pytest.raises(TypeError, match="x must be float32"):
         ops.covariance_update(acc, x.to(torch.int32), backend=backend)
     with pytest.raises(ValueError, match="square"):
@@ -265,3 +266,14 @@ def test_bad_arguments(backend):
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.covariance_update(acc, x, backend="cuda")
     assert torch.count_nonzero(acc) == 0
+
+
+def test_float64_input_takes_the_torch_path():
+    # A float64 model collects on the torch path under backend="auto" (the Triton kernel is 16/32-bit).
+    x = torch.randn(3, 20, 37, dtype=torch.float64, device=DEV)
+    mask = torch.rand(3, 20, device=DEV) > 0.3
+    acc = torch.zeros(37, 37, dtype=torch.float64, device=DEV)
+    ops.covariance_update(acc, x, mask)
+    ref = covariance_reference(x, mask)
+    got = ops.covariance_result(acc).cpu()
+    assert ((got - ref.cpu()).norm() / ref.norm()).item() < 1e-12

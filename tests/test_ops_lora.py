@@ -255,8 +255,11 @@ def test_bad_arguments(backend):
         f(x, W, b[:-1], A, B, 1.0, backend=backend)
     with pytest.raises(ValueError, match="dropout_p"):
         f(x, W, b, A, B, 1.0, dropout_p=1.0, backend=backend)
-    with pytest.raises(TypeError, match="must be float32, float16 or bfloat16"):
-        f(x.double(), W.double(), b.double(), A.double(), B.double(), 1.0, backend=backend)
+    with pytest.raises(TypeError, match="must be float32, float16, bfloat16 or float64"):
+        f(x.int(), W, b, A, B, 1.0, backend=backend)
+    if backend == "triton":  # float64 is the torch path's alone
+        with pytest.raises(TypeError, match="use backend='torch'"):
+            f(x.double(), W.double(), b.double(), A.double(), B.double(), 1.0, backend=backend)
     with pytest.raises(TypeError, match="lora_A is torch.float16 but x is torch.float32"):
         f(x, W, b, A.half(), B, 1.0, backend=backend)
     with pytest.raises(TypeError, match="bias is"):
@@ -304,3 +307,14 @@ def test_autotune_switch_keeps_only_the_smallest_config(monkeypatch):
     assert tuning_configs(cfgs) == cfgs
     monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "0")
     assert tuning_configs(cfgs) == [cfgs[2]]
+
+
+def test_float64_operands_take_the_torch_path():
+    # A float64 model (or one moved with .double() after build_corda) still runs, under backend="auto".
+    x, W, b, A, B = make(50, 37, 29, 3, torch.float64)
+    y, dy, (x1, A1, B1), _, _, (xr, Ar, Br), wr, br = run(x, W, b, A, B, 0.7, "auto")
+    yr = lora_linear_reference(xr, wr, br, Ar, Br, 0.7)
+    yr.backward(dy.double())
+    assert y.dtype == torch.float64
+    for got, ref in ((y, yr), (x1.grad, xr.grad), (A1.grad, Ar.grad), (B1.grad, Br.grad)):
+        assert rel(got, ref) < 1e-12

@@ -62,7 +62,8 @@ def _triangle_bands(acc: torch.Tensor, xf: torch.Tensor, band: int) -> None:
 
 
 ACC_DTYPES = (torch.float32, torch.float64)
-X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TRITON_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 x takes the torch path
 
 
 # ----------------------------------------------------------------------------- Triton kernel
@@ -212,7 +213,7 @@ def _check(acc: torch.Tensor, x: torch.Tensor) -> int:
     if acc.dtype not in ACC_DTYPES:
         raise TypeError(f"acc must be float32 or float64, got {acc.dtype}")
     if x.dtype not in X_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     d = acc.shape[0]
     if x.dim() < 1 or x.shape[-1] != d:
         raise ValueError(f"x must have shape (..., {d}) to match acc, got {tuple(x.shape)}")
@@ -346,7 +347,9 @@ def covariance_update(acc: torch.Tensor, x: torch.Tensor, mask=None, *, scale=No
     Read the full matrix with :func:`covariance_result`.
     """
     _check(acc, x)
-    which = resolve(backend, acc, x, supported=x.dtype in X_DTYPES and acc.dtype in ACC_DTYPES)
+    which = resolve(backend, acc, x, supported=x.dtype in TRITON_X_DTYPES)
+    if which == "triton" and x.dtype not in TRITON_X_DTYPES:
+        raise TypeError(f"the Triton kernel takes float32, float16 or bfloat16 x, got {x.dtype}: use backend='torch'")
     if which == "triton":
         return covariance_update_triton(acc, x, mask, scale)
     return covariance_update_torch(acc, x, mask, scale)

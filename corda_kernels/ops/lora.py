@@ -25,7 +25,8 @@ except ImportError:  # pragma: no cover - the package works without triton, on t
     triton = None
     tl = None
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 takes the torch path
 
 
 # ----------------------------------------------------------------------------- Triton kernel
@@ -332,10 +333,15 @@ if triton is not None:
 
 
 # ----------------------------------------------------------------------------- torch launchers
+def _wide(t: torch.Tensor) -> torch.dtype:
+    """Dtype for the rank-sized intermediates: fp32, or fp64 for fp64 operands (never narrower than t)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def lora_forward_torch(x2, weight, bias, A, B, scaling, xd2):
     """x2: (M, K) input, xd2: the dropped-out input feeding A (x2 itself when p=0)."""
     y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-    s = (xd2 @ A.t()).float()  # (M, r): tiny, kept in fp32 for backward
+    s = (xd2 @ A.t()).to(_wide(x2))  # (M, r): tiny, kept wide for backward
     y.addmm_(s.to(y.dtype), B.t(), alpha=scaling)
     return y, s
 
@@ -343,7 +349,8 @@ def lora_forward_torch(x2, weight, bias, A, B, scaling, xd2):
 def lora_backward_torch(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
     """Returns (dx, dW, db, dA, dB); entries not asked for by ``needs`` are None."""
     need_x, need_w, need_b, need_a, need_bb = needs
-    ds = (dy2 @ B).float().mul_(scaling)  # (M, r)
+    wide = _wide(dy2)
+    ds = (dy2 @ B).to(wide).mul_(scaling)  # (M, r)
     dx = dW = db = dA = dB = None
     if need_x:
         dx = dy2 @ weight
@@ -352,9 +359,9 @@ def lora_backward_torch(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
         else:
             dx.add_((ds.to(dx.dtype) @ A) * keep.to(dx.dtype), alpha=1.0 / (1.0 - p))
     if need_a:
-        dA = (ds.t() @ xd2.float()).to(A.dtype)
+        dA = (ds.t() @ xd2.to(wide)).to(A.dtype)
     if need_bb:
-        dB = (dy2.float().t() @ s).mul_(scaling).to(B.dtype)
+        dB = (dy2.to(wide).t() @ s).mul_(scaling).to(B.dtype)
     if need_w:
         dW = dy2.t() @ x2
     if need_b:
@@ -622,10 +629,12 @@ def lora_linear(
         named.append(("bias", bias))
     for name, t in named:
         if t.dtype not in DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: all operands must share one dtype")
-    which = resolve(backend, x, weight, lora_A, lora_B, supported=True)
+    which = resolve(backend, x, weight, lora_A, lora_B, supported=x.dtype in TRITON_DTYPES)
+    if which == "triton" and x.dtype not in TRITON_DTYPES:
+        raise TypeError(f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype}: use backend='torch'")
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), which)
 
 
