@@ -8,6 +8,21 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    # os.umask can only read the mask by setting another one; in between, files other threads create get that one.
+    try:
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # the strictest value, should another thread create a file in between
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path in the target's directory; rename it over ``path`` on success."""
@@ -20,6 +35,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        # mkstemp creates the file 0600 and the rename keeps that: give it the mode open() would have.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

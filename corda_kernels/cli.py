@@ -349,10 +349,12 @@ def cmd_build(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import atomic_dir, load_pretrained, to_lora
+    from .export import atomic_dir, check_not_source, load_pretrained, to_lora
     from .rewrite import merge_corda
 
     _local_dir(args.source, "source")
+    # An earlier export at --output is replaced, and the source is one: `export SRC -o SRC` would delete it.
+    check_not_source(args.output, args.source)
     model = load_pretrained(args.source, dtype=_dtype(args.dtype))
     if args.merged:
         merge_corda(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -150,23 +151,39 @@ class Covariances(Mapping[str, torch.Tensor]):
 
     @classmethod
     def load(cls, path, device=None) -> Covariances:
-        """Read a file written by :meth:`save`."""
-        from safetensors import safe_open
+        """Read a file written by :meth:`save`.
 
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a corda_kernels covariance file (format={meta.get('format')!r})")
-            groups = json.loads(meta["groups"])
-            mats = [f.get_tensor(f"group.{i}") for i in range(len(groups))]
+        A missing file raises ``FileNotFoundError``; anything else that is not such a file (truncated,
+        corrupt, another format) raises ``ValueError`` naming ``path``.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory, not a corda_kernels covariance file")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") == FORMAT:
+                    groups = json.loads(meta["groups"])
+                    mats = [f.get_tensor(f"group.{i}") for i in range(len(groups))]
+        except SafetensorError as e:
+            # safetensors' own error is no ValueError and does not name the file.
+            raise ValueError(f"{path} is corrupt or not a corda_kernels covariance file (safetensors: {e})") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is a corrupt corda_kernels covariance file (bad metadata: {e!r})") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a corda_kernels covariance file (format={meta.get('format')!r})")
         if device is not None:
             mats = [m.to(device) for m in mats]
-        return cls(
-            mats,
-            groups,
-            token_counts=json.loads(meta["token_counts"]),
-            normalize=meta.get("normalize", "mean"),
-            shapes={k: tuple(v) for k, v in json.loads(meta.get("shapes", "{}")).items()},
-            sequences=json.loads(meta.get("sequences", "null")),
-            meta=json.loads(meta.get("meta", "{}")),
-        )
+        try:
+            return cls(
+                mats,
+                groups,
+                token_counts=json.loads(meta["token_counts"]),
+                normalize=meta.get("normalize", "mean"),
+                shapes={k: tuple(v) for k, v in json.loads(meta.get("shapes", "{}")).items()},
+                sequences=json.loads(meta.get("sequences", "null")),
+                meta=json.loads(meta.get("meta", "{}")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path} is a corrupt corda_kernels covariance file (bad metadata: {e!r})") from None

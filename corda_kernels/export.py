@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._io import current_umask
 from ._targets import Conv1D, get_submodule_parent, linear_weight
 from .layer import CordaLinear
 from .rewrite import corda_layers
@@ -69,6 +70,8 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[str
     tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
     try:
         yield tmp
+        # mkdtemp creates the directory 0700 and the rename keeps that: give it the mode mkdir() would have.
+        os.chmod(tmp, 0o777 & ~current_umask())
         old = None
         if os.path.lexists(path):
             # Two renames: the old export is never half-overwritten, and is only deleted once the new one is in place.
@@ -85,6 +88,41 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _within(path: str, directory: str) -> bool:
+    return path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def check_not_source(out_dir: str | os.PathLike, source: str | os.PathLike, *, inside_ok: bool = False) -> None:
+    """Raise ``ValueError`` naming both paths if writing ``out_dir`` would replace ``source`` or write into it.
+
+    Paths are compared resolved (``os.path.realpath``), so links and ``..`` do not hide a match. An
+    ``out_dir`` that holds ``source`` is refused too: replacing an earlier export deletes everything in it.
+    ``inside_ok`` allows an ``out_dir`` inside ``source``.
+    """
+    out, src = os.path.realpath(out_dir), os.path.realpath(source)
+    if out == src:
+        how = "is"
+    elif _within(src, out):
+        how = "contains"
+    elif _within(out, src) and not inside_ok:
+        how = "lies inside"
+    else:
+        return
+    raise ValueError(
+        f"output directory {os.fspath(out_dir)!r} {how} the source directory {os.fspath(source)!r} "
+        f"({out} vs {src}): writing there would replace or change the source; choose a directory outside it"
+    )
+
+
+def _check_not_model_source(model: nn.Module, out_dir: str | os.PathLike) -> None:
+    """Refuse to replace the local directory ``model`` was loaded from (e.g. by :func:`load_pretrained`)."""
+    src = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if isinstance(src, (str, os.PathLike)) and os.fspath(src) and os.path.isdir(src):
+        # transformers memory-maps the checkpoint it loads, so the model's weights are still read from there.
+        # Writing next to those files is harmless, hence inside_ok.
+        check_not_source(out_dir, src, inside_ok=True)
 
 
 def _write_json(path: str, obj) -> None:
@@ -266,6 +304,7 @@ def save_pretrained(
         )
     layers = _require_layers(model, "save_pretrained")
     final = os.path.abspath(os.fspath(out_dir))
+    _check_not_model_source(model, final)
     with atomic_dir(final) as tmp:
         with residual_view(model):
             model.save_pretrained(os.path.join(tmp, "residual"), **save_kwargs)
@@ -355,11 +394,26 @@ def to_lora(
     written there (load it with ``PeftModel.from_pretrained(original_model, out_dir)``).
     """
     layers = _require_layers(model, "to_lora")
+    if out_dir is not None:
+        _check_not_model_source(model, out_dir)
     sd: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         res = layer.weight.detach()
         w0 = _original_weight(original_state_dict, name, layer).to(device=res.device, dtype=torch.float64)
         delta = w0 - res.double()
+        # The residual's own values give exactly 0 here (both are cast from the same dtype, so the float64
+        # difference is exact), and then B0 = A0 = 0 and the LoRA silently drops -s*B0A0 on the original model.
+        # A genuine original differs by s*B0A0, which is real but can be tiny: KPM puts the *smallest*
+        # components of W*C_d in the adapter, down to a few ulps of W once the residual is rounded. A
+        # tolerance at the dtype's rounding (~1e-7*|W| in fp32, ~1e-3 in bf16) would reject such layers,
+        # so only what is zero up to float64 noise is refused. Strict <: an all-zero W has B0A0 = 0 and converts.
+        w0_norm = float(w0.norm())
+        if float(delta.norm()) < 1e-12 * w0_norm:
+            raise ValueError(
+                f"module {name!r}: the original weight equals the residual (|W - residual| = "
+                f"{float(delta.norm()):.3g}, |W| = {w0_norm:.3g}); original_state_dict looks like this CorDA "
+                "model's own state dict, not the model it was built from"
+            )
         s = layer.scaling
         b0, a0, tail = _rank_r_factors(delta / s, layer.rank)
         eps = torch.finfo(res.dtype).eps if res.dtype.is_floating_point else 1e-7

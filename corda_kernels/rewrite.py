@@ -83,6 +83,10 @@ def plan(
     unknown = sorted(set(ranks) - set(modules))
     if unknown:
         raise ValueError(f"ranks names module(s) {unknown[:3]} that are not targets of this build")
+    if isinstance(alpha, Mapping):
+        unknown = sorted(set(alpha) - set(modules))
+        if unknown:
+            raise ValueError(f"alpha names module(s) {unknown[:3]} that are not targets of this build")
     per_rank, per_alpha = {}, {}
     for name, module in modules.items():
         if name not in covs:

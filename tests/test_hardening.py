@@ -1,0 +1,166 @@
+"""Misuse that used to destroy data or pass silently: exports over their source, corrupt covariance files,
+owner-only modes of atomic writes, to_lora on the residual state dict, unknown names in alpha."""
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from tiny import padded_batches, tiny_gpt2, tiny_llama
+
+import corda_kernels as ck
+from corda_kernels import cli, export
+from corda_kernels._io import current_umask
+
+pytest.importorskip("peft")
+
+
+def _corda(make=tiny_llama):
+    model = make()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    covs = ck.collect_cov(model, padded_batches(model.config.vocab_size, n_batches=2, seq=10), progress=False)
+    ck.build_corda(model, covs, rank=4)
+    return model, original, covs
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """An export at tmp/src built from the original model saved at tmp/base."""
+    model, _, _ = _corda()
+    tiny_llama().save_pretrained(tmp_path / "base")
+    export.save_pretrained(model, tmp_path / "src")
+    return tmp_path / "src", tmp_path / "base"
+
+
+def _listing(d):
+    return sorted((str(p.relative_to(d)), p.stat().st_size) for p in d.rglob("*"))
+
+
+def _kind(d):
+    return json.loads((d / export.MARKER).read_text())["kind"]
+
+
+# ---------------------------------------------------------------------- 1. export over its own source
+@pytest.mark.parametrize("how", ["merged", "base"])
+@pytest.mark.parametrize("where", ["same", "symlink", "dotdot", "inside"])
+def test_cli_export_refuses_to_write_over_its_source(exported, capsys, how, where):
+    src, base = exported
+    before = _listing(src)
+    out = {
+        "same": src,
+        "symlink": src.parent / "link",
+        "dotdot": src / "residual" / ".." / ".." / src.name,
+        "inside": src / "lora",
+    }[where]
+    if where == "symlink":
+        out.symlink_to(src, target_is_directory=True)
+    mode = ["--merged"] if how == "merged" else ["--base", str(base)]
+    rc = cli.main(["export", str(src), "-o", str(out), *mode])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert str(src) in err and str(out) in err and "Traceback" not in err
+    assert _listing(src) == before and _kind(src) == "corda"  # the source export is intact
+
+
+def test_cli_export_refuses_an_output_that_holds_the_source(tmp_path, capsys):
+    model, _, _ = _corda()
+    export.save_pretrained(model, tmp_path / "outer")  # an earlier export: atomic_dir would replace it
+    export.save_pretrained(model, tmp_path / "outer" / "src")
+    rc = cli.main(["export", str(tmp_path / "outer" / "src"), "-o", str(tmp_path / "outer"), "--merged"])
+    assert rc == 1
+    assert "contains the source" in capsys.readouterr().err
+    assert _kind(tmp_path / "outer" / "src") == "corda"
+
+
+def test_python_api_refuses_to_replace_the_export_a_model_was_loaded_from(exported):
+    src, base = exported
+    before = _listing(src)
+    model = export.load_pretrained(src)
+    original = tiny_llama().state_dict()
+    with pytest.raises(ValueError, match=r"output directory .*src.* the source directory .*src"):
+        export.to_lora(model, original, src)
+    with pytest.raises(ValueError, match="would replace or change the source"):
+        export.save_pretrained(model, src)
+    assert _listing(src) == before and _kind(src) == "corda"
+    # Anywhere else is fine.
+    export.to_lora(model, original, src.parent / "lora")
+    export.save_pretrained(model, src.parent / "copy")
+    assert _kind(src.parent / "copy") == "corda"
+
+
+# ---------------------------------------------------------------------- 2. corrupt covariance files
+@pytest.mark.parametrize("damage", ["header", "half", "text", "empty"])
+def test_corrupt_covariance_file_is_a_clear_value_error(tmp_path, capsys, damage):
+    _, _, covs = _corda()
+    good = tmp_path / "covs.safetensors"
+    covs.save(good)
+    data = good.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(
+        {"header": data[:4], "half": data[: len(data) // 2], "text": b"not a covariance file\n"}.get(damage, b"")
+    )
+    with pytest.raises(ValueError, match=r"bad\.safetensors is corrupt or not a corda_kernels covariance file"):
+        ck.Covariances.load(bad)
+    with pytest.raises(FileNotFoundError):
+        ck.Covariances.load(tmp_path / "missing.safetensors")
+
+    rc = cli.main(["build", str(tmp_path), str(bad), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(bad) in err and "corrupt" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- 3. atomic writes and the umask
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["022", "027"])
+def test_atomic_writes_follow_the_umask(tmp_path, mask):
+    model, original, covs = _corda()
+    old = os.umask(mask)
+    try:
+        assert current_umask() == mask
+        covs.save(tmp_path / "covs.safetensors")
+        export.save_pretrained(model, tmp_path / "export")
+        export.save_pretrained(model, tmp_path / "export")  # replacing an earlier export
+        export.to_lora(model, original, tmp_path / "lora")
+    finally:
+        os.umask(old)
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    assert mode(tmp_path / "covs.safetensors") == 0o666 & ~mask
+    assert mode(tmp_path / "export") == 0o777 & ~mask
+    assert mode(tmp_path / "lora") == 0o777 & ~mask
+    assert mode(tmp_path / "export" / export.MARKER) == 0o666 & ~mask
+    assert sorted(os.listdir(tmp_path)) == ["covs.safetensors", "export", "lora"]  # no temporary left behind
+
+
+# ---------------------------------------------------------------------- 4. to_lora on the residual state dict
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama-linear", "gpt2-conv1d"])
+def test_to_lora_rejects_the_corda_models_own_state_dict(make):
+    model, original, _ = _corda(make)
+    first = next(iter(ck.corda_layers(model)))
+    with pytest.raises(ValueError, match=rf"module '{first}'.*own state dict"):
+        export.to_lora(model, model.state_dict())
+    adapter = export.to_lora(model, original)  # the real original still converts
+    a0 = adapter.state_dict[f"{export.PEFT_PREFIX}{first}.lora_A.weight"][4:]
+    assert a0.abs().max() > 0
+
+
+# ---------------------------------------------------------------------- 5. unknown names in an alpha dict
+def test_alpha_dict_with_an_unknown_module_is_rejected():
+    model = tiny_llama()
+    covs = ck.collect_cov(model, padded_batches(128, n_batches=1), progress=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    alpha = {n: 8.0 for n in covs}
+    alpha["model.layers.0.self_attn.q_prj"] = 8.0  # a typo: would silently keep alpha = rank
+    with pytest.raises(ValueError, match=r"alpha names module\(s\) \['model.layers.0.self_attn.q_prj'\]"):
+        ck.build_corda(model, covs, rank=4, alpha=alpha)
+    assert not ck.corda_layers(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    del alpha["model.layers.0.self_attn.q_prj"]
+    ck.build_corda(model, covs, rank=4, alpha=alpha)
+    assert {m.alpha for m in ck.corda_layers(model).values()} == {8.0}
