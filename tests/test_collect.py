@@ -319,8 +319,21 @@ class _Watch(nn.Module):
         return self.b(y)
 
 
-def test_collection_does_not_keep_inputs_alive():
-    # Peak memory must stay that of a plain no-grad forward: hooks may not hold activations.
+@pytest.mark.parametrize("hold", [False, True])
+def test_collection_keeps_inputs_alive_only_where_it_pays(monkeypatch, hold):
+    # On accelerators the hooks hold activations by weak reference (peak memory of a plain no-grad
+    # forward); on the CPU they keep each batch's inputs to its end (faster with glibc's allocator).
+    from corda_kernels import collect
+
+    monkeypatch.setattr(collect, "_hold_inputs", lambda x: hold)
     model = _Watch()
-    ck.collect_cov(model, [torch.randn(4, 8)] * 2, targets=["a", "b"], progress=False)
-    assert model.freed == [True, True]
+    covs = ck.collect_cov(model, [torch.randn(4, 8)] * 2, targets=["a", "b"], progress=False)
+    assert model.freed == [not hold, not hold]
+    assert covs.token_counts == {"a": 8, "b": 8}
+
+
+def test_cpu_inputs_are_held_and_accelerator_inputs_are_not():
+    from corda_kernels.collect import _hold_inputs
+
+    assert _hold_inputs(torch.zeros(1))
+    assert not _hold_inputs(torch.zeros(1, device="meta"))
