@@ -87,12 +87,16 @@ def _read_texts(path: str, field: str) -> list[str]:
 
 def _read_tokens(path: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Rows of input_ids (and attention_mask if present) from a .pt or .safetensors file."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        obj = load_file(path)
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_file(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - safetensors, pickle and zip errors share no base class
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CliError(f"token file {path!r} could not be read ({type(e).__name__}: {first})") from None
     if isinstance(obj, torch.Tensor):
         obj = {"input_ids": obj}
     if isinstance(obj, (list, tuple)):

@@ -164,3 +164,18 @@ def test_alpha_dict_with_an_unknown_module_is_rejected():
     del alpha["model.layers.0.self_attn.q_prj"]
     ck.build_corda(model, covs, rank=4, alpha=alpha)
     assert {m.alpha for m in ck.corda_layers(model).values()} == {8.0}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_corrupt_token_file_is_a_one_line_cli_error(tmp_path, capsys, suffix):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    capsys.readouterr()  # drop transformers' own progress output
+    bad = tmp_path / f"tokens{suffix}"
+    bad.write_bytes(b"\x00\x01 not tokens")
+    rc = cli.main(["collect", str(tmp_path / "model"), str(bad), "-o", str(tmp_path / "c.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "could not be read" in err and str(bad) in err
+    assert not (tmp_path / "c.safetensors").exists()
