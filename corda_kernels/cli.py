@@ -219,8 +219,8 @@ def cmd_collect(args) -> int:
     import corda_kernels as ck
 
     rank, _ = _maybe_init_distributed(args.device)
+    batches = load_batches(args.data, args, args.tokenizer or args.model)  # bad data fails before a model loads
     model = _load_model(args.model, args)
-    batches = load_batches(args.data, args, args.tokenizer or args.model)
     t0 = time.perf_counter()
     loader = TokenProgress(batches, enabled=not args.no_progress and rank == 0)
     accum = torch.float64 if args.accum_dtype == "float64" else torch.float32
