@@ -331,6 +331,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    ap.add_argument("--markdown", default=None, help="also write the report, dated, to this markdown file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_bench.py: no CUDA device here; nothing to measure (run it on a GPU machine, see bench/gpu_check.sh)")
@@ -347,8 +348,15 @@ def main(argv=None):
         tv = triton.__version__
     except Exception:  # noqa: BLE001
         tv = "missing"
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {tv}; CUDA {torch.version.cuda}")
+    head = f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {tv}; CUDA {torch.version.cuda}"
+    print(head)
     print()
+    report = [
+        f"### bench/gpu_bench.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        head,
+        "",
+    ]
     sections = {"a": section_covariance, "b": section_lora, "c": section_collect}
     for key in args.sections:
         t = time.perf_counter()
@@ -357,10 +365,13 @@ def main(argv=None):
         except Exception as exc:  # noqa: BLE001
             text = table(f"({key})", ["error"], [error_row(1, f"section {key}", exc)])
             traceback.print_exc()
+        note = f"(section {key}: {time.perf_counter() - t:.0f} s wall, autotuning and compiles included)"
         print(text)
-        print(
-            f"\n(section {key}: {time.perf_counter() - t:.0f} s wall, autotuning and compiles included)\n", flush=True
-        )
+        print(f"\n{note}\n", flush=True)
+        report += [text.replace("### ", "#### ", 1), "", note, ""]
+        if args.markdown:  # written after every section, so a timeout still leaves what was measured
+            with open(args.markdown, "w") as f:
+                f.write("\n".join(report))
     return 0
 
 

@@ -5,7 +5,8 @@
 #   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end.
 # Budget: under 9 minutes in all, to fit one 10-minute device call (tests capped at 240 s, bench at 300 s).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
-# Logs go to $OUT when set (the device tool's folder), else to ./out/.
+# Logs go to $OUT when set (the device tool's folder), else to ./out/; RESULTS-gpu.md there is the
+# dated report, ready to paste into bench/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -31,7 +32,7 @@ test_rc=${PIPESTATUS[0]}
 echo "pytest exit code: $test_rc ($(( $(date +%s) - start )) s so far)"
 
 echo "== gpu_bench.py =="
-timeout 300 "$PY" bench/gpu_bench.py "$@" 2>&1 | tee "$LOG_DIR/gpu_bench.log"
+timeout 300 "$PY" bench/gpu_bench.py --markdown "$LOG_DIR/RESULTS-gpu.md" "$@" 2>&1 | tee "$LOG_DIR/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "gpu_bench exit code: $bench_rc; total $(( $(date +%s) - start )) s"
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

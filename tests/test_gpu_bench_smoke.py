@@ -75,3 +75,18 @@ def test_end_to_end_section(gpu_bench):
     rows = _check(gpu_bench.section_collect(tiny_args()), 3)
     ours = next(r for r in rows if r.startswith("| collect_cov"))
     assert "faster than PEFT" in ours and "max rel diff" in ours
+
+
+def test_main_writes_the_dated_markdown_report(gpu_bench, monkeypatch, tmp_path):
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "CPU smoke run")
+    out = tmp_path / "RESULTS-gpu.md"
+    small = "--iters 1 --cov-dims 40 --cov-rows 33 --lora-m 40 --lora-d 48 --lora-ranks 3 --hidden 128"
+    small += " --intermediate 344 --layers 2 --seqs 4 --seq 16 --batch 2 --repeats 1"
+    assert gpu_bench.main([*small.split(), "--markdown", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("### bench/gpu_bench.py, 20")
+    assert "ERROR" not in text
+    for title in ("#### (a) covariance update", "#### (b) adapter linear", "#### (c) end to end"):
+        assert title in text
