@@ -470,6 +470,15 @@ def collect_cov(
         raise NotImplementedError("collect_cov(candidates=N) does not support distributed=; collect on one process")
     if candidates is not None:
         from .candidates import collect_candidates
+        from .distributed import Shard
+
+        if Shard.resolve(distributed, loader) is not None:
+            # Under a process group each rank would pick its rounds from its own shard, and different
+            # covariances per rank would then feed one distributed build.
+            raise NotImplementedError(
+                "collect_cov(candidates=N) runs on one process, but a torch.distributed group is active: "
+                "pass distributed=False to collect candidates from this rank's loader alone"
+            )
 
         return collect_candidates(
             model, loader, candidates, targets=targets, normalize=normalize, accum_dtype=accum_dtype,
@@ -489,7 +498,15 @@ def collect_cov(
     if shard is not None:
         loader, max_batches = shard.split(loader, max_batches)
         progress = progress and shard.rank == 0
-    n = run_batches(model, loader, collector, max_batches=max_batches, progress=progress)
+    try:
+        n = run_batches(model, loader, collector, max_batches=max_batches, progress=progress)
+    except Exception as error:
+        if shard is None:
+            raise
+        # The other ranks are headed for the reduction's collective: tell them, rather than leave
+        # them waiting there until the process group times out.
+        shard.reduce(collector, 0, error=error)
+        raise
     if shard is not None:
         n = shard.reduce(collector, n)  # the one all-reduce, before finish() normalizes
     if n == 0:

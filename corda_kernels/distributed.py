@@ -112,12 +112,14 @@ class Shard:
         local_max = None if max_batches is None else len(range(self.rank, max_batches, self.world))
         return itertools.islice(it, self.rank, None, self.world), local_max
 
-    def reduce(self, collector, n_batches: int) -> int:
+    def reduce(self, collector, n_batches: int, error: BaseException | None = None) -> int:
         """Make every rank's collector hold the global sums; returns the global number of batches.
 
         Groups are matched by member names (a rank that saw no batch, or met
         a module later than another rank did, still lines up); a module that
         shares its input with different modules on different ranks raises.
+        A rank whose collection failed passes its ``error``: then every rank
+        raises right after the first exchange, and no sums are reduced.
         """
         import torch.distributed as dist
 
@@ -127,9 +129,16 @@ class Shard:
             "groups": [(list(g.names), g.d) for g in collector.groups],
             "unmasked": sorted(collector.unmasked),
             "batches": n_batches,
+            "error": None if error is None else f"{type(error).__name__}: {error}",
         }
         gathered: list = [None] * self.world
         dist.all_gather_object(gathered, local)
+        failed = [(r, info["error"]) for r, info in enumerate(gathered) if info.get("error")]
+        if failed:
+            if error is not None:
+                return 0  # the caller re-raises its own exception
+            r, msg = failed[0]
+            raise RuntimeError(f"collection failed on rank {r} ({msg}); stopping on rank {self.rank} too")
 
         order: list[tuple[str, ...]] = []
         dims: dict[tuple[str, ...], int] = {}

@@ -97,6 +97,46 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         assert torch.equal(outs[0]["covs"][name], outs[1]["covs"][name])
 
 
+def _failing_worker(rank, world, init_file, out_dir):
+    import datetime
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    seen = {}
+    try:
+        model = tiny_llama()
+        batches = padded_batches(model.config.vocab_size, n_batches=4, seed=1)
+        bad = list(batches)
+        bad[1] = [dict(batches[1])]  # rank 1's first batch (round-robin split) is not a valid batch
+        t = time.monotonic()
+        try:
+            ck.collect_cov(model, bad, progress=False)
+        except Exception as e:  # noqa: BLE001
+            seen["failure"] = (type(e).__name__, str(e), time.monotonic() - t)
+        try:
+            ck.collect_cov(model, batches, candidates=2, progress=False)
+        except Exception as e:  # noqa: BLE001
+            seen["candidates"] = (type(e).__name__, str(e))
+        torch.save(seen, os.path.join(out_dir, f"fail{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failing_rank_stops_every_rank_and_candidates_refuse_a_group(tmp_path):
+    # Without the error exchange, rank 0 would sit in the reduction until the group's timeout.
+    _spawn(_failing_worker, (2, str(tmp_path / "init"), str(tmp_path)), timeout=180)
+    outs = [torch.load(tmp_path / f"fail{r}.pt") for r in range(2)]
+    kind1, msg1, _ = outs[1]["failure"]
+    assert kind1 == "TypeError" and "collate" in msg1
+    kind0, msg0, took = outs[0]["failure"]
+    assert kind0 == "RuntimeError" and "failed on rank 1" in msg0 and "collate" in msg0
+    assert took < 30  # far below the 60 s group timeout: told, not timed out
+    for out in outs:
+        kind, msg = out["candidates"]
+        assert kind == "NotImplementedError" and "distributed=False" in msg
+
+
 def test_sharding_and_assignment_without_a_group():
     s = Shard(rank=1, world=3)
     loader, local_max = s.split(range(10), 8)
