@@ -251,9 +251,25 @@ def rank_score(
 
 
 # ---------------------------------------------------------------------- the spectrum cache
+def _fingerprint(t: torch.Tensor) -> tuple[float, ...]:
+    # Writes through .data (or under a different view) bypass _version, so the content is summarized
+    # too: float64 sums, squares, and row- and column-weighted sums, O(numel) and one host read.
+    t = t.detach()
+    if t.numel() == 0:
+        return ()
+    m = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    rows = m.sum(dim=1, dtype=torch.float64)
+    cols = m.sum(dim=0, dtype=torch.float64)
+    i = torch.arange(1, rows.numel() + 1, device=m.device, dtype=torch.float64)
+    j = torch.arange(1, cols.numel() + 1, device=m.device, dtype=torch.float64)
+    sq = torch.linalg.vector_norm(m, dtype=torch.float64)
+    return tuple(torch.stack([rows.sum(), (rows * i).sum(), (cols * j).sum(), sq]).tolist())
+
+
 def _tensor_key(t: torch.Tensor) -> tuple:
-    # _version moves on every in-place write, data_ptr on re-allocation or a move to another device.
-    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
+    # _version moves on every in-place write, data_ptr on re-allocation or a move to another device;
+    # the fingerprint catches the writes that neither sees.
+    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device), _fingerprint(t))
 
 
 class SpectrumCache:
@@ -262,8 +278,9 @@ class SpectrumCache:
     Attached to that object as ``covs.spectrum_cache``; ``build_corda`` picks it
     up. Every entry is keyed by the damping and compute dtype it was made with
     and by the identity *and version* of both the weight and the covariance
-    tensor, so an entry is silently ignored once a weight is modified in place,
-    replaced or moved, or the damping differs.
+    tensor, and by a fingerprint of their contents, so an entry is silently
+    ignored once a weight is modified (in place, through ``.data`` or
+    otherwise), replaced or moved, or the damping differs.
     """
 
     def __init__(self) -> None:

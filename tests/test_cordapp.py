@@ -592,3 +592,23 @@ def test_end_to_end_tiny_llama(mode, tmp_path):
     png = ck.plot_ranks(ranks, tmp_path / "ranks.png")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cache_sees_writes_through_data():
+    # weight.data.copy_(...) leaves _version alone (older init code and loaders write that way): the
+    # cached spectrum must still be dropped, or build_corda would reuse the old weight's components.
+    model = tiny_llama()
+    batches = padded_batches(128, n_batches=4)
+    covs = ck.select_covariances(model, ck.collect_cov(model, batches, candidates=2, progress=False))
+    name = "model.layers.0.mlp.down_proj"
+    w = model.get_submodule(name).weight
+    cache = covs.spectrum_cache
+    assert cache.values(name, w, covs[name], DAMP, torch.float32) is not None
+    torch.manual_seed(5)
+    w.data.copy_(torch.randn_like(w) * 0.05)
+    assert cache.values(name, w, covs[name], DAMP, torch.float32) is None
+    fresh = copy.deepcopy(model)
+    ck.build_corda(model, covs, rank=4, mode="ipm")
+    ck.build_corda(fresh, covs.to("cpu"), rank=4, mode="ipm")  # .to() drops the cache
+    got, ref = ck.corda_layers(model)[name], ck.corda_layers(fresh)[name]
+    assert rel(got.lora_B @ got.lora_A, ref.lora_B @ ref.lora_A) < 1e-4
