@@ -6,6 +6,7 @@ layer, and only then swaps modules, so an error leaves the model untouched.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -123,6 +124,7 @@ def decompose_all(
 
         bar = tqdm(total=len(modules), desc="decomposing", unit="layer", leave=False)
     out = {}
+    dead: dict[str, tuple[int, int]] = {}
     try:
         for group in p.groups:
             first = modules[group[0]]
@@ -143,12 +145,29 @@ def decompose_all(
                 scaling = p.alphas[name] / p.ranks[name]
                 A, B, _ = adapter_factors(w, damped, spec, p.ranks[name], mode, scaling)
                 out[name] = (A, B)
+                sig = spec.take(p.ranks[name], mode)[0]
+                zero = int((sig <= _ZERO_SIGMA * (spec.scale or float(spec.singular_values.max()))).sum())
+                if zero:
+                    dead[name] = (zero, p.ranks[name])
                 if bar is not None:
                     bar.update(1)
     finally:
         if bar is not None:
             bar.close()
+    if dead:
+        first, (k, r) = next(iter(dead.items()))
+        warnings.warn(
+            f"{sum(k for k, _ in dead.values())} adapter component(s) in {len(dead)} layer(s) (e.g. {first!r}: "
+            f"{k} of {r}) have a singular value of W·C of zero (W is rank-deficient there): they start as "
+            "A = 0, B ≈ 0 and will hardly train; give those layers a smaller rank, or use mode='ipm'",
+            stacklevel=3,
+        )
     return out
+
+
+#: σ at or below this fraction of ‖W·C_d‖_F is zero to the float64 Gram solver's accuracy
+#: (σ² is resolved to ~1e-16 of σ_max², so σ to ~1e-8 of σ_max): such a component is dead.
+_ZERO_SIGMA = 1e-7
 
 
 def apply_factors(

@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -192,3 +193,17 @@ def test_float64_model_collects_builds_and_runs():
     assert all(rel(a, b) < 1e-10 for a, b in zip(after, before))
     model.float()  # and a built model moved between dtypes keeps running
     assert torch.isfinite(_logits(model, batches)[0]).all()
+
+
+def test_zero_singular_values_in_the_adapter_are_warned_about():
+    # A rank-deficient weight: KPM's smallest components are exact zeros, whose factors start dead.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    with torch.no_grad():
+        model[1].weight[8:] = 0
+    covs = ck.collect_cov(model, [torch.randn(64, 16)], progress=False)
+    with pytest.warns(UserWarning, match=r"'1': 4 of 4\) have a singular value of W·C of zero"):
+        ck.build_corda(copy.deepcopy(model), covs, rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck.build_corda(model, covs, rank=4, mode="ipm")  # the top components are alive: no warning
