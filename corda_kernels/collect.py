@@ -4,8 +4,9 @@ Pipeline stage 1: model + loader -> :class:`Covariances`.
 
 Why pre-hooks and grouping by tensor identity: q/k/v (and gate/up) receive the
 *same* input tensor object, so one accumulator serves them all. The tensor is
-identified by the object itself, kept referenced until the batch ends, never by
-``data_ptr()``: a freed activation's storage is reused by the next layer.
+identified by the object (its ``id``, whose entry is dropped the moment the
+tensor dies, see :func:`_hold_inputs`), never by ``data_ptr()``: a freed
+activation's storage is reused by the next layer.
 """
 
 from __future__ import annotations
