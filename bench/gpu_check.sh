@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a lent H200 (no internet; the image's python3 has torch, triton, transformers, peft).
 #   1. the op tests on CUDA in four parallel pytest processes (Triton kernels compiled for real, bf16
-#      included) and the
-#      device_map test (a model split over cuda:0 and cpu, or two GPUs);
+#      included) and the device_map test (a model split over cuda:0 and cpu, or two GPUs);
 #   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end.
 # Budget: under 9 minutes in all, to fit one 10-minute device call (tests capped at 240 s, bench at 300 s).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
