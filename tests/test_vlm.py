@@ -12,6 +12,7 @@ import re
 import warnings
 
 import pytest
+import tiny
 import torch
 from tiny import rel
 from torch import nn
@@ -172,38 +173,8 @@ def is_lm(name):
 
 
 def reference_covariances(model, batches, names):
-    """Float64 per-module covariances from plain pre-hooks.
-
-    Language-model inputs: the rows whose attention_mask is 1 (boolean indexing).
-    Anything else (vision tower, projector, merger): every row.
-    """
-    sums = dict.fromkeys(names, 0)
-    counts = dict.fromkeys(names, 0)
-    current = {}
-    modules = dict(model.named_modules())
-
-    def make(name):
-        def hook(mod, args):
-            x = args[0].detach().double()
-            if is_lm(name):
-                x = x[current["mask"].bool()]
-            else:
-                x = x.reshape(-1, x.shape[-1])
-            sums[name] = sums[name] + x.T @ x
-            counts[name] += x.shape[0]
-
-        return hook
-
-    hs = [modules[n].register_forward_pre_hook(make(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                current["mask"] = b["attention_mask"]
-                model(**b)
-    finally:
-        for h in hs:
-            h.remove()
-    return {n: sums[n] / counts[n] for n in names}, counts
+    """Float64 reference: language-model rows selected by the attention mask, every other row counted."""
+    return tiny.reference_covariances(model, batches, names, masked=is_lm)
 
 
 def collect_expecting_unmasked_warning(model, batches, **kw):

@@ -40,8 +40,12 @@ def padded_batches(vocab, n_batches=3, batch=3, seq=12, seed=0, left=False):
     return out
 
 
-def reference_covariances(model: nn.Module, batches, names, normalize="mean"):
-    """Float64 per-module covariances from plain hooks: no sharing, no kernels, boolean row selection."""
+def reference_covariances(model: nn.Module, batches, names, normalize="mean", masked=None):
+    """Float64 per-module covariances from plain hooks: no sharing, no kernels, boolean row selection.
+
+    ``masked(name)`` (default: always) says whether the attention mask selects a module's rows;
+    for the others (a vision tower's patches) every row counts.
+    """
     sums = {n: 0 for n in names}
     counts = {n: 0 for n in names}
     current = {}
@@ -50,6 +54,11 @@ def reference_covariances(model: nn.Module, batches, names, normalize="mean"):
     def make(name):
         def hook(mod, args):
             x = args[0].detach().double()
+            if masked is not None and not masked(name):
+                x = x.reshape(-1, x.shape[-1])
+                sums[name] = sums[name] + x.T @ x
+                counts[name] += x.shape[0]
+                return
             mask = current["mask"].bool()
             for b in range(x.shape[0]):
                 xb = x[b][mask[b]]
