@@ -283,8 +283,8 @@ def _hold_inputs(x: torch.Tensor) -> bool:
     On accelerators, never: activations would pile up to a training forward's
     peak. On the CPU, yes: freeing them mid-forward makes glibc unmap and remap
     the large buffers, and collection measured ~10% slower that way (bench_collect
-    config, 2026-11-29; no difference once mmap is disabled), while CPU memory is
-    rarely what limits a calibration run.
+    config, 2026-11-29; no consistent difference with glibc's mmap disabled), while
+    CPU memory is rarely what limits a calibration run.
     """
     return x.device.type == "cpu"
 

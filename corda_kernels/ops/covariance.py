@@ -342,7 +342,7 @@ def covariance_update_triton(acc: torch.Tensor, x: torch.Tensor, mask=None, scal
 def covariance_update(acc: torch.Tensor, x: torch.Tensor, mask=None, *, scale=None, backend: str = "auto"):
     """In place: add Σ over kept rows of scale²·xxᵀ to the upper triangle of ``acc``.
 
-    ``x`` is (..., d) in fp32/fp16/bf16 with any strides; ``mask`` (bool or 0/1)
+    ``x`` is (..., d) in fp32/fp16/bf16 (fp64 on the torch path) with any strides; ``mask`` (bool or 0/1)
     drops rows; ``scale`` is a per-row or per-sequence weight applied to x.
     Read the full matrix with :func:`covariance_result`.
     """

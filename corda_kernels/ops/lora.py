@@ -492,7 +492,7 @@ def _dy_lowrank(dy, B, s, chunks: int | None = None):
 
     # The autotuner zeroes u_ptr and db_ptr before every trial (reset_to_zero), so an output
     # that is not asked for gets a scratch placeholder, never a caller's tensor.
-    scratch = torch.zeros(1, device=dy.device, dtype=torch.float32)
+    scratch = None if (u is not None and db is not None) else torch.zeros(1, device=dy.device, dtype=torch.float32)
     u_arg, db_arg = (u if u is not None else scratch), (db if db is not None else scratch)
     b_arg, s_arg = (B if B is not None else dy), (s if s is not None else dy)
     _dy_lowrank_tuned[grid](
@@ -609,7 +609,8 @@ def lora_linear(
 ) -> torch.Tensor:
     """y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ with a fused forward and backward.
 
-    Shapes: x (..., K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r).
+    Shapes: x (..., K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r); one dtype
+    for all, fp32/fp16/bf16 (fp64 runs on the torch path).
     """
     K = x.shape[-1]
     N = weight.shape[0]
