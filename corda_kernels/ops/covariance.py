@@ -61,6 +61,22 @@ def _triangle_bands(acc: torch.Tensor, xf: torch.Tensor, band: int) -> None:
         acc[i : i + band, i:].addmm_(xf[:, i : i + band].T, xf[:, i:])
 
 
+#: The kernel's autotune candidates on a GPU, as (BLOCK_D, BLOCK_R, num_warps, num_stages).
+#: Hopper and Ampere: 128-wide tiles feed the tensor cores best for large d, 64-wide ones
+#: keep enough programs in flight when d is small (a 1024-wide triangle is only 36 tiles
+#: of 128). Shared memory per stage is 2·BLOCK_R·BLOCK_D elements. Under the interpreter
+#: one small config runs instead; tests/test_gpu_tiles.py runs each of these there.
+GPU_TILES = (
+    (128, 64, 8, 3),
+    (128, 64, 8, 4),
+    (128, 32, 8, 4),
+    (128, 64, 4, 3),
+    (128, 32, 4, 4),
+    (64, 64, 4, 4),
+    (64, 32, 4, 3),
+    (64, 64, 8, 3),
+)
+
 ACC_DTYPES = (torch.float32, torch.float64)
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 x takes the torch path
@@ -172,21 +188,8 @@ if triton is not None:
             # The interpreter runs every program in numpy: few, mid-sized tiles are fastest,
             # and autotuning there would only burn time.
             return [triton.Config({"BLOCK_D": 32, "BLOCK_R": 32}, num_warps=4, num_stages=1)]
-        # Hopper and Ampere: 128-wide tiles feed the tensor cores best for large d, 64-wide
-        # ones keep enough programs in flight when d is small (a 1024-wide triangle is only
-        # 36 tiles of 128). Shared memory per stage is 2·BLOCK_R·BLOCK_D elements.
-        shapes = [
-            (128, 64, 8, 3),
-            (128, 64, 8, 4),
-            (128, 32, 8, 4),
-            (128, 64, 4, 3),
-            (128, 32, 4, 4),
-            (64, 64, 4, 4),
-            (64, 32, 4, 3),
-            (64, 64, 8, 3),
-        ]
         return tuning_configs(
-            [triton.Config({"BLOCK_D": bd, "BLOCK_R": br}, num_warps=w, num_stages=s) for bd, br, w, s in shapes]
+            [triton.Config({"BLOCK_D": bd, "BLOCK_R": br}, num_warps=w, num_stages=s) for bd, br, w, s in GPU_TILES]
         )
 
     def _cov_prune(configs, named_args, **kwargs):

@@ -29,6 +29,26 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 takes the torch path
 
 
+#: Autotune candidates of the fused GEMM on a GPU, as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+#: num_stages): Hopper first (large tiles, 8 warps for the 128×256 accumulator), then shapes
+#: that suit Ampere's smaller shared memory and small M or N. Under the interpreter one
+#: small config runs instead; tests/test_gpu_tiles.py runs each of these there.
+GEMM_GPU_TILES = (
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 32, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 64, 4, 3),
+)
+#: Autotune candidates of the dy kernel, as (BLOCK_M, BLOCK_N, num_warps, num_stages). With s
+#: in dy's dtype every shape fits Hopper's shared memory at r = 128 in bf16
+#: (tests/aot_compile.py); the autotuner skips any that do not fit elsewhere.
+DY_GPU_TILES = ((64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (32, 128, 4, 3))
+
+
 # ----------------------------------------------------------------------------- Triton kernel
 # One kernel serves the forward and the input gradient, which have the same shape:
 #
@@ -182,22 +202,10 @@ if triton is not None:
             return [
                 triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)
             ]
-        # Hopper first (large tiles, 8 warps for the 128×256 accumulator), then shapes that suit
-        # Ampere's smaller shared memory and small M or N.
-        shapes = [
-            (128, 256, 64, 8, 3),
-            (128, 128, 64, 8, 4),
-            (128, 128, 64, 4, 3),
-            (256, 128, 64, 8, 3),
-            (128, 128, 32, 4, 4),
-            (64, 128, 64, 4, 4),
-            (128, 64, 64, 4, 4),
-            (64, 64, 64, 4, 3),
-        ]
         return tuning_configs(
             [
                 triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                for bm, bn, bk, w, s in shapes
+                for bm, bn, bk, w, s in GEMM_GPU_TILES
             ]
         )
 
@@ -317,11 +325,11 @@ if triton is not None:
     def _dy_configs():
         if interpreting():
             return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-        # With s in dy's dtype every shape fits Hopper's shared memory at r = 128 in bf16
-        # (tests/aot_compile.py); the autotuner skips any that do not fit elsewhere.
-        shapes = [(64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (32, 128, 4, 3)]
         return tuning_configs(
-            [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
+            [
+                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                for bm, bn, w, st in DY_GPU_TILES
+            ]
         )
 
     # Trials accumulate into u and dB with atomics: reset_to_zero gives every trial a clean start.

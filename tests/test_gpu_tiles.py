@@ -1,0 +1,154 @@
+"""Every GPU autotune config of every kernel, run one at a time against a float64 reference.
+
+On a GPU the autotuner picks among GPU_TILES / GEMM_GPU_TILES / DY_GPU_TILES, but the
+interpreter (and CORDA_KERNELS_AUTOTUNE=0) only ever runs one small config, so a
+tile-size-dependent bug (a mask that only matters when a tile is wider than the
+problem, the triangle walk with 128-wide tiles, GROUP_M ordering, several rank chunks)
+would first show on a GPU. Here each config is forced in turn: the autotuned launcher
+is swapped for the plain jit kernel with that config's tile sizes. Under the
+interpreter this proves the arithmetic of each config on the CPU; on a GPU
+(bench/gpu_check.sh) it also runs each one on real hardware, warps and stages included.
+Shapes are ragged against every tile size and keep the interpreter quick.
+"""
+
+import pytest
+import torch
+from conftest import CUDA
+
+from corda_kernels import ops
+from corda_kernels.ops import covariance as cov_mod
+from corda_kernels.ops import lora as lora_mod
+from corda_kernels.ops.covariance import covariance_reference
+from corda_kernels.ops.lora import lora_linear_reference
+
+pytest.importorskip("triton")
+
+DEV = "cuda" if CUDA else "cpu"
+# On a GPU every config costs a compile per dtype and specialization, inside gpu_check.sh's
+# time cap: there only bf16 runs (the dtype the interpreter cannot check); fp32 and fp16
+# are covered here on the CPU and by the other kernel tests on the GPU.
+DTYPES = [torch.bfloat16] if CUDA else [torch.float32, torch.float16]
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+class Fixed:
+    """Stands in for a ``triton.autotune`` object: launches the jit kernel with one config.
+
+    The config's tile sizes join the launch's keyword arguments, so the launcher's grid
+    callable sees them in ``meta`` exactly as the autotuner would pass them.
+    """
+
+    def __init__(self, kernel, tiles: dict, num_warps: int, num_stages: int):
+        self.kernel, self.tiles = kernel, tiles
+        self.opts = {} if not CUDA else {"num_warps": num_warps, "num_stages": num_stages}
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            return self.kernel[grid](*args, **kwargs, **self.tiles, **self.opts)
+
+        return launch
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(got).all()
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+def test_tile_tables_are_what_the_autotuner_would_use():
+    # The tests below run the tables; this keeps the tables and the tuned kernels one list.
+    import triton  # noqa: F401
+
+    if not CUDA:
+        pytest.skip("off a GPU the autotuned kernels hold the interpreter's single config")
+    if len(cov_mod._cov_triangle_tuned.configs) == 1:
+        pytest.skip("CORDA_KERNELS_AUTOTUNE=0 keeps one config")
+    assert [(c.kwargs["BLOCK_D"], c.kwargs["BLOCK_R"], c.num_warps, c.num_stages) for c in
+            cov_mod._cov_triangle_tuned.configs] == list(cov_mod.GPU_TILES)  # fmt: skip
+    assert len(lora_mod._gemm_lowrank_tuned.configs) == len(lora_mod.GEMM_GPU_TILES)
+    assert len(lora_mod._dy_lowrank_tuned.configs) == len(lora_mod.DY_GPU_TILES)
+
+
+@pytest.mark.parametrize("tile", cov_mod.GPU_TILES, ids=lambda t: "D{}-R{}-w{}-s{}".format(*t))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_covariance_every_tile(monkeypatch, tile, dtype):
+    bd, br, warps, stages = tile
+    fixed = Fixed(cov_mod._cov_triangle_kernel, {"BLOCK_D": bd, "BLOCK_R": br}, warps, stages)
+    monkeypatch.setattr(cov_mod, "_cov_triangle_tuned", fixed)
+    # d = 129 is ragged against 32, 64 and 128 and gives a triangle of several tiles at each;
+    # three sequences of 70 rows from a strided view (a slice of a wider tensor).
+    d, B, T = 129, 3, 70
+    x = torch.randn(B, T, d + 11, device=DEV).to(dtype)[..., 5 : 5 + d]
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEV)
+    mask[0] = False  # with sequence 1's start, a padding run longer than any BLOCK_R: skipped chunks
+    mask[1, :10] = False
+    mask[2, 50:] = False
+    scale = torch.rand(B, device=DEV) + 0.5
+    acc = torch.randn(d, d, device=DEV)  # the kernel adds into acc's triangle
+    start = ops.covariance_result(acc).double().cpu()
+    ops.covariance_update(acc, x, mask, scale=scale, backend="triton")
+    ops.covariance_update(acc, x[:, :33], backend="triton")  # a second call, no mask, ragged rows
+    ref = covariance_reference(x, mask, scale).cpu() + covariance_reference(x[:, :33]).cpu()
+    assert fixed.launches == 2
+    assert rel(ops.covariance_result(acc).double().cpu() - start, ref) < TOL[dtype]
+
+
+def _gemm_tile_id(t):
+    return "M{}-N{}-K{}-w{}-s{}".format(*t)
+
+
+@pytest.mark.parametrize("tile", lora_mod.GEMM_GPU_TILES, ids=_gemm_tile_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank, dropout_p", [(5, 0.0), (70, 0.2)])
+def test_adapter_gemm_every_tile(monkeypatch, tile, dtype, rank, dropout_p):
+    bm, bn, bk, warps, stages = tile
+    fixed = Fixed(lora_mod._gemm_lowrank_kernel, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                  warps, stages)  # fmt: skip
+    monkeypatch.setattr(lora_mod, "_gemm_lowrank_tuned", fixed)
+    # M = 300 and N = 257 are ragged against every tile and give several row groups;
+    # K = 70 leaves a partial K step; rank 70 takes two chunks of the 64-wide rank tile.
+    M, N, K = 300, 257, 70
+    x = torch.randn(4, M // 4, 2 * K, device=DEV).to(dtype)[..., ::2]  # non-contiguous
+    W = (torch.randn(N, K, device=DEV) / K**0.5).to(dtype)
+    b = torch.randn(N, device=DEV).to(dtype)
+    A = (torch.randn(rank, K, device=DEV) / K**0.5).to(dtype)
+    Bm = (torch.randn(N, rank, device=DEV) / rank**0.5).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, A, Bm)]
+    torch.manual_seed(7)
+    y = ops.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 1.7, dropout_p=dropout_p, backend="triton")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert fixed.launches == 2  # forward and dx
+
+    keep = None
+    if dropout_p:
+        torch.manual_seed(7)  # the same mask as the op drew
+        keep = torch.rand_like(x.reshape(-1, K), dtype=torch.float32) >= dropout_p
+        keep = keep.reshape(x.shape)
+    refs = [t.detach().double().requires_grad_() for t in (x, A, Bm)]
+    yr = lora_linear_reference(refs[0], W, b, refs[1], refs[2], 1.7, keep=keep, dropout_p=dropout_p)
+    yr.backward(dy.double())
+    assert rel(y, yr) < TOL[dtype]
+    for got, ref in zip(leaves, refs):
+        assert rel(got.grad, ref.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize("tile", lora_mod.DY_GPU_TILES, ids=lambda t: "M{}-N{}-w{}-s{}".format(*t))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [5, 64, 100])
+def test_dy_kernel_every_tile(monkeypatch, tile, dtype, rank):
+    bm, bn, warps, stages = tile
+    fixed = Fixed(lora_mod._dy_lowrank_kernel, {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages)
+    monkeypatch.setattr(lora_mod, "_dy_lowrank_tuned", fixed)
+    # M = 300 over 3 row chunks leaves a ragged last chunk at every BLOCK_M; N = 257 a ragged
+    # column strip; rank 100 pads to a 128-wide rank tile.
+    M, N = 300, 257
+    dy = torch.randn(M, 2 * N, device=DEV).to(dtype)[:, ::2]
+    B = (torch.randn(N, rank, device=DEV) / rank**0.5).to(dtype)
+    s = torch.randn(M, rank, device=DEV).to(dtype)
+    u, db = lora_mod._dy_lowrank(dy, B, s, chunks=3)
+    assert fixed.launches == 1
+    assert rel(u, dy.double() @ B.double()) < TOL[dtype]
+    assert rel(db, dy.double().t() @ s.double()) < TOL[dtype]
