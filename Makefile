@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench compat clean
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,5 +29,16 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_collect.py
 	$(BIN)/python bench/bench_ops.py
 
+# The suite against other transformers releases than the dev set's, one venv each (not run by CI).
+COMPAT ?= 4.57.6 5.17.0
+compat:
+	@for v in $(COMPAT); do \
+		env=.venv-transformers-$$v; \
+		test -x $$env/bin/python || $(PY) -m venv $$env; \
+		$$env/bin/pip install -q -r requirements-dev.txt transformers==$$v && \
+		$$env/bin/pip install -q --no-deps -e . && \
+		$$env/bin/python -m pytest -q --deselect tests/test_aot_compile.py || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-transformers-* build *.egg-info .pytest_cache
