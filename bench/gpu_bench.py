@@ -74,9 +74,17 @@ def section_covariance(args) -> str:
                 torch.manual_seed(0)
                 x = torch.randn(n, d, device=DEV, dtype=DTYPE)
                 acc = torch.zeros(d, d, device=DEV)
+                # collect_cov's usual case: a padding mask (a quarter of the rows dropped), its kept-row
+                # list built once per batch (ops.KeptRows) as the collector does; flops count kept rows.
+                keep = torch.rand(n, device=DEV) >= 0.25
+                kept = ops.KeptRows(keep)
+                kept.index_and_count()
                 cands = {
                     "corda_kernels triangle (triton)": lambda acc=acc, x=x: ops.covariance_update(
                         acc, x, backend="triton"
+                    ),
+                    "corda_kernels triangle, 25% rows masked (triton)": lambda acc=acc, x=x, k=kept: (
+                        ops.covariance_update(acc, x, k, backend="triton")
                     ),
                     "torch addmm, fp32 upcast": lambda acc=acc, x=x: acc.addmm_(x.float().t(), x.float()),
                     "torch mm bf16 full (bf16 out)": lambda x=x: torch.mm(x.t(), x),
@@ -101,9 +109,17 @@ def section_covariance(args) -> str:
                 if has_out_dtype:
                     full = torch.mm(x.t(), x, out_dtype=torch.float32).double()
                     errs["torch mm bf16, out_dtype=fp32 (+ add)"] = (full - ref).norm() / ref.norm()
-                del ref, acc2
-                flops = n * d * (d + 1)
+                xk = x[keep].double()
+                ref_kept = xk.t() @ xk
+                acc2.zero_()
+                ops.covariance_update(acc2, x, kept, backend="triton")
+                errs["corda_kernels triangle, 25% rows masked (triton)"] = (
+                    ops.covariance_result(acc2).double() - ref_kept
+                ).norm() / ref_kept.norm()
+                del ref, acc2, xk, ref_kept
+                n_kept = int(keep.sum())
                 for name, ms in med.items():
+                    flops = (n_kept if "masked" in name else n) * d * (d + 1)
                     tf = flops / (ms * 1e-3)
                     err = f"{float(errs[name]):.1e}" if name in errs else ""
                     rows.append([d, n, name, f"{ms:.3f}", f"{tf / 1e12:.1f}", f"{100 * tf / PEAK_BF16:.1f}%", err])

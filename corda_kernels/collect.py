@@ -85,6 +85,7 @@ class Collector:
         self._counts: dict[str, int] = {}
         self._pending = 0
         self._mask: torch.Tensor | None = None
+        self._kept: dict[torch.device, tuple[ops.KeptRows, torch.Tensor]] = {}
         self._seen: dict[int, tuple[weakref.ref | torch.Tensor, set[int]]] = {}
         self._member_log: dict[str, list[int]] = {}
         self._handles: list = []
@@ -164,9 +165,11 @@ class Collector:
             x = x.to(g.acc.device, non_blocking=_async_copy(g.acc.device))
         lead = x.shape[:-1]
         mask = self._mask
+        kept = n_kept = None
         if mask is not None:
             if _mask_applies(mask, x):
-                mask = mask.to(x.device).reshape(lead)
+                kept, n_kept = self._batch_mask(x.device)
+                mask = kept.mask.reshape(lead)
             else:
                 # Rows that are not the text tokens (image patches, routed or pooled tokens): count them all.
                 self.unmasked.update(g.names)
@@ -175,8 +178,17 @@ class Collector:
         if self.normalize == "peft":
             scale, nseq = _peft_scale(x, mask)
             g.seqs += nseq
-        ops.covariance_update(g.acc, x, mask, scale=scale, backend=self.backend)
-        g.count += mask.sum() if mask is not None else lead.numel()
+        ops.covariance_update(g.acc, x, kept, scale=scale, backend=self.backend)
+        g.count += n_kept if kept is not None else lead.numel()
+
+    def _batch_mask(self, device: torch.device) -> tuple[ops.KeptRows, torch.Tensor]:
+        # Once per batch and device, not once per accumulator: the kernel's list of kept rows
+        # and the kept-token count (both stay on the device).
+        entry = self._kept.get(device)
+        if entry is None:
+            kept = ops.KeptRows(self._mask.to(device))
+            entry = self._kept[device] = (kept, kept.mask.sum())
+        return entry
 
     # ------------------------------------------------------------------ batches
     def begin_batch(self, mask: torch.Tensor | None, *, early_stop: bool = False) -> None:
@@ -187,6 +199,7 @@ class Collector:
         self.stop_early = early_stop and self.first_counts is not None and not self.layout_changed
         self._pending = len(self.first_counts) if self.stop_early else 0
         self._mask = None if mask is None else (mask != 0)
+        self._kept = {}
         self._seen.clear()
         self._member_log.clear()
         for g in self.groups:
@@ -207,6 +220,7 @@ class Collector:
             self.first_counts = dict(self._counts)
         self._seen.clear()
         self._mask = None
+        self._kept = {}
 
     def finish(self, meta: Mapping[str, str] | None = None) -> Covariances:
         if not self.groups:

@@ -48,43 +48,81 @@ def signature(fn, pointers: dict[str, str], floats=()) -> dict[str, str]:
     return sig
 
 
-def kernels(dtype: str):
-    """(name, jit function, signature, constexprs, configs) for each kernel, most-featured path."""
+class Variant:
+    """One specialization of a kernel as the runtime would compile it.
+
+    ``unit``: integer arguments that are 1 for the usual contiguous operands (Triton turns an
+    int argument equal to 1 into a constant). ``aligned``: every other pointer and integer is
+    a multiple of 16, as for aligned tensors with d, rows and strides in multiples of 16; that
+    is when Triton can pipeline loads (cp.async) and so when a config needs the most shared
+    memory. ``pipelined``: the hot loop's loads must compile to cp.async (bf16 and fp16).
+    """
+
+    def __init__(self, name, fn, sig, const, configs, unit=(), aligned=True, pipelined=False):
+        self.name, self.fn, self.configs, self.pipelined, self.aligned = name, fn, configs, pipelined, aligned
+        self.sig, self.const, self.attrs = dict(sig), dict(const), {}
+        for n in unit if aligned else ():
+            self.sig[n] = "constexpr"
+            self.const[n] = 1
+        if aligned:
+            for i, p in enumerate(fn.params):
+                if self.sig[p.name].startswith("*") or self.sig[p.name] == "i32":
+                    self.attrs[(i,)] = [["tt.divisibility", 16]]
+
+    def compile(self, cfg, target):
+        src = ASTSource(fn=self.fn, signature=self.sig, constexprs={**self.const, **cfg.kwargs}, attrs=self.attrs)
+        return triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def kernels(dtype: str) -> list[Variant]:
+    """The specializations that run: collect_cov's masked update, the unmasked one, the scaled 3-D
+    one; the adapter GEMM as forward and as dx with dropout; the dy kernel at the widest rank tile
+    backward gives it."""
     dt = TRITON_DTYPE[dtype]
     precision = "ieee" if dtype == "fp32" else "tf32"
+    half = dtype != "fp32"
     cov_sig = signature(
-        cov._cov_triangle_kernel, {"acc_ptr": "fp32", "x_ptr": dt, "keep_ptr": "u8", "scale_ptr": "fp32"}
+        cov._cov_triangle_kernel,
+        {"acc_ptr": "fp32", "x_ptr": dt, "idx_ptr": "i32", "count_ptr": "i32", "scale_ptr": "fp32"},
     )
-    cov_const = {"HAS_KEEP": True, "HAS_SCALE": True, "THREE_D": True, "INPUT_PRECISION": precision}
+    cov_cfgs = cov._cov_triangle_tuned.configs
+    cov_unit = ("stride_xd", "stride_an")
+
+    def cov_const(index, scale, three_d):
+        return {"HAS_INDEX": index, "HAS_SCALE": scale, "THREE_D": three_d, "INPUT_PRECISION": precision}
+
     gemm_sig = signature(
         lora._gemm_lowrank_kernel,
-        {
-            "out_ptr": dt,
-            "x_ptr": dt,
-            "w_ptr": dt,
-            "bias_ptr": dt,
-            "l_ptr": "fp32",
-            "r_ptr": dt,
-            "keep_ptr": "u8",
-        },
+        {"out_ptr": dt, "x_ptr": dt, "w_ptr": dt, "bias_ptr": dt, "l_ptr": "fp32", "r_ptr": dt, "keep_ptr": "u8"},
         floats=("alpha", "keep_scale"),
     )
-    gemm_const = {"HAS_BIAS": True, "HAS_KEEP": True, "INPUT_PRECISION": precision, "BLOCK_RANK": 64}
+    gemm_cfgs = lora._gemm_lowrank_tuned.configs
+
+    def gemm_const(bias, keep):
+        return {"HAS_BIAS": bias, "HAS_KEEP": keep, "INPUT_PRECISION": precision, "BLOCK_RANK": 64}
+
     dy_sig = signature(
         lora._dy_lowrank_kernel,
         {"dy_ptr": dt, "b_ptr": dt, "s_ptr": dt, "u_ptr": "fp32", "db_ptr": "fp32"},
     )
-    dy_const = {
-        "NEED_U": True,
-        "NEED_DB": True,
-        "INPUT_PRECISION": precision,
-        "BLOCK_RANK": 128,
-    }  # the widest rank tile
+    # backward takes the dy kernel up to MAX_FUSED_RANK: its rank tile is at most that, rounded up
+    dy_rank = max(16, triton.next_power_of_2(lora.MAX_FUSED_RANK))
+    dy_const = {"NEED_U": True, "NEED_DB": True, "INPUT_PRECISION": precision, "BLOCK_RANK": dy_rank}
     return [
-        ("covariance triangle", cov._cov_triangle_kernel, cov_sig, cov_const, cov._cov_triangle_tuned.configs),
-        ("adapter GEMM", lora._gemm_lowrank_kernel, gemm_sig, gemm_const, lora._gemm_lowrank_tuned.configs),
-        ("dy low-rank", lora._dy_lowrank_kernel, dy_sig, dy_const, lora._dy_lowrank_tuned.configs),
-    ]
+        Variant("covariance triangle (masked)", cov._cov_triangle_kernel, cov_sig, cov_const(True, False, False),
+                cov_cfgs, cov_unit, pipelined=half),
+        Variant("covariance triangle (unmasked)", cov._cov_triangle_kernel, cov_sig, cov_const(False, False, False),
+                cov_cfgs, cov_unit, pipelined=half),
+        Variant("covariance triangle (scaled 3-D, odd sizes)", cov._cov_triangle_kernel, cov_sig,
+                cov_const(True, True, True), cov_cfgs, aligned=False),
+        # forward: x (M, K), wt = Wᵀ, l = s (M, r), rt = Bᵀ; dx: x = dy, wt = W, rt = A, keep (M, K)
+        Variant("adapter GEMM (forward)", lora._gemm_lowrank_kernel, gemm_sig, gemm_const(True, False), gemm_cfgs,
+                ("stride_on", "stride_xk", "stride_wk", "stride_lr", "stride_rr"), pipelined=half),
+        Variant("adapter GEMM (dx, dropout)", lora._gemm_lowrank_kernel, gemm_sig, gemm_const(False, True), gemm_cfgs,
+                ("stride_on", "stride_xk", "stride_wn", "stride_lr", "stride_rn", "stride_kn"), pipelined=half),
+        Variant("dy low-rank", lora._dy_lowrank_kernel, dy_sig, dy_const, lora._dy_lowrank_tuned.configs,
+                ("stride_dyn", "stride_br", "stride_sr", "stride_ur", "stride_dbr")),
+    ]  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -96,18 +134,15 @@ def main(argv=None) -> int:
     for cap in (90, 80):
         target = GPUTarget("cuda", cap, 32)
         for dtype in ("bf16", "fp16", "fp32"):
-            for name, fn, sig, const, configs in kernels(dtype):
+            for v in kernels(dtype):
                 # Hopper bf16 (the case that matters most) compiles every config; elsewhere the
                 # configs compile in order until one fits, since the autotuner skips those that do not.
                 every = args.all or (cap == 90 and dtype == "bf16")
                 fits = 0
-                for cfg in configs:
-                    label = f"sm_{cap} {dtype} {name} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
+                for cfg in v.configs:
+                    label = f"sm_{cap} {dtype} {v.name} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
                     try:
-                        src = ASTSource(fn=fn, signature=sig, constexprs={**const, **cfg.kwargs})
-                        k = triton.compile(
-                            src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-                        )
+                        k = v.compile(cfg, target)
                     except Exception as e:  # noqa: BLE001 - report every failing config, then fail
                         failures += 1
                         print(f"FAIL {label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -115,12 +150,22 @@ def main(argv=None) -> int:
                     smem = k.metadata.shared
                     ok = smem <= SMEM_LIMIT[cap]
                     fits += ok
-                    print(f"{'ok  ' if ok else 'big '} {label}: shared {smem} B, ptx {len(k.asm['ptx'])} chars")
+                    ptx = k.asm["ptx"]
+                    async_loads = ptx.count("cp.async.cg") + ptx.count("cp.async.ca") + ptx.count("cp.async.bulk")
+                    print(
+                        f"{'ok  ' if ok else 'big '} {label}: shared {smem} B, ptx {len(ptx)} chars, "
+                        f"{async_loads} async copies"
+                    )
+                    if ok and v.pipelined and cfg.num_stages > 1 and not async_loads:
+                        # A data-dependent branch or an unaligned access in the loop stops Triton's
+                        # pipeliner; the kernel then waits on every load.
+                        failures += 1
+                        print(f"FAIL {label}: the loop's loads are not pipelined (no cp.async in the PTX)")
                     if fits and not every:
                         break
                 if not fits:
                     failures += 1
-                    print(f"FAIL sm_{cap} {dtype} {name}: no config fits in {SMEM_LIMIT[cap]} B of shared memory")
+                    print(f"FAIL sm_{cap} {dtype} {v.name}: no config fits in {SMEM_LIMIT[cap]} B of shared memory")
     print(f"{'FAILED' if failures else 'passed'}: {failures} failure(s) in {time.perf_counter() - start:.0f} s")
     return 1 if failures else 0
 

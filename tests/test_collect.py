@@ -337,3 +337,28 @@ def test_cpu_inputs_are_held_and_accelerator_inputs_are_not():
 
     assert _hold_inputs(torch.zeros(1))
     assert not _hold_inputs(torch.zeros(1, device="meta"))
+
+
+@pytest.mark.parametrize("normalize", ["mean", "peft"])
+def test_triton_backend_end_to_end(monkeypatch, normalize):
+    # collect_cov on the kernel path (the interpreter off a GPU): padded batches, shared inputs, the
+    # batch's kept-row list built once per batch and reused by every accumulator.
+    from corda_kernels import ops
+
+    built = []
+
+    class Counting(ops.KeptRows):
+        def index_and_count(self):
+            if self._index is None:
+                built.append(self.mask.numel())
+            return super().index_and_count()
+
+    monkeypatch.setattr(ops, "KeptRows", Counting)
+    model = tiny_llama()
+    batches = padded_batches(128, n_batches=2)
+    covs = ck.collect_cov(model, batches, normalize=normalize, backend="triton", progress=False)
+    ref, counts = reference_covariances(model, batches, list(covs), normalize=normalize)
+    for n in covs:
+        assert rel(covs[n], ref[n]) < 1e-5, n
+    assert covs.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert len(built) == len(batches)

@@ -65,17 +65,19 @@ def test_tile_tables_are_what_the_autotuner_would_use():
         pytest.skip("off a GPU the autotuned kernels hold the interpreter's single config")
     if len(cov_mod._cov_triangle_tuned.configs) == 1:
         pytest.skip("CORDA_KERNELS_AUTOTUNE=0 keeps one config")
-    assert [(c.kwargs["BLOCK_D"], c.kwargs["BLOCK_R"], c.num_warps, c.num_stages) for c in
+    assert [(c.kwargs["BLOCK_D"], c.kwargs["WIDE"], c.kwargs["BLOCK_R"], c.num_warps, c.num_stages) for c in
             cov_mod._cov_triangle_tuned.configs] == list(cov_mod.GPU_TILES)  # fmt: skip
     assert len(lora_mod._gemm_lowrank_tuned.configs) == len(lora_mod.GEMM_GPU_TILES)
     assert len(lora_mod._dy_lowrank_tuned.configs) == len(lora_mod.DY_GPU_TILES)
 
 
-@pytest.mark.parametrize("tile", cov_mod.GPU_TILES, ids=lambda t: "D{}-R{}-w{}-s{}".format(*t))
+@pytest.mark.parametrize(
+    "tile", cov_mod.GPU_TILES, ids=lambda t: "D{}x{}-R{}-w{}-s{}".format(t[0], t[0] * t[1], *t[2:])
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_covariance_every_tile(monkeypatch, tile, dtype):
-    bd, br, warps, stages = tile
-    fixed = Fixed(cov_mod._cov_triangle_kernel, {"BLOCK_D": bd, "BLOCK_R": br}, warps, stages)
+    bd, wide, br, warps, stages = tile
+    fixed = Fixed(cov_mod._cov_triangle_kernel, {"BLOCK_D": bd, "WIDE": wide, "BLOCK_R": br}, warps, stages)
     monkeypatch.setattr(cov_mod, "_cov_triangle_tuned", fixed)
     # d = 129 is ragged against 32, 64 and 128 and gives a triangle of several tiles at each;
     # three sequences of 70 rows from a strided view (a slice of a wider tensor).
@@ -152,3 +154,21 @@ def test_dy_kernel_every_tile(monkeypatch, tile, dtype, rank):
     assert fixed.launches == 1
     assert rel(u, dy.double() @ B.double()) < TOL[dtype]
     assert rel(db, dy.double().t() @ s.double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("wide", [1, 2])
+def test_triangle_walk_covers_each_upper_entry_once(monkeypatch, wide):
+    # Small tiles over a wide matrix make a long walk (990 tiles at WIDE=1, 506 at WIDE=2), where
+    # the float square root that maps a program id to its column is most likely to be off by one:
+    # a tile computed twice doubles its entries, a tile skipped leaves them at zero.
+    if CUDA:
+        pytest.skip("the walk is the same on a GPU; this is an interpreter check of the index arithmetic")
+    fixed = Fixed(cov_mod._cov_triangle_kernel, {"BLOCK_D": 16, "WIDE": wide, "BLOCK_R": 16}, 4, 1)
+    monkeypatch.setattr(cov_mod, "_cov_triangle_tuned", fixed)
+    d = 700
+    x = torch.randn(3, d)
+    acc = torch.zeros(d, d)
+    ops.covariance_update(acc, x, backend="triton")
+    ref = covariance_reference(x)
+    upper = torch.ones(d, d, dtype=torch.bool).triu()
+    assert torch.allclose(acc[upper].double(), ref[upper], rtol=1e-5, atol=1e-5)

@@ -277,3 +277,57 @@ def test_float64_input_takes_the_torch_path():
     ref = covariance_reference(x, mask)
     got = ops.covariance_result(acc).cpu()
     assert ((got - ref.cpu()).norm() / ref.norm()).item() < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["random", "none kept", "all kept", "no rows"])
+def test_kept_rows_lists_the_kept_rows_in_order(kind):
+    rows = 0 if kind == "no rows" else 77
+    mask = torch.rand(rows, device=DEV) > 0.4
+    if kind == "none kept":
+        mask[:] = False
+    if kind == "all kept":
+        mask[:] = True
+    index, count = ops.KeptRows(mask).index_and_count()
+    n = int(count.item())
+    assert index.dtype == count.dtype == torch.int32 and index.numel() == rows + 1
+    assert n == int(mask.sum())
+    assert torch.equal(index[:n].long().cpu(), mask.nonzero().squeeze(1).cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_rows_serve_several_updates_and_layouts(backend):
+    # One KeptRows for a (B, T) mask, fed to updates whose x are (B, T, d) and its flattened (B·T, d)
+    # view, with a per-sequence scale: the same as passing the mask each time.
+    B, T, d = 3, 40, 37
+    mask = torch.rand(B, T, device=DEV) > 0.3
+    mask[1] = False
+    kept = ops.KeptRows(mask)
+    x1, x2 = rand(B, T, d), rand(B, T, d)
+    scale = torch.rand(B, device=DEV) + 0.5
+    acc = torch.zeros(d, d, device=DEV)
+    ops.covariance_update(acc, x1, kept, backend=backend)
+    ops.covariance_update(acc, x2.reshape(B * T, d), kept, scale=scale.repeat_interleave(T), backend=backend)
+    ref = covariance_reference(x1, mask) + covariance_reference(x2, mask, scale)
+    assert rel_err(acc, ref) < TOL[torch.float32]
+    if backend == "triton":
+        first = kept.index_and_count()
+        assert kept.index_and_count() is first  # built once, reused
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_rows_of_another_size_is_an_error(backend):
+    kept = ops.KeptRows(torch.ones(5, 6, dtype=torch.bool, device=DEV))
+    with pytest.raises(ValueError, match="KeptRows covers 30 rows"):
+        ops.covariance_update(torch.zeros(7, 7, device=DEV), rand(4, 6, 7), kept, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_row_dropped_leaves_acc_unchanged(backend, dtype):
+    d = 41
+    acc = torch.randn(d, d, device=DEV)
+    before = acc.clone()
+    x = rand(2, 30, d, dtype=dtype)
+    x[0, 3] = float("nan")  # a dropped row's contents never matter
+    ops.covariance_update(acc, x, torch.zeros(2, 30, dtype=torch.bool, device=DEV), backend=backend)
+    assert torch.equal(acc, before)

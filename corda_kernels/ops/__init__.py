@@ -4,10 +4,11 @@
 ``CORDA_KERNELS_BACKEND=torch`` forces the reference everywhere.
 """
 
-from .covariance import covariance_reference, covariance_result, covariance_update
+from .covariance import KeptRows, covariance_reference, covariance_result, covariance_update
 from .lora import lora_linear, lora_linear_reference
 
 __all__ = [
+    "KeptRows",
     "covariance_reference",
     "covariance_result",
     "covariance_update",

@@ -61,20 +61,26 @@ def _triangle_bands(acc: torch.Tensor, xf: torch.Tensor, band: int) -> None:
         acc[i : i + band, i:].addmm_(xf[:, i : i + band].T, xf[:, i:])
 
 
-#: The kernel's autotune candidates on a GPU, as (BLOCK_D, BLOCK_R, num_warps, num_stages).
-#: Hopper and Ampere: 128-wide tiles feed the tensor cores best for large d, 64-wide ones
-#: keep enough programs in flight when d is small (a 1024-wide triangle is only 36 tiles
-#: of 128). Shared memory per stage is 2·BLOCK_R·BLOCK_D elements. Under the interpreter
-#: one small config runs instead; tests/test_gpu_tiles.py runs each of these there.
+#: The kernel's autotune candidates on a GPU, as (BLOCK_D, WIDE, BLOCK_R, num_warps,
+#: num_stages); a tile is BLOCK_D × WIDE·BLOCK_D. Hopper and Ampere: 128-row tiles feed
+#: the tensor cores best for large d, 64-row ones keep enough programs in flight when d is
+#: small (a 1024-wide triangle is only 36 tiles of 128). A square tile does BLOCK_D/2
+#: flops per byte it stages, a 128×256 one 85: the wide tiles are for when staging from
+#: L2 rather than the tensor cores sets the pace. Shared memory per stage is
+#: (1 + WIDE)·BLOCK_R·BLOCK_D elements. Under the interpreter one small config runs
+#: instead; tests/test_gpu_tiles.py runs each of these there.
 GPU_TILES = (
-    (128, 64, 8, 3),
-    (128, 64, 8, 4),
-    (128, 32, 8, 4),
-    (128, 64, 4, 3),
-    (128, 32, 4, 4),
-    (64, 64, 4, 4),
-    (64, 32, 4, 3),
-    (64, 64, 8, 3),
+    (128, 1, 64, 8, 3),
+    (128, 1, 64, 8, 4),
+    (128, 1, 32, 8, 4),
+    (128, 1, 64, 4, 3),
+    (128, 1, 32, 4, 4),
+    (64, 1, 64, 4, 4),
+    (64, 1, 32, 4, 3),
+    (64, 1, 64, 8, 3),
+    (128, 2, 64, 8, 3),
+    (128, 2, 32, 8, 4),
+    (64, 2, 64, 4, 4),
 )
 
 ACC_DTYPES = (torch.float32, torch.float64)
@@ -84,20 +90,27 @@ TRITON_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 x ta
 
 # ----------------------------------------------------------------------------- Triton kernel
 # Tiling. The output is a d×d Gram matrix and the reduction runs over rows, so
-# each program owns one BLOCK_D×BLOCK_D output tile and streams every row of x
-# through it: the (rows, BLOCK_D) panels a = x[:, i-block] and b = x[:, j-block]
-# go through tl.dot as aᵀ·b, so the reduction lives in registers and each tile
-# of acc is read and written exactly once per call, with no atomics, which also
-# keeps the result deterministic. Because the matrix is symmetric, the launch
-# grid enumerates only the nb·(nb+1)/2 tiles with i <= j (nb = cdiv(d, BLOCK_D)):
-# the lower triangle costs neither flops nor a program. Program ids walk the
+# each program owns one BLOCK_D×BJ output tile (BJ = WIDE·BLOCK_D, WIDE 1 or 2)
+# and streams every row of x through it: the panels a = x[:, i-block] (rows,
+# BLOCK_D) and b = x[:, j-block] (rows, BJ) go through tl.dot as aᵀ·b, so the
+# reduction lives in registers and each tile of acc is read and written exactly
+# once per call, with no atomics, which also keeps the result deterministic.
+# Because the matrix is symmetric, the launch grid enumerates only the tiles
+# that reach the upper triangle: column block bj (BJ wide) needs row blocks
+# bi < WIDE·(bj + 1), WIDE·nb·(nb+1)/2 tiles in all (nb = cdiv(d, BJ)); the
+# lower triangle costs neither a program nor, beyond the diagonal tiles' lower
+# parts (1/(2·nb) of the work with square tiles), flops. Program ids walk the
 # triangle column by column, so programs running side by side share the column
 # panel b, which stays in L2 while their row panels a stream past.
 #
-# Rows may come from a (B, T, d) view with any strides (no copy of x); a dropped
-# row is masked out of the loads themselves, so it costs no memory traffic and a
-# NaN sitting in padding cannot reach the sum, and a chunk of BLOCK_R rows that
-# holds no kept row (a run of padding) skips its loads and its dot entirely. A per-row scale s is applied to
+# Rows may come from a (B, T, d) view with any strides (no copy of x). With a
+# mask the kernel walks a list of the kept rows' numbers (KeptRows, built on the
+# device without a host sync), so padding costs neither loads nor flops, a NaN
+# sitting in padding cannot reach the sum, and the row loop has no data-dependent
+# branch: an earlier version skipped all-padding chunks with an `if`, and the
+# compiled code showed that the branch kept Triton from pipelining any of the
+# loop's loads (no cp.async); gathering through the list keeps them pipelined
+# (checked on compiled sm_90 code, tests/aot_compile.py). A per-row scale s is applied to
 # both panels before the dot (in fp32, then rounded back to x's dtype so 16-bit
 # inputs still run on tensor cores): the tile is then the exact Gram matrix of
 # round(s·x), a perturbation of one rounding in x's own dtype, and it stays
@@ -123,7 +136,8 @@ if triton is not None:
     def _cov_triangle_kernel(
         acc_ptr,
         x_ptr,
-        keep_ptr,
+        idx_ptr,
+        count_ptr,
         scale_ptr,
         R,
         T,
@@ -133,50 +147,57 @@ if triton is not None:
         stride_xd,
         stride_am,
         stride_an,
-        HAS_KEEP: tl.constexpr,
+        HAS_INDEX: tl.constexpr,
         HAS_SCALE: tl.constexpr,
         THREE_D: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        WIDE: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):
-        # Program id -> tile (bi, bj) with bi <= bj; column bj holds bj + 1 tiles.
+        # Program id -> tile (bi, bj); column bj holds WIDE·(bj + 1) tiles, so the columns
+        # before it hold WIDE·T(bj) (T(n) = n(n+1)/2) and q = pid // WIDE has T(bj) <= q < T(bj + 1).
         # The float square root may be off by one either way; the two fix-ups settle it.
         pid = tl.program_id(0)
-        bj = ((tl.sqrt(8.0 * pid.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
-        bj = tl.where(bj * (bj + 1) // 2 > pid, bj - 1, bj)
-        bj = tl.where((bj + 1) * (bj + 2) // 2 <= pid, bj + 1, bj)
-        bi = pid - bj * (bj + 1) // 2
+        q = pid // WIDE
+        bj = ((tl.sqrt(8.0 * q.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+        bj = tl.where(bj * (bj + 1) // 2 > q, bj - 1, bj)
+        bj = tl.where((bj + 1) * (bj + 2) // 2 <= q, bj + 1, bj)
+        bi = pid - WIDE * (bj * (bj + 1) // 2)
 
+        BJ: tl.constexpr = WIDE * BLOCK_D
         offs_i = bi * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_j = bj * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_j = bj * BJ + tl.arange(0, BJ)
         in_i = offs_i < D
         in_j = offs_j < D
         col_i = offs_i.to(tl.int64) * stride_xd
         col_j = offs_j.to(tl.int64) * stride_xd
 
-        tile = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            in_r = rows < R
+        tile = tl.zeros((BLOCK_D, BJ), dtype=tl.float32)
+        # With a mask the kept rows arrive as a list of row numbers whose length lives on the
+        # device (no host sync to learn it). No branch depends on the data inside the loop:
+        # one would stop Triton's software pipeliner from overlapping the loads with the dots.
+        if HAS_INDEX:
+            n_rows = tl.load(count_ptr)
+        else:
+            n_rows = R
+        # In the last column a wide tile's row block can start past d: nothing to sum there.
+        n_rows = tl.where(bi * BLOCK_D < D, n_rows, 0)
+        for r0 in range(0, n_rows, BLOCK_R):
+            pos = r0 + tl.arange(0, BLOCK_R)
+            in_r = pos < n_rows
+            if HAS_INDEX:
+                rows = tl.load(idx_ptr + pos, mask=in_r, other=0)
+            else:
+                rows = pos
             if THREE_D:
                 row_off = (rows // T).to(tl.int64) * stride_xb + (rows % T).to(tl.int64) * stride_xt
             else:
                 row_off = rows.to(tl.int64) * stride_xt
-            if HAS_KEEP:
-                # Dropped rows are never loaded; a chunk with no kept row (a run of padding)
-                # skips its loads and its dot altogether.
-                live = in_r & (tl.load(keep_ptr + rows, mask=in_r, other=0) != 0)
-                if tl.max(live.to(tl.int32), axis=0) > 0:
-                    tile = _cov_rows(
-                        tile, x_ptr, scale_ptr, rows, row_off, live, col_i, col_j, in_i, in_j,
-                        HAS_SCALE, INPUT_PRECISION,
-                    )  # fmt: skip
-            else:
-                tile = _cov_rows(
-                    tile, x_ptr, scale_ptr, rows, row_off, in_r, col_i, col_j, in_i, in_j,
-                    HAS_SCALE, INPUT_PRECISION,
-                )  # fmt: skip
+            tile = _cov_rows(
+                tile, x_ptr, scale_ptr, rows, row_off, in_r, col_i, col_j, in_i, in_j,
+                HAS_SCALE, INPUT_PRECISION,
+            )  # fmt: skip
 
         acc_ptrs = acc_ptr + offs_i[:, None].to(tl.int64) * stride_am + offs_j[None, :].to(tl.int64) * stride_an
         in_tile = in_i[:, None] & in_j[None, :]
@@ -187,16 +208,19 @@ if triton is not None:
         if interpreting():
             # The interpreter runs every program in numpy: few, mid-sized tiles are fastest,
             # and autotuning there would only burn time.
-            return [triton.Config({"BLOCK_D": 32, "BLOCK_R": 32}, num_warps=4, num_stages=1)]
+            return [triton.Config({"BLOCK_D": 32, "WIDE": 1, "BLOCK_R": 32}, num_warps=4, num_stages=1)]
         return tuning_configs(
-            [triton.Config({"BLOCK_D": bd, "BLOCK_R": br}, num_warps=w, num_stages=s) for bd, br, w, s in GPU_TILES]
+            [
+                triton.Config({"BLOCK_D": bd, "WIDE": wide, "BLOCK_R": br}, num_warps=w, num_stages=s)
+                for bd, wide, br, w, s in GPU_TILES
+            ]
         )
 
     def _cov_prune(configs, named_args, **kwargs):
         # A small triangle is launch-bound and has few tiles: tuning it costs more than it wins.
         d = named_args["D"]
         if d <= 512 and len(configs) > 1:
-            small = [c for c in configs if c.kwargs["BLOCK_D"] == 64]
+            small = [c for c in configs if c.kwargs["BLOCK_D"] == 64 and c.kwargs["WIDE"] == 1]
             return small[:1] or configs[:1]
         return configs
 
@@ -225,6 +249,35 @@ def _check(acc: torch.Tensor, x: torch.Tensor) -> int:
     return d
 
 
+class KeptRows:
+    """A row mask prepared once for several updates over the same rows.
+
+    ``covariance_update`` takes it wherever it takes a mask. The Triton kernel reads
+    kept rows through a list of their numbers (dropped rows cost neither loads nor
+    flops, and the kernel's loop has no data-dependent branch to stall its pipelining);
+    building that list takes a few small launches, which a collector that updates
+    many accumulators per batch would otherwise repeat for each. No host sync:
+    the number of kept rows stays on the device.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask.reshape(-1) != 0 if mask.dtype != torch.bool else mask.reshape(-1)
+        self._index = None
+
+    def index_and_count(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, count): int32 (rows + 1,) whose first ``count`` entries are the kept rows in
+        order (the last slot collects the dropped ones), and int32 (1,) ``count``."""
+        if self._index is None:
+            keep, rows = self.mask, self.mask.numel()
+            pos = torch.cumsum(keep.to(torch.int32), 0, dtype=torch.int32)
+            count = pos[-1:].clone() if rows else torch.zeros(1, dtype=torch.int32, device=keep.device)
+            dest = torch.where(keep, pos - 1, rows).to(torch.int64)
+            index = torch.empty(rows + 1, dtype=torch.int32, device=keep.device)
+            index.scatter_(0, dest, torch.arange(rows, dtype=torch.int32, device=keep.device))
+            self._index = (index, count)
+        return self._index
+
+
 def row_weights(x: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor | None):
     """Flatten ``mask`` and ``scale`` to per-row vectors over x's leading dims.
 
@@ -234,7 +287,14 @@ def row_weights(x: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor 
     """
     lead = x.shape[:-1]
     keep = None
-    if mask is not None:
+    if isinstance(mask, KeptRows):
+        if mask.mask.numel() != lead.numel():
+            raise ValueError(f"KeptRows covers {mask.mask.numel()} rows but x's leading dims are {tuple(lead)}")
+        if mask.mask.device == x.device:
+            keep = mask.mask
+        else:
+            mask = mask.mask
+    if mask is not None and keep is None:
         if mask.shape != lead:
             if mask.numel() != lead.numel():
                 raise ValueError(f"mask has shape {tuple(mask.shape)} but x's leading dims are {tuple(lead)}")
@@ -310,21 +370,26 @@ def covariance_update_triton(acc: torch.Tensor, x: torch.Tensor, mask=None, scal
     # Rows are evenly spaced when there is one sequence or sequences sit back to back:
     # then the kernel skips the per-row divmod.
     three_d = nb_ > 1 and nt > 1 and sb != nt * st
-    keep_arg = keep.to(torch.uint8) if keep is not None else x3  # uint8: bool pointers vary across triton versions
+    if keep is not None:
+        kept = mask if isinstance(mask, KeptRows) and mask.mask is keep else KeptRows(keep)
+        idx_arg, count_arg = kept.index_and_count()
+    else:
+        idx_arg = count_arg = x3  # never read
     scale_arg = s.to(device=x.device, dtype=torch.float32).contiguous() if s is not None else x3
     # fp32 x is summed in true fp32 unless the caller opted into TF32 for matmuls (torch's own switch);
     # 16-bit operands ignore the setting.
     precision = "tf32" if x.dtype != torch.float32 or (x.is_cuda and tf32_matmul()) else "ieee"
 
     def grid(meta):
-        nb = triton.cdiv(d, meta["BLOCK_D"])
-        return (nb * (nb + 1) // 2,)
+        nb = triton.cdiv(d, meta["BLOCK_D"] * meta["WIDE"])
+        return (meta["WIDE"] * (nb * (nb + 1) // 2),)
 
     with on_device(x):
         _cov_triangle_tuned[grid](
             acc,
             x3,
-            keep_arg,
+            idx_arg,
+            count_arg,
             scale_arg,
             rows,
             nt,
@@ -334,7 +399,7 @@ def covariance_update_triton(acc: torch.Tensor, x: torch.Tensor, mask=None, scal
             sd,
             acc.stride(0),
             acc.stride(1),
-            HAS_KEEP=keep is not None,
+            HAS_INDEX=keep is not None,
             HAS_SCALE=s is not None,
             THREE_D=three_d,
             INPUT_PRECISION=precision,
@@ -345,8 +410,9 @@ def covariance_update_triton(acc: torch.Tensor, x: torch.Tensor, mask=None, scal
 def covariance_update(acc: torch.Tensor, x: torch.Tensor, mask=None, *, scale=None, backend: str = "auto"):
     """In place: add Σ over kept rows of scale²·xxᵀ to the upper triangle of ``acc``.
 
-    ``x`` is (..., d) in fp32/fp16/bf16 (fp64 on the torch path) with any strides; ``mask`` (bool or 0/1)
-    drops rows; ``scale`` is a per-row or per-sequence weight applied to x.
+    ``x`` is (..., d) in fp32/fp16/bf16 (fp64 on the torch path) with any strides; ``mask`` (bool or 0/1
+    over x's leading dims, or a :class:`KeptRows` built once for several updates) drops rows;
+    ``scale`` is a per-row or per-sequence weight applied to x.
     Read the full matrix with :func:`covariance_result`.
     """
     _check(acc, x)

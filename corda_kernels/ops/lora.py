@@ -44,8 +44,9 @@ GEMM_GPU_TILES = (
     (64, 64, 64, 4, 3),
 )
 #: Autotune candidates of the dy kernel, as (BLOCK_M, BLOCK_N, num_warps, num_stages). With s
-#: in dy's dtype every shape fits Hopper's shared memory at r = 128 in bf16
-#: (tests/aot_compile.py); the autotuner skips any that do not fit elsewhere.
+#: in dy's dtype and the rank tile at most 64 (MAX_FUSED_RANK), tests/aot_compile.py checks
+#: which fit shared memory when compiled as the runtime does (aligned, pipelined); the
+#: autotuner skips any that do not fit a given GPU.
 DY_GPU_TILES = ((64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (32, 128, 4, 3))
 
 
