@@ -194,19 +194,31 @@ class TokenProgress:
 
 
 # ---------------------------------------------------------------------- distributed (torchrun)
-def _maybe_init_distributed(device: str) -> tuple[int, int]:
-    """Join the torchrun process group if launched by torchrun; (rank, world)."""
+def _maybe_init_distributed(device: str) -> tuple[int, int, bool]:
+    """Join the torchrun process group if launched by torchrun; (rank, world, whether this call created it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1
+        return 0, 1, False
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), owned
+
+
+def _end_distributed(owned: bool) -> None:
+    # Every rank waits for the others (and for rank 0's file) before the group goes: a rank that
+    # tore down its connections while a peer was still finishing the last collective could make
+    # that peer's transport abort.
+    if owned:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _log(msg: str, rank: int = 0) -> None:
@@ -218,7 +230,7 @@ def _log(msg: str, rank: int = 0) -> None:
 def cmd_collect(args) -> int:
     import corda_kernels as ck
 
-    rank, _ = _maybe_init_distributed(args.device)
+    rank, _, owned = _maybe_init_distributed(args.device)
     batches = load_batches(args.data, args, args.tokenizer or args.model)  # bad data fails before a model loads
     model = _load_model(args.model, args)
     t0 = time.perf_counter()
@@ -240,6 +252,7 @@ def cmd_collect(args) -> int:
         f"({len(batches)} batches) in {time.perf_counter() - t0:.1f}s -> {args.output}",
         rank,
     )
+    _end_distributed(owned)
     return 0
 
 
@@ -273,7 +286,7 @@ def cmd_build(args) -> int:
     from .export import save_pretrained
     from .rewrite import resolve_targets
 
-    rank_, world = _maybe_init_distributed(args.device)
+    rank_, world, owned = _maybe_init_distributed(args.device)
     if args.budget is not None and not args.cordapp:
         raise CliError("--budget is a CorDA++ rank allocation: add --cordapp (or use --rank for a uniform rank)")
     if not os.path.isfile(args.covariances):
@@ -349,6 +362,7 @@ def cmd_build(args) -> int:
         f"in {time.perf_counter() - t0:.1f}s -> {args.output}/residual + {args.output}/adapter",
         rank_,
     )
+    _end_distributed(owned)
     return 0
 
 

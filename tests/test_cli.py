@@ -187,3 +187,37 @@ def test_unknown_option_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["build", "a", "b", "-o", "c", "--no-such-option"])
     assert e.value.code == 2
+
+
+def test_torchrun_collect_and_build_match_one_process(workdir, tmp_path):
+    # The README's `torchrun ... -m corda_kernels collect`: two gloo processes on the CPU, each reading
+    # its shard of the batches, must write the covariances one process writes; `build` under torchrun
+    # splits the decompositions and must write the same adapter.
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this python")
+    from safetensors.torch import load_file
+
+    d = workdir
+    data = [d / "data.txt", d / "data.jsonl", d / "tokens.pt"]
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    _run(["collect", d / "model", *data, "-o", one, "--batch-size", "2", "--no-progress"], d)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "corda_kernels"]
+    for args in (
+        ["collect", d / "model", *data, "-o", two, "--batch-size", "2", "--no-progress"],
+        ["build", d / "model", two, "-o", tmp_path / "out2", "--rank", "3", "--no-progress"],
+    ):
+        r = subprocess.run(cmd + [str(a) for a in args], cwd=d, env=env, capture_output=True, text=True, timeout=150)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = ck.Covariances.load(one), ck.Covariances.load(two)
+    assert a.tokens == b.tokens and a.token_counts == b.token_counts
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+    _run(["build", d / "model", two, "-o", tmp_path / "out1", "--rank", "3", "--no-progress"], d)
+    w1 = load_file(str(tmp_path / "out1" / "adapter" / "adapter_model.safetensors"))
+    w2 = load_file(str(tmp_path / "out2" / "adapter" / "adapter_model.safetensors"))
+    assert set(w1) == set(w2) and w1
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0)

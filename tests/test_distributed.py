@@ -119,6 +119,7 @@ def _failing_worker(rank, world, init_file, out_dir):
         except Exception as e:  # noqa: BLE001
             seen["candidates"] = (type(e).__name__, str(e))
         torch.save(seen, os.path.join(out_dir, f"fail{rank}.pt"))
+        dist.barrier()  # no rank drops its connections while a peer still finishes the last exchange
     finally:
         dist.destroy_process_group()
 
