@@ -11,6 +11,7 @@ collection is sharded across the processes (see :mod:`corda_kernels.distributed`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -210,15 +211,27 @@ def _maybe_init_distributed(device: str) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), owned
 
 
-def _end_distributed(owned: bool) -> None:
-    # Every rank waits for the others (and for rank 0's file) before the group goes: a rank that
-    # tore down its connections while a peer was still finishing the last collective could make
-    # that peer's transport abort.
-    if owned:
-        import torch.distributed as dist
+@contextlib.contextmanager
+def _distributed(device: str):
+    """Yields (rank, world) inside the torchrun process group, if launched by torchrun.
 
-        dist.barrier()
-        dist.destroy_process_group()
+    A group this call created is closed on the way out, on errors too. On success all ranks
+    first meet at a barrier: a rank that tore down its connections while a peer was still
+    finishing the last collective could make that peer's transport abort. Callers write
+    their files after the block, so no rank waits at the barrier through a long save.
+    """
+    rank, world, owned = _maybe_init_distributed(device)
+    ok = False
+    try:
+        yield rank, world
+        ok = True
+    finally:
+        if owned:
+            import torch.distributed as dist
+
+            if ok:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def _log(msg: str, rank: int = 0) -> None:
@@ -230,21 +243,21 @@ def _log(msg: str, rank: int = 0) -> None:
 def cmd_collect(args) -> int:
     import corda_kernels as ck
 
-    rank, _, owned = _maybe_init_distributed(args.device)
-    batches = load_batches(args.data, args, args.tokenizer or args.model)  # bad data fails before a model loads
-    model = _load_model(args.model, args)
-    t0 = time.perf_counter()
-    loader = TokenProgress(batches, enabled=not args.no_progress and rank == 0)
-    accum = torch.float64 if args.accum_dtype == "float64" else torch.float32
-    kw = {"targets": args.targets, "normalize": args.normalize, "accum_dtype": accum, "progress": False}
-    if args.candidates:
-        if not hasattr(ck, "select_covariances"):
-            raise CliError("--candidates needs CorDA++ (corda_kernels.select_covariances), which is not installed")
-        cands = ck.collect_cov(model, loader, candidates=args.candidates, rank=args.rank, mode=args.mode, **kw)
-        covs = ck.select_covariances(model, cands, rank=args.rank, mode=args.mode)
-        _log(f"CorDA++ selection over {cands.rounds} rounds (* = chosen):\n{cands.table()}", rank)
-    else:
-        covs = ck.collect_cov(model, loader, **kw)
+    with _distributed(args.device) as (rank, _):
+        batches = load_batches(args.data, args, args.tokenizer or args.model)  # bad data fails before a model loads
+        model = _load_model(args.model, args)
+        t0 = time.perf_counter()
+        loader = TokenProgress(batches, enabled=not args.no_progress and rank == 0)
+        accum = torch.float64 if args.accum_dtype == "float64" else torch.float32
+        kw = {"targets": args.targets, "normalize": args.normalize, "accum_dtype": accum, "progress": False}
+        if args.candidates:
+            if not hasattr(ck, "select_covariances"):
+                raise CliError("--candidates needs CorDA++ (corda_kernels.select_covariances), which is not installed")
+            cands = ck.collect_cov(model, loader, candidates=args.candidates, rank=args.rank, mode=args.mode, **kw)
+            covs = ck.select_covariances(model, cands, rank=args.rank, mode=args.mode)
+            _log(f"CorDA++ selection over {cands.rounds} rounds (* = chosen):\n{cands.table()}", rank)
+        else:
+            covs = ck.collect_cov(model, loader, **kw)
     if rank == 0:
         covs.save(args.output)
     _log(
@@ -252,7 +265,6 @@ def cmd_collect(args) -> int:
         f"({len(batches)} batches) in {time.perf_counter() - t0:.1f}s -> {args.output}",
         rank,
     )
-    _end_distributed(owned)
     return 0
 
 
@@ -286,69 +298,69 @@ def cmd_build(args) -> int:
     from .export import save_pretrained
     from .rewrite import resolve_targets
 
-    rank_, world, owned = _maybe_init_distributed(args.device)
     if args.budget is not None and not args.cordapp:
         raise CliError("--budget is a CorDA++ rank allocation: add --cordapp (or use --rank for a uniform rank)")
     if not os.path.isfile(args.covariances):
         raise CliError(f"covariances file {args.covariances!r} does not exist")
-    covs = ck.Covariances.load(args.covariances)
-    model = _load_model(args.model, args)
-    tokenizer = None
-    try:
-        tokenizer = _load_tokenizer(args.tokenizer or args.model)
-    except CliError:
-        if args.tokenizer:
-            raise
-    t0 = time.perf_counter()
-    ranks = None
-    if args.cordapp:
-        if not hasattr(ck, "allocate_ranks"):
-            raise CliError("--cordapp needs CorDA++ (corda_kernels.allocate_ranks), which is not installed")
-        budget = _parse_budget(args.budget)
-        ranks = ck.allocate_ranks(
+    with _distributed(args.device) as (rank_, world):
+        covs = ck.Covariances.load(args.covariances)
+        model = _load_model(args.model, args)
+        tokenizer = None
+        try:
+            tokenizer = _load_tokenizer(args.tokenizer or args.model)
+        except CliError:
+            if args.tokenizer:
+                raise
+        t0 = time.perf_counter()
+        ranks = None
+        if args.cordapp:
+            if not hasattr(ck, "allocate_ranks"):
+                raise CliError("--cordapp needs CorDA++ (corda_kernels.allocate_ranks), which is not installed")
+            budget = _parse_budget(args.budget)
+            ranks = ck.allocate_ranks(
+                model,
+                covs,
+                budget=1.0 if budget is None else budget,
+                mode=args.mode,
+                min_rank=args.min_rank,
+                max_rank=args.max_rank,
+                multiple=args.multiple,
+                rank=args.rank,
+                damping=args.damping,
+                progress=not args.no_progress and rank_ == 0,
+            )
+            _log(f"CorDA++ allocation: {sum(ranks.values())} ranks, {ranks.used} of {ranks.budget} parameters", rank_)
+        spectra = None
+        values = {}
+        if args.report:
+            modules = resolve_targets(model, covs, args.targets)
+            cache = getattr(covs, "spectrum_cache", None)
+            from ._targets import linear_weight
+
+            for name, module in modules.items():
+                v = None
+                if cache is not None:
+                    v = cache.values(name, linear_weight(module), covs[name], args.damping, torch.float32)
+                if v is not None:
+                    values[name] = torch.as_tensor(v)
+            if len(values) < len(modules):
+                # Computed once here and handed to build_corda, so the report costs no second decomposition.
+                spectra = _spectra(model, covs, modules, args.damping)
+                values = {n: s.singular_values for n, s in spectra.items()}
+        ck.build_corda(
             model,
             covs,
-            budget=1.0 if budget is None else budget,
-            mode=args.mode,
-            min_rank=args.min_rank,
-            max_rank=args.max_rank,
-            multiple=args.multiple,
             rank=args.rank,
+            mode=args.mode,
+            ranks=ranks,
+            alpha=args.alpha,
+            targets=args.targets,
             damping=args.damping,
+            dropout=args.dropout,
+            spectra=spectra,
             progress=not args.no_progress and rank_ == 0,
+            distributed=world > 1,
         )
-        _log(f"CorDA++ allocation: {sum(ranks.values())} ranks, {ranks.used} of {ranks.budget} parameters", rank_)
-    spectra = None
-    values = {}
-    if args.report:
-        modules = resolve_targets(model, covs, args.targets)
-        cache = getattr(covs, "spectrum_cache", None)
-        from ._targets import linear_weight
-
-        for name, module in modules.items():
-            v = None
-            if cache is not None:
-                v = cache.values(name, linear_weight(module), covs[name], args.damping, torch.float32)
-            if v is not None:
-                values[name] = torch.as_tensor(v)
-        if len(values) < len(modules):
-            # Computed once here and handed to build_corda, so the report costs no second decomposition.
-            spectra = _spectra(model, covs, modules, args.damping)
-            values = {n: s.singular_values for n, s in spectra.items()}
-    ck.build_corda(
-        model,
-        covs,
-        rank=args.rank,
-        mode=args.mode,
-        ranks=ranks,
-        alpha=args.alpha,
-        targets=args.targets,
-        damping=args.damping,
-        dropout=args.dropout,
-        spectra=spectra,
-        progress=not args.no_progress and rank_ == 0,
-        distributed=world > 1,
-    )
     layers = ck.corda_layers(model)
     if rank_ == 0:
         save_pretrained(model, args.output, tokenizer=tokenizer)
@@ -362,7 +374,6 @@ def cmd_build(args) -> int:
         f"in {time.perf_counter() - t0:.1f}s -> {args.output}/residual + {args.output}/adapter",
         rank_,
     )
-    _end_distributed(owned)
     return 0
 
 

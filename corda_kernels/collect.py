@@ -161,15 +161,20 @@ class Collector:
 
     def _accumulate(self, g: _Group, name: str, x: torch.Tensor) -> None:
         g.batch_log.append(id(x))
+        mask = self._mask
+        # Asked before any copy to the accumulator's device: a copy of a flattened view has no _base.
+        applies = mask is not None and _mask_applies(mask, x)
         if x.device != g.acc.device:
             x = x.to(g.acc.device, non_blocking=_async_copy(g.acc.device))
-        lead = x.shape[:-1]
-        mask = self._mask
         kept = n_kept = None
         if mask is not None:
-            if _mask_applies(mask, x):
+            if applies:
                 kept, n_kept = self._batch_mask(x.device)
-                mask = kept.mask.reshape(lead)
+                if x.shape[:-1] != mask.shape:
+                    # A flattened view: back to (batch, seq, d), so that normalize="peft" scales
+                    # each sequence by its own max, as it does for unflattened inputs.
+                    x = x.reshape(*mask.shape, x.shape[-1])
+                mask = kept.mask.reshape(mask.shape)
             else:
                 # Rows that are not the text tokens (image patches, routed or pooled tokens): count them all.
                 self.unmasked.update(g.names)
@@ -179,7 +184,7 @@ class Collector:
             scale, nseq = _peft_scale(x, mask)
             g.seqs += nseq
         ops.covariance_update(g.acc, x, kept, scale=scale, backend=self.backend)
-        g.count += n_kept if kept is not None else lead.numel()
+        g.count += n_kept if kept is not None else x.shape[:-1].numel()
 
     def _batch_mask(self, device: torch.device) -> tuple[ops.KeptRows, torch.Tensor]:
         # Once per batch and device, not once per accumulator: the kernel's list of kept rows

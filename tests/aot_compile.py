@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -55,19 +56,27 @@ class Variant:
     int argument equal to 1 into a constant). ``aligned``: every other pointer and integer is
     a multiple of 16, as for aligned tensors with d, rows and strides in multiples of 16; that
     is when Triton can pipeline loads (cp.async) and so when a config needs the most shared
-    memory. ``pipelined``: the hot loop's loads must compile to cp.async (bf16 and fp16).
+    memory. ``pipelined``: both dot operands' tile loads must compile to asynchronous copies
+    into shared memory (bf16 and fp16).
     """
 
     def __init__(self, name, fn, sig, const, configs, unit=(), aligned=True, pipelined=False):
         self.name, self.fn, self.configs, self.pipelined, self.aligned = name, fn, configs, pipelined, aligned
         self.sig, self.const, self.attrs = dict(sig), dict(const), {}
-        for n in unit if aligned else ():
+        for n in unit:
             self.sig[n] = "constexpr"
             self.const[n] = 1
         if aligned:
             for i, p in enumerate(fn.params):
                 if self.sig[p.name].startswith("*") or self.sig[p.name] == "i32":
                     self.attrs[(i,)] = [["tt.divisibility", 16]]
+
+    @staticmethod
+    def async_tile_loads(ttgir: str, dtype: str) -> int:
+        """How many 2-D tile loads in the 16-bit operand dtype became async copies to shared memory."""
+        elem = {"bf16": "bf16", "fp16": "f16"}[dtype]
+        pat = re.compile(r"async_copy_global_to_local .*: tensor<\d+x\d+x!tt\.ptr<" + elem + r">")
+        return sum(1 for line in ttgir.splitlines() if pat.search(line))
 
     def compile(self, cfg, target):
         src = ASTSource(fn=self.fn, signature=self.sig, constexprs={**self.const, **cfg.kwargs}, attrs=self.attrs)
@@ -114,7 +123,7 @@ def kernels(dtype: str) -> list[Variant]:
         Variant("covariance triangle (unmasked)", cov._cov_triangle_kernel, cov_sig, cov_const(False, False, False),
                 cov_cfgs, cov_unit, pipelined=half),
         Variant("covariance triangle (scaled 3-D, odd sizes)", cov._cov_triangle_kernel, cov_sig,
-                cov_const(True, True, True), cov_cfgs, aligned=False),
+                cov_const(True, True, True), cov_cfgs, cov_unit, aligned=False),
         # forward: x (M, K), wt = Wᵀ, l = s (M, r), rt = Bᵀ; dx: x = dy, wt = W, rt = A, keep (M, K)
         Variant("adapter GEMM (forward)", lora._gemm_lowrank_kernel, gemm_sig, gemm_const(True, False), gemm_cfgs,
                 ("stride_on", "stride_xk", "stride_wk", "stride_lr", "stride_rr"), pipelined=half),
@@ -156,11 +165,13 @@ def main(argv=None) -> int:
                         f"{'ok  ' if ok else 'big '} {label}: shared {smem} B, ptx {len(ptx)} chars, "
                         f"{async_loads} async copies"
                     )
-                    if ok and v.pipelined and cfg.num_stages > 1 and not async_loads:
+                    if ok and v.pipelined and cfg.num_stages > 1:
                         # A data-dependent branch or an unaligned access in the loop stops Triton's
                         # pipeliner; the kernel then waits on every load.
-                        failures += 1
-                        print(f"FAIL {label}: the loop's loads are not pipelined (no cp.async in the PTX)")
+                        tiles = Variant.async_tile_loads(k.asm["ttgir"], dtype)
+                        if tiles < 2:
+                            failures += 1
+                            print(f"FAIL {label}: {tiles} of the dot operands' tile loads are pipelined (want both)")
                     if fits and not every:
                         break
                 if not fits:

@@ -277,9 +277,11 @@ class _Router(nn.Module):
         self.emb = nn.Embedding(50, d)
         self.router = nn.Linear(d, 4)
         self.patches = nn.Linear(d, d)
+        self.tokens = nn.Linear(d, 2)
 
     def forward(self, input_ids, attention_mask=None):
         h = self.emb(input_ids)
+        self.tokens(h)  # the same tokens, unflattened
         self.router(h.view(-1, h.shape[-1]))
         return self.patches(h.reshape(-1, h.shape[-1]).clone())  # same row count, but not a view of the tokens
 
@@ -300,6 +302,15 @@ def test_mask_applies_to_flattened_views_only():
     every = h.reshape(-1, 8)
     assert covs.token_counts["patches"] == 18
     assert rel(covs["patches"], every.T @ every) < 1e-6
+
+    # normalize="peft" scales each sequence by its own max: a flattened view must get the same
+    # per-sequence treatment as the (batch, seq, d) tensor it views.
+    with pytest.warns(UserWarning, match="patches"):
+        peft = ck.collect_cov(model, [{"input_ids": ids, "attention_mask": mask}], progress=False, normalize="peft")
+    seqs = [h[b][mask[b].bool()] for b in range(3)]
+    ref = sum(x.T @ x / x.max().abs() ** 2 for x in seqs) / 3
+    assert rel(peft["tokens"], ref) < 1e-5
+    assert rel(peft["router"], ref) < 1e-5
 
 
 class _Watch(nn.Module):

@@ -88,3 +88,24 @@ def test_collect_and_build_keep_each_module_on_its_device(second):
         got = layers[n]
         prod = (got.lora_B.double() @ got.lora_A.double()).cpu()
         assert rel(prod, layer.lora_B.double() @ layer.lora_A.double()) < 1e-3, n
+
+
+def test_accumulators_on_another_device_still_mask_flattened_views():
+    # collect_cov(device="cpu") for a model on the GPU: each input is copied to the CPU before its
+    # update, and a copy is no longer a view; the mask must still apply to a router's h.view(-1, d).
+    from test_collect import _Router
+
+    torch.manual_seed(0)
+    model = _Router().to("cuda")
+    ids = torch.randint(0, 50, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[2, 1:] = 0
+    batch = {"input_ids": ids.cuda(), "attention_mask": mask.cuda()}
+    with pytest.warns(UserWarning, match="patches"):
+        covs = ck.collect_cov(model, [batch], progress=False, normalize="sum", device="cpu")
+    h = model.emb(ids.cuda()).detach().double().cpu()
+    kept = h[mask.bool()]
+    assert covs["router"].device.type == "cpu"
+    assert covs.token_counts["router"] == int(mask.sum())
+    assert rel(covs["router"], kept.T @ kept) < 1e-5

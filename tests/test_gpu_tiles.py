@@ -57,18 +57,20 @@ def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).norm() / ref.norm()).item()
 
 
-def test_tile_tables_are_what_the_autotuner_would_use():
-    # The tests below run the tables; this keeps the tables and the tuned kernels one list.
-    import triton  # noqa: F401
+def test_tile_tables_are_what_the_autotuner_would_use(monkeypatch):
+    # The tests below run the tables; this checks that the autotuners' GPU candidates are exactly
+    # the tables (built here as on a GPU: interpreter off, autotuning on).
+    monkeypatch.setattr(cov_mod, "interpreting", lambda: False)
+    monkeypatch.setattr(lora_mod, "interpreting", lambda: False)
+    monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "1")
 
-    if not CUDA:
-        pytest.skip("off a GPU the autotuned kernels hold the interpreter's single config")
-    if len(cov_mod._cov_triangle_tuned.configs) == 1:
-        pytest.skip("CORDA_KERNELS_AUTOTUNE=0 keeps one config")
-    assert [(c.kwargs["BLOCK_D"], c.kwargs["WIDE"], c.kwargs["BLOCK_R"], c.num_warps, c.num_stages) for c in
-            cov_mod._cov_triangle_tuned.configs] == list(cov_mod.GPU_TILES)  # fmt: skip
-    assert len(lora_mod._gemm_lowrank_tuned.configs) == len(lora_mod.GEMM_GPU_TILES)
-    assert len(lora_mod._dy_lowrank_tuned.configs) == len(lora_mod.DY_GPU_TILES)
+    def table(configs, keys):
+        return [tuple(c.kwargs[k] for k in keys) + (c.num_warps, c.num_stages) for c in configs]
+
+    assert table(cov_mod._cov_configs(), ["BLOCK_D", "WIDE", "BLOCK_R"]) == list(cov_mod.GPU_TILES)
+    gemm = table(lora_mod._gemm_configs(), ["BLOCK_M", "BLOCK_N", "BLOCK_K"])
+    assert gemm == list(lora_mod.GEMM_GPU_TILES)
+    assert table(lora_mod._dy_configs(), ["BLOCK_M", "BLOCK_N"]) == list(lora_mod.DY_GPU_TILES)
 
 
 @pytest.mark.parametrize(
@@ -80,11 +82,12 @@ def test_covariance_every_tile(monkeypatch, tile, dtype):
     fixed = Fixed(cov_mod._cov_triangle_kernel, {"BLOCK_D": bd, "WIDE": wide, "BLOCK_R": br}, warps, stages)
     monkeypatch.setattr(cov_mod, "_cov_triangle_tuned", fixed)
     # d = 129 is ragged against 32, 64 and 128 and gives a triangle of several tiles at each;
-    # three sequences of 70 rows from a strided view (a slice of a wider tensor).
+    # three sequences of 70 rows from a view whose sequences are not back to back (a transposed
+    # (T, B, d + 11) buffer, sliced), so rows are found through the kernel's divmod path.
     d, B, T = 129, 3, 70
-    x = torch.randn(B, T, d + 11, device=DEV).to(dtype)[..., 5 : 5 + d]
+    x = torch.randn(T, B, d + 11, device=DEV).to(dtype).transpose(0, 1)[..., 5 : 5 + d]
     mask = torch.ones(B, T, dtype=torch.bool, device=DEV)
-    mask[0] = False  # with sequence 1's start, a padding run longer than any BLOCK_R: skipped chunks
+    mask[0] = False  # with sequence 1's start, a padding run longer than any BLOCK_R
     mask[1, :10] = False
     mask[2, 50:] = False
     scale = torch.rand(B, device=DEV) + 0.5

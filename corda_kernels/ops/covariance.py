@@ -257,10 +257,14 @@ class KeptRows:
     flops, and the kernel's loop has no data-dependent branch to stall its pipelining);
     building that list takes a few small launches, which a collector that updates
     many accumulators per batch would otherwise repeat for each. No host sync:
-    the number of kept rows stays on the device.
+    the number of kept rows stays on the device. The list is built on first use
+    and then kept: build a new KeptRows if the mask changes in place. Pass it on
+    x's device; on another one the mask is moved and the list rebuilt per call.
     """
 
     def __init__(self, mask: torch.Tensor):
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"KeptRows takes a bool or 0/1 tensor over x's leading dims, got {type(mask).__name__}")
         self.mask = mask.reshape(-1) != 0 if mask.dtype != torch.bool else mask.reshape(-1)
         self._index = None
 
