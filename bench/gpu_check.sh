@@ -2,7 +2,8 @@
 # One-shot GPU check for a lent H200 (no internet; the image's python3 has torch, triton, transformers, peft).
 #   1. the op tests on CUDA in parallel pytest processes (Triton kernels compiled for real, bf16
 #      included), every autotune config of every kernel forced in turn (tests/test_gpu_tiles.py,
-#      bf16) and the device_map test (a model split over cuda:0 and cpu, or two GPUs);
+#      bf16), the device_map tests (a model split over cuda:0 and cpu, or two GPUs) and torch.compile
+#      of a model whose CordaLinear layers run the kernels;
 #   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end.
 # Budget: under 9 minutes in all, to fit one 10-minute device call (tests capped at 240 s, bench at 300 s).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
@@ -24,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 echo "== pytest (CUDA) =="
 # Correctness only: one small config per kernel (CORDA_KERNELS_AUTOTUNE=0), so the run compiles each
 # specialization once instead of autotuning every test shape. The bench below autotunes for real.
-# Kernel compiles are CPU-bound and single-threaded: six pytest processes share the host's cores
+# Kernel compiles are CPU-bound and single-threaded: seven pytest processes share the host's cores
 # (xdist is not assumed to be installed), each capped at 240 s.
 run_tests() {  # name, pytest args...
     local name=$1; shift
@@ -37,9 +38,10 @@ run_tests lora_b tests/test_ops_lora.py -k "not (bf16 or dropout or forward_and_
 run_tests device_map tests/test_device_map.py &
 run_tests tiles_gemm tests/test_gpu_tiles.py -k "gemm or tables" &
 run_tests tiles_cov_dy tests/test_gpu_tiles.py -k "covariance or dy" &
+run_tests compile tests/test_compile_cuda.py &
 wait
 test_rc=0
-for name in covariance lora_a lora_b device_map tiles_gemm tiles_cov_dy; do
+for name in covariance lora_a lora_b device_map tiles_gemm tiles_cov_dy compile; do
     rc=$(cat "$LOG_DIR/gpu_pytest_$name.rc" 2>/dev/null || echo 99)
     echo "-- pytest $name: exit $rc; $(tail -n 1 "$LOG_DIR/gpu_pytest_$name.log")"
     grep -E "^(FAILED|ERROR)" "$LOG_DIR/gpu_pytest_$name.log" | head -20
