@@ -136,8 +136,8 @@ def test_lower_triangle_is_never_read(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_padding_runs_longer_than_a_row_chunk(backend, dtype):
-    # Whole chunks of rows are padding (the kernel skips them) next to partly padded chunks;
-    # every padded row holds NaN, which must not reach the sum.
+    # Long runs of padding (the kernel never visits dropped rows: it walks the kept-row list) next to
+    # partly padded stretches; every padded row holds NaN, which must not reach the sum.
     d = 37
     x = rand(4, 70, d, dtype=dtype) + 0.5
     mask = torch.ones(4, 70, dtype=torch.bool, device=DEV)
