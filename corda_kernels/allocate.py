@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._targets import Targets
-from .compactness import PI_FROM, PI_NORMALIZE, RankScorer, ScoreRule, analyse_layers, layer_log_pi
+from .compactness import IPM_SCORES, PI_FROM, PI_NORMALIZE, RankScorer, ScoreRule, analyse_layers, layer_log_pi
 from .covariance import Covariances
 from .decompose import MODES
 from .rewrite import resolve_targets
@@ -70,6 +70,7 @@ def allocate_ranks(
     pi_normalize: str = "mean",
     damping: float = 0.01,
     compute_dtype: torch.dtype = torch.float32,
+    ipm_score: str = "captured",
     progress: bool = False,
 ) -> RankAllocation:
     """Per-layer ranks whose total cost Σ r·(d_in + d_out) stays within ``budget``.
@@ -81,8 +82,9 @@ def allocate_ranks(
     keeps giving steps to the next-best layers that still fit once the best
     one no longer does, so the budget is missed by less than one step of the
     largest layer; ``fill=False`` stops at the first step that does not fit.
-    Spectra come from ``covs.spectrum_cache`` when valid, else are computed
-    once and cached there for ``build_corda``.
+    ``ipm_score`` picks the IPM score (docs/cordapp.md §3): ``"captured"``
+    (default) or ``"boundary"``. Spectra come from ``covs.spectrum_cache`` when
+    valid, else are computed once and cached there for ``build_corda``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -90,6 +92,8 @@ def allocate_ranks(
         raise ValueError(f"pi_from must be one of {PI_FROM}, got {pi_from!r}")
     if pi_normalize not in PI_NORMALIZE:
         raise ValueError(f"pi_normalize must be one of {PI_NORMALIZE}, got {pi_normalize!r}")
+    if ipm_score not in IPM_SCORES:
+        raise ValueError(f"ipm_score must be one of {IPM_SCORES}, got {ipm_score!r}")
     _positive_int("min_rank", min_rank)
     _positive_int("multiple", multiple)
     _positive_int("rank", rank)
@@ -148,7 +152,9 @@ def allocate_ranks(
         )
 
     scorers = [
-        RankScorer(layer_log_pi(infos[n].d_out, infos[n].values, infos[n].stats, rule), infos[n].values, mode)
+        RankScorer(
+            layer_log_pi(infos[n].d_out, infos[n].values, infos[n].stats, rule), infos[n].values, mode, ipm_score
+        )
         for n in names
     ]
     negative = [n for n, sc in zip(names, scorers) if sc.log_pi < 0]

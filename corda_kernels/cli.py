@@ -327,6 +327,7 @@ def cmd_build(args) -> int:
                 multiple=args.multiple,
                 rank=args.rank,
                 damping=args.damping,
+                ipm_score=args.ipm_score,
                 progress=not args.no_progress and rank_ == 0,
             )
             _log(f"CorDA++ allocation: {sum(ranks.values())} ranks, {ranks.used} of {ranks.budget} parameters", rank_)
@@ -477,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-rank", type=int, default=1)
     p.add_argument("--max-rank", type=int, default=None)
     p.add_argument("--multiple", type=int, default=1, help="CorDA++ ranks are multiples of this")
+    p.add_argument(
+        "--ipm-score", choices=("captured", "boundary"), default="captured", help="CorDA++ IPM allocation score"
+    )
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: each layer's rank)")
     p.add_argument("--damping", type=float, default=0.01)
     p.add_argument("--dropout", type=float, default=0.0)

@@ -7,7 +7,8 @@ W·C_d). Lower π means more compact. On top of it:
 * the selection score of a candidate covariance,
   s(C) = log π(C) · Σ_{i∈S} σᵢ(W·C_d) / σ_max(W·C_d);
 * the allocation score of a layer at rank r (KPM),
-  s = log π(C) · σ₋ᵣ / Σ_{k ≤ R−r} σ_k, IPM mirrored (see ``docs/cordapp.md``).
+  s = log π(C) · σ₋ᵣ / Σ_{k ≤ R−r} σ_k, and for IPM one of two readings
+  (``IPM_SCORES``; see ``docs/cordapp.md``).
 
 Everything here works from a :class:`~corda_kernels.decompose.Spectrum` that
 is computed once per (layer, covariance) and kept in a :class:`SpectrumCache`,
@@ -30,9 +31,16 @@ PI_FROM = ("cov", "wc")
 PI_NORMALIZE = ("mean", "none")
 SUM_OVER = ("all", "adapter")
 GROUP_SCORE = ("sum", "max")
+#: IPM allocation scores: "captured" (monotone in r) and "boundary" (the literal mirror of KPM's).
+IPM_SCORES = ("captured", "boundary")
 
-#: Relative floor for the smallest σ: keeps log π finite for rank-deficient W (pi_from="wc").
+#: Relative floor for the smallest σ: keeps log π finite for an all-but-zero spectrum.
 _SIGMA_FLOOR = 1e-12
+#: With pi_from="wc", σ below this fraction of σ_max is rounding noise, not signal: W·C_d is
+#: formed in fp32 by default and W itself is stored no more precisely, and the Gram route
+#: resolves σ only to ~1e-8·σ_max even in float64. Flooring there makes a rank-deficient W's
+#: log π a fixed number instead of a random one.
+_WC_SIGMA_FLOOR = 1e-6
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,7 @@ def layer_log_pi(d_out: int, values: Sequence[float], stats: CovStats | None, ru
             raise ValueError('pi_from="cov" needs the covariance eigenvalues, which were not computed')
         return log_pi_from(d_out, stats.lam_min, stats.lam_max, stats.lam_mean, rule.pi_normalize)
     s_mean = math.fsum(values) / len(values)
-    return log_pi_from(d_out, values[-1], values[0], s_mean, rule.pi_normalize)
+    return log_pi_from(d_out, max(values[-1], values[0] * _WC_SIGMA_FLOOR), values[0], s_mean, rule.pi_normalize)
 
 
 def selection_score_from(log_pi: float, values: Sequence[float], rule: ScoreRule) -> float:
@@ -144,14 +152,20 @@ class RankScorer:
 
     KPM: s(r) = log π · σ_{R−r+1} / Σ_{k ≤ R−r} σ_k: the largest component the
     adapter would hold against the principal components that stay frozen.
-    IPM, the mirror image (spectrum read from the other end):
-    s(r) = log π · σ_r / Σ_{k > r} σ_k.
+    IPM, ``ipm_score="captured"``: s(r) = log π · Σ_{k ≤ r} σ_k / Σ_{k > r} σ_k,
+    what the adapter holds against what stays frozen (increasing in r).
+    IPM, ``ipm_score="boundary"``: s(r) = log π · σ_r / Σ_{k > r} σ_k, the KPM
+    formula on the spectrum read from the other end. It usually *falls* with r,
+    so the greedy keeps feeding whichever layer got ahead.
     """
 
-    def __init__(self, log_pi: float, values: Sequence[float], mode: str):
+    def __init__(self, log_pi: float, values: Sequence[float], mode: str, ipm_score: str = "captured"):
+        if ipm_score not in IPM_SCORES:
+            raise ValueError(f"ipm_score must be one of {IPM_SCORES}, got {ipm_score!r}")
         self.log_pi = log_pi
         self.values = list(values)
         self.mode = mode
+        self.ipm_score = ipm_score
         self.prefix = [0.0]
         for v in self.values:
             self.prefix.append(self.prefix[-1] + v)
@@ -167,6 +181,8 @@ class RankScorer:
             raise ValueError(f"allocation score needs 1 <= r < R={R}, got r={r}")
         if self.mode == "kpm":
             num, den = self.values[R - r], self.prefix[R - r]
+        elif self.ipm_score == "captured":
+            num, den = self.prefix[r], self.suffix[r]
         else:
             num, den = self.values[r - 1], self.suffix[r]
         if not den > 0:
@@ -242,12 +258,13 @@ def rank_score(
     pi_normalize: str = "mean",
     damping: float = 0.01,
     compute_dtype: torch.dtype = torch.float32,
+    ipm_score: str = "captured",
 ) -> float:
     """Allocation score of one layer at ``rank`` (the layer with the lowest score gets more rank)."""
     rule = ScoreRule(mode=mode, pi_from=pi_from, pi_normalize=pi_normalize).validate()
     damped, values = _analyse(weight, cov, damping, compute_dtype)
     stats = cov_stats(damped) if pi_from == "cov" else None
-    return RankScorer(layer_log_pi(weight.shape[0], values, stats, rule), values, mode)(rank)
+    return RankScorer(layer_log_pi(weight.shape[0], values, stats, rule), values, mode, ipm_score)(rank)
 
 
 # ---------------------------------------------------------------------- the spectrum cache

@@ -158,8 +158,8 @@ def decompose_all(
         first, (k, r) = next(iter(dead.items()))
         warnings.warn(
             f"{sum(k for k, _ in dead.values())} adapter component(s) in {len(dead)} layer(s) (e.g. {first!r}: "
-            f"{k} of {r}) have a singular value of W·C of zero (W is rank-deficient there): they start as "
-            "A = 0, B ≈ 0 and will hardly train; give those layers a smaller rank, or use mode='ipm'",
+            f"{k} of {r}) have a singular value of W·C of zero (W is rank-deficient there): they start with "
+            "B ≈ 0 and will hardly train; give those layers a smaller rank, or use mode='ipm'",
             stacklevel=3,
         )
     return out

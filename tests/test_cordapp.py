@@ -46,10 +46,12 @@ def ref_selection(w, c, sum_over="all", rank=None, mode="kpm"):
     return math.log(ref_pi(c, w.shape[0])) * sum(part) / sv[0]
 
 
-def ref_rank_score(log_pi, sv, r, mode):
+def ref_rank_score(log_pi, sv, r, mode, ipm_score="captured"):
     R = len(sv)
     if mode == "kpm":  # σ₋ᵣ over the R−r principal components
         return log_pi * sv[R - r] / sum(sv[: R - r])
+    if ipm_score == "captured":  # what the adapter holds over what stays frozen
+        return log_pi * sum(sv[:r]) / sum(sv[r:])
     return log_pi * sv[r - 1] / sum(sv[r:])
 
 
@@ -88,6 +90,24 @@ def test_pi_from_wc_uses_singular_values_of_w_cd():
     assert ck.compactness(c, weight=w, pi_from="wc") == pytest.approx(expected, rel=1e-6)
     # σ from W·C_d is a different quantity from σ of C: the option must change the value.
     assert abs(ck.compactness(c, weight=w) - expected) > 1e-3 * expected
+
+
+def test_pi_from_wc_floors_a_rank_deficient_weight_at_a_fixed_level():
+    # A duplicated column gives W an exact null vector; its computed σ_min is rounding noise
+    # (~1e-8·σ_max), so without a floor log π would change from seed to seed.
+    got = []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(24, 16, generator=g)
+        w[:, 1] = w[:, 0]
+        c = spectrum_cov([1.0 + 0.2 * i for i in range(16)], seed=seed)
+        sv = ref_sv(w, c)
+        mean = sum(sv) / len(sv)
+        floor = 1e-6 * sv[0]
+        assert sv[-1] < 1e-3 * floor  # the true σ_min is far below the floor
+        want = 0.5 * math.log(24 * sv[0] / mean) - math.log(floor / mean)
+        got.append(math.log(ck.compactness(c.float(), weight=w, pi_from="wc")))
+        assert got[-1] == pytest.approx(want, rel=1e-4)
 
 
 def test_scores_and_choice_are_scale_invariant():
@@ -135,6 +155,8 @@ def test_low_rank_input_layer_ranked_as_expected():
         for r in (1, 2, 5, 11):
             for mode in ("kpm", "ipm"):
                 assert cp.rank_score(w, c, r, mode) == pytest.approx(ref_rank_score(lp, sv, r, mode), rel=1e-4)
+            got = cp.rank_score(w, c, r, "ipm", ipm_score="boundary")
+            assert got == pytest.approx(ref_rank_score(lp, sv, r, "ipm", "boundary"), rel=1e-4)
 
 
 # ---------------------------------------------------------------------- streamed selection
@@ -340,21 +362,25 @@ def test_allocation_favours_the_layer_the_metric_favours(mode):
     covs = ck.collect_cov(model, two_branch_batches(), progress=False)
     ranks = ck.allocate_ranks(model, covs, budget=16 * 32, mode=mode)
     assert sum(ranks.values()) == 16 and ranks.used == 16 * 32
-    # KPM disturbs the tail, which the near-rank-2 input never excites: it goes there. IPM mirrors.
+    # KPM disturbs the tail, which the near-rank-2 input never excites: it goes there. IPM's adapter
+    # holds the head, which the near-rank-2 input concentrates: "a" captures more per rank.
     if mode == "kpm":
         assert ranks["a"] >= 12 > ranks["b"]
     else:
         assert ranks["b"] > ranks["a"]
 
 
-def naive_allocation(infos, tau, mode, start, caps, m):
+def naive_allocation(infos, tau, mode, start, caps, m, ipm_score="captured"):
     """Rescan every layer at every step: the specification, without the heap."""
     names = list(infos)
     ranks = dict.fromkeys(names, start)
     used = sum(start * (infos[n][0] + infos[n][1]) for n in names)
     alive = {n for n in names if start + m <= caps[n]}
     while alive:
-        best = min(alive, key=lambda n: (ref_rank_score(infos[n][2], infos[n][3], ranks[n], mode), names.index(n)))
+        best = min(
+            alive,
+            key=lambda n: (ref_rank_score(infos[n][2], infos[n][3], ranks[n], mode, ipm_score), names.index(n)),
+        )
         step = m * (infos[best][0] + infos[best][1])
         if used + step > tau:
             alive.discard(best)
@@ -375,13 +401,29 @@ def llama_covs():
 
 
 @pytest.mark.parametrize(
-    "mode,budget,min_rank,max_rank,multiple",
-    [("kpm", 9000, 1, None, 1), ("ipm", 9000, 1, None, 1), ("kpm", 12000, 2, 8, 2), ("kpm", 0.8, 1, None, 4)],
+    "mode,budget,min_rank,max_rank,multiple,ipm_score",
+    [
+        ("kpm", 9000, 1, None, 1, "captured"),
+        ("ipm", 9000, 1, None, 1, "captured"),
+        ("ipm", 9000, 1, None, 1, "boundary"),
+        ("kpm", 12000, 2, 8, 2, "captured"),
+        ("kpm", 0.8, 1, None, 4, "captured"),
+    ],
 )
-def test_allocation_matches_rescanning_greedy_and_bounds(llama_covs, mode, budget, min_rank, max_rank, multiple):
+def test_allocation_matches_rescanning_greedy_and_bounds(
+    llama_covs, mode, budget, min_rank, max_rank, multiple, ipm_score
+):
     model, covs = llama_covs
     ranks = ck.allocate_ranks(
-        model, covs, budget=budget, mode=mode, min_rank=min_rank, max_rank=max_rank, multiple=multiple, rank=8
+        model,
+        covs,
+        budget=budget,
+        mode=mode,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        multiple=multiple,
+        rank=8,
+        ipm_score=ipm_score,
     )
     named = dict(model.named_modules())
     infos, caps = {}, {}
@@ -397,7 +439,7 @@ def test_allocation_matches_rescanning_greedy_and_bounds(llama_covs, mode, budge
     costs = {n: infos[n][0] + infos[n][1] for n in infos}
     tau = budget if isinstance(budget, int) else int(budget * sum(8 * c for c in costs.values()))
     start = -(-min_rank // multiple) * multiple
-    want, used = naive_allocation(infos, tau, mode, start, caps, multiple)
+    want, used = naive_allocation(infos, tau, mode, start, caps, multiple, ipm_score)
     assert dict(ranks) == want
     assert ranks.used == used == sum(r * costs[n] for n, r in ranks.items())
     assert ranks.budget == tau
@@ -408,6 +450,25 @@ def test_allocation_matches_rescanning_greedy_and_bounds(llama_covs, mode, budge
     for n, r in ranks.items():
         assert r % multiple == 0 and max(min_rank, 1) <= r <= caps[n]
     assert len(set(ranks.values())) > 1  # not a uniform allocation
+
+
+def test_ipm_captured_score_rises_with_rank_and_spreads_the_budget(llama_covs):
+    model, covs = llama_covs
+    named = dict(model.named_modules())
+    for name in covs:
+        sv = covs.spectrum_cache.values(name, named[name].weight, covs[name], DAMP, torch.float32).tolist()
+        scorer = cp.RankScorer(1.0, sv, "ipm", "captured")
+        scores = [scorer(r) for r in range(1, len(sv))]
+        assert all(b > a for a, b in zip(scores, scores[1:])), name
+    # The literal mirror usually falls with r, so its greedy hands most of the budget to a few
+    # layers; the captured score, like KPM's, rises, and the greedy spreads the budget.
+    captured = ck.allocate_ranks(model, covs, budget=1.0, rank=8, mode="ipm")
+    boundary = ck.allocate_ranks(model, covs, budget=1.0, rank=8, mode="ipm", ipm_score="boundary")
+    assert sum(r > 1 for r in captured.values()) == len(captured)
+    assert max(captured.values()) < 2 * 8
+    assert sum(r == 1 for r in boundary.values()) >= len(boundary) // 2
+    with pytest.raises(ValueError, match="ipm_score"):
+        ck.allocate_ranks(model, covs, budget=1.0, mode="ipm", ipm_score="mirror")
 
 
 def test_allocation_is_deterministic_with_or_without_cache(llama_covs):
