@@ -11,13 +11,17 @@
       corda_kernels.collect_cov vs PEFT's CorDA covariance collection.
 
 CUDA events, warm-ups, medians; candidates interleaved. Each section runs in its
-own try/except and prints an error row instead of aborting the script. Sizes are
-chosen so the whole script, autotuning included, takes a few minutes.
+own try/except and prints an error row instead of aborting the script (and the
+exit code is then 1); gpu_check.sh also runs each section in its own process,
+so a CUDA fault or a hang in one loses only that section. After each section
+the report lists the tile configs the autotuners picked. Sizes are chosen so
+the whole script, autotuning included, takes a few minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -56,7 +60,11 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+ERRORS: list[str] = []  # every error row of this run: main() exits 1 if any
+
+
 def error_row(ncols: int, where: str, exc: BaseException) -> list[str]:
+    ERRORS.append(where)
     msg = f"ERROR in {where}: {type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")[:300]
     return [msg] + [""] * (ncols - 1)
 
@@ -330,6 +338,28 @@ def section_collect(args) -> str:
     return table(title, header, rows)
 
 
+def autotune_choices() -> str:
+    """The config each autotuned kernel picked, per tuning key, so one GPU run can inform the tile tables."""
+    try:
+        from corda_kernels.ops import covariance, lora
+    except Exception:  # noqa: BLE001
+        return ""
+    rows = []
+    for name, tuned in (
+        ("covariance", getattr(covariance, "_cov_triangle_tuned", None)),
+        ("adapter GEMM", getattr(lora, "_gemm_lowrank_tuned", None)),
+        ("dy kernel", getattr(lora, "_dy_lowrank_tuned", None)),
+    ):
+        for key, cfg in sorted(getattr(tuned, "cache", {}).items(), key=str):
+            named = dict(zip(tuned.keys, key))  # Triton appends the arguments' dtypes after the named keys
+            desc = ", ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+            desc += f", warps={cfg.num_warps}, stages={cfg.num_stages}"
+            rows.append([name, ", ".join(f"{k}={v}" for k, v in named.items()), desc])
+    if not rows:
+        return ""
+    return table("autotuner picks (this process)", ["kernel", "key", "config"], rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
@@ -348,6 +378,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--markdown", default=None, help="also write the report, dated, to this markdown file")
+    ap.add_argument("--append", action="store_true", help="append to --markdown (header only if it is new)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_bench.py: no CUDA device here; nothing to measure (run it on a GPU machine, see bench/gpu_check.sh)")
@@ -367,27 +398,37 @@ def main(argv=None):
     head = f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {tv}; CUDA {torch.version.cuda}"
     print(head)
     print()
-    report = [
-        f"### bench/gpu_bench.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        "",
-        head,
-        "",
-    ]
-    sections = {"a": section_covariance, "b": section_lora, "c": section_collect}
-    for key in args.sections:
-        t = time.perf_counter()
-        try:
-            text = sections[key](args)
-        except Exception as exc:  # noqa: BLE001
-            text = table(f"({key})", ["error"], [error_row(1, f"section {key}", exc)])
-            traceback.print_exc()
-        note = f"(section {key}: {time.perf_counter() - t:.0f} s wall, autotuning and compiles included)"
-        print(text)
-        print(f"\n{note}\n", flush=True)
-        report += [text.replace("### ", "#### ", 1), "", note, ""]
-        if args.markdown:  # written after every section, so a timeout still leaves what was measured
-            with open(args.markdown, "w") as f:
-                f.write("\n".join(report))
+    fresh = not (args.append and args.markdown and os.path.exists(args.markdown) and os.path.getsize(args.markdown))
+    report = ["### bench/gpu_bench.py, " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "", head, ""]
+    if not fresh:
+        report = []
+    with open(args.markdown, "a" if args.append else "w") if args.markdown else contextlib.nullcontext() as md:
+        if md is not None and report:
+            md.write("\n".join(report) + "\n")
+            md.flush()
+        sections = {"a": section_covariance, "b": section_lora, "c": section_collect}
+        for key in args.sections:
+            t = time.perf_counter()
+            try:
+                text = sections[key](args)
+            except Exception as exc:  # noqa: BLE001
+                text = table(f"({key})", ["error"], [error_row(1, f"section {key}", exc)])
+                traceback.print_exc()
+            note = f"(section {key}: {time.perf_counter() - t:.0f} s wall, autotuning and compiles included)"
+            picks = autotune_choices()
+            print(text)
+            print(f"\n{note}\n", flush=True)
+            if picks:
+                print(picks + "\n", flush=True)
+            if md is not None:  # written after every section, so a timeout still leaves what was measured
+                part = [text.replace("### ", "#### ", 1), "", note, ""]
+                if picks:
+                    part += [picks.replace("### ", "#### ", 1) + f" after section {key}", ""]
+                md.write("\n".join(part) + "\n")
+                md.flush()
+    if ERRORS:
+        print(f"gpu_bench.py: {len(ERRORS)} error row(s): {ERRORS[:5]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,10 +5,12 @@
 #      bf16), the device_map tests (a model split over cuda:0 and cpu, or two GPUs) and torch.compile
 #      of a model whose CordaLinear layers run the kernels;
 #   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end.
-# Budget: under 9 minutes in all, to fit one 10-minute device call (tests capped at 240 s, bench at 300 s).
+# Budget: under 9 minutes in all, to fit one 10-minute device call (tests capped at 220 s; the bench
+# sections at 110 + 100 + 80 s, each in its own process so a CUDA fault or a hang loses only that one).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
-# Logs go to $OUT when set (the device tool's folder), else to ./out/; RESULTS-gpu.md there is the
-# dated report, ready to paste into bench/RESULTS.md.
+# Three files go to $OUT when set (the device tool's folder, which returns only a few files), else to
+# ./out/: gpu_pytest.log (every pytest process's log, with its exit code), gpu_bench.log and
+# RESULTS-gpu.md, the dated report (autotuner picks included), ready to paste into bench/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -27,30 +29,53 @@ echo "== pytest (CUDA) =="
 # specialization once instead of autotuning every test shape. The bench below autotunes for real.
 # Kernel compiles are CPU-bound and single-threaded: seven pytest processes share the host's cores
 # (xdist is not assumed to be installed), each capped at 240 s.
+WORK=$(mktemp -d)
 run_tests() {  # name, pytest args...
     local name=$1; shift
-    CORDA_KERNELS_AUTOTUNE=0 timeout 240 "$PY" -m pytest -q -p no:cacheprovider "$@" > "$LOG_DIR/gpu_pytest_$name.log" 2>&1
-    echo $? > "$LOG_DIR/gpu_pytest_$name.rc"
+    CORDA_KERNELS_AUTOTUNE=0 timeout 220 "$PY" -m pytest -q -p no:cacheprovider "$@" > "$WORK/$name.log" 2>&1
+    echo $? > "$WORK/$name.rc"
 }
+GROUPS_RUN="covariance lora_a lora_b device_map tiles_gemm tiles_cov_dy compile"
 run_tests covariance tests/test_ops_covariance.py &
 run_tests lora_a tests/test_ops_lora.py -k "bf16 or dropout or forward_and_grads" &
 run_tests lora_b tests/test_ops_lora.py -k "not (bf16 or dropout or forward_and_grads)" &
 run_tests device_map tests/test_device_map.py &
-run_tests tiles_gemm tests/test_gpu_tiles.py -k "gemm or tables" &
+run_tests tiles_gemm tests/test_gpu_tiles.py -k "gemm or tables or keys" &
 run_tests tiles_cov_dy tests/test_gpu_tiles.py -k "covariance or dy" &
 run_tests compile tests/test_compile_cuda.py &
 wait
 test_rc=0
-for name in covariance lora_a lora_b device_map tiles_gemm tiles_cov_dy compile; do
-    rc=$(cat "$LOG_DIR/gpu_pytest_$name.rc" 2>/dev/null || echo 99)
-    echo "-- pytest $name: exit $rc; $(tail -n 1 "$LOG_DIR/gpu_pytest_$name.log")"
-    grep -E "^(FAILED|ERROR)" "$LOG_DIR/gpu_pytest_$name.log" | head -20
+summary=""
+: > "$LOG_DIR/gpu_pytest.log"
+for name in $GROUPS_RUN; do
+    rc=$(cat "$WORK/$name.rc" 2>/dev/null || echo 99)
+    { echo "===== pytest $name: exit $rc ====="; cat "$WORK/$name.log" 2>/dev/null; echo; } >> "$LOG_DIR/gpu_pytest.log"
+    line="-- pytest $name: exit $rc; $(tail -n 1 "$WORK/$name.log" 2>/dev/null)"
+    fails=$(grep -E "^(FAILED|ERROR)" "$WORK/$name.log" 2>/dev/null | head -20)
+    summary+="$line"$'\n'${fails:+"$fails"$'\n'}
     [ "$rc" -eq 0 ] || test_rc=1
 done
+printf "%s" "$summary"
 echo "pytest exit code: $test_rc ($(( $(date +%s) - start )) s so far)"
 
 echo "== gpu_bench.py =="
-timeout 300 "$PY" bench/gpu_bench.py --markdown "$LOG_DIR/RESULTS-gpu.md" "$@" 2>&1 | tee "$LOG_DIR/gpu_bench.log"
-bench_rc=${PIPESTATUS[0]}
-echo "gpu_bench exit code: $bench_rc; total $(( $(date +%s) - start )) s"
+bench_rc=0
+: > "$LOG_DIR/gpu_bench.log"
+rm -f "$LOG_DIR/RESULTS-gpu.md"
+for part in a:110 b:100 c:80; do
+    sec=${part%%:*}; limit=${part##*:}
+    timeout "$limit" "$PY" bench/gpu_bench.py --sections "$sec" --markdown "$LOG_DIR/RESULTS-gpu.md" --append "$@" 2>&1 \
+        | tee -a "$LOG_DIR/gpu_bench.log"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -ne 0 ]; then
+        bench_rc=1
+        [ "$rc" -eq 124 ] && printf '\n(section %s: killed after its %s s limit)\n\n' "$sec" "$limit" >> "$LOG_DIR/RESULTS-gpu.md"
+    fi
+    echo "gpu_bench section $sec: exit $rc ($(( $(date +%s) - start )) s so far)"
+done
+rm -rf "$WORK"
+# Printed again last, so the summary is inside the tail of the output that comes back.
+echo "== summary =="
+printf "%s" "$summary"
+echo "pytest exit code: $test_rc; gpu_bench exit code: $bench_rc; total $(( $(date +%s) - start )) s"
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

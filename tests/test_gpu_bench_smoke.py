@@ -92,3 +92,43 @@ def test_main_writes_the_dated_markdown_report(gpu_bench, monkeypatch, tmp_path)
     assert "ERROR" not in text
     for title in ("#### (a) covariance update", "#### (b) adapter linear", "#### (c) end to end"):
         assert title in text
+
+
+def test_sections_appended_from_separate_runs_and_errors_set_the_exit_code(gpu_bench, monkeypatch, tmp_path):
+    # gpu_check.sh runs one process per section, appending to one report: one header, every
+    # section, and a failing section turns into an error row and exit code 1 without losing the rest.
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "CPU smoke run")
+    monkeypatch.setattr(gpu_bench, "ERRORS", [])
+
+    def broken(args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu_bench, "section_lora", broken)
+    out = tmp_path / "RESULTS-gpu.md"
+    small = "--iters 1 --cov-dims 40 --cov-rows 33 --hidden 128 --intermediate 344 --layers 2 --seqs 4 --seq 16"
+    small += " --batch 2 --repeats 1"
+    md = ["--markdown", str(out), "--append"]
+    assert gpu_bench.main([*small.split(), "--sections", "a", *md]) == 0
+    assert gpu_bench.main([*small.split(), "--sections", "b", *md]) == 1
+    text = out.read_text()
+    assert text.count("### bench/gpu_bench.py, 20") == 1
+    assert "#### (a) covariance update" in text
+    assert "ERROR in section b: RuntimeError: CUDA error" in text
+    assert "(section b:" in text
+
+
+def test_autotune_picks_are_reported(gpu_bench, monkeypatch):
+    import triton
+
+    from corda_kernels.ops import lora
+
+    tuned = lora._gemm_lowrank_tuned
+    key = (8192, 4096, 4096, 16, True, False, 1, "torch.bfloat16")
+    cfg = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
+    monkeypatch.setattr(tuned, "cache", {key: cfg})
+    text = gpu_bench.autotune_choices()
+    row = next(line for line in text.splitlines() if line.startswith("| adapter GEMM"))
+    assert "M_BUCKET=8192" in row and "BLOCK_RANK=16" in row and "stride_wk=1" in row
+    assert "BLOCK_M=128, BLOCK_N=256, BLOCK_K=64" in row and "warps=8, stages=3" in row

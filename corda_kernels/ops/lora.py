@@ -219,10 +219,12 @@ if triton is not None:
             return [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64][:1] or configs[:1]
         return configs
 
-    # Each trial writes out from scratch, so autotuning needs no restore.
+    # Each trial writes out from scratch, so autotuning needs no restore. The rank tile, the
+    # epilogue and W's layout (forward reads Wᵀ, the input gradient W) change the best tile,
+    # so they are part of the key: one shape's forward, dx and every rank tune separately.
     _gemm_lowrank_tuned = triton.autotune(
         configs=_gemm_configs(),
-        key=["M_BUCKET", "N", "K"],
+        key=["M_BUCKET", "N", "K", "BLOCK_RANK", "HAS_BIAS", "HAS_KEEP", "stride_wk"],
         prune_configs_by={"early_config_prune": _gemm_prune},
     )(_gemm_lowrank_kernel)
 
