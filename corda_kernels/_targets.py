@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -92,6 +92,21 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     if Conv1D and isinstance(module, Conv1D):
         return w.t()
     return w
+
+
+def swap_modules(model: nn.Module, new: Mapping[str, nn.Module]) -> None:
+    """Put ``new[name]`` in place of the module at ``name``, and in every other slot holding that same module.
+
+    ``named_modules()`` lists a module registered twice (``self.b = self.a``) under one name
+    only; replacing just that slot would untie the alias and leave the other call site on
+    the old layer.
+    """
+    old = {id(model.get_submodule(name)): (model.get_submodule(name), layer) for name, layer in new.items()}
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            hit = old.get(id(child)) if child is not None else None
+            if hit is not None and hit[0] is child:
+                setattr(parent, child_name, hit[1])
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -106,6 +106,8 @@ def damp_covariance(
         raise TypeError(f"cov{_label(name)} must be a floating-point tensor, got {cov.dtype}")
     if not (damping >= 0.0):
         raise ValueError(f"damping must be >= 0, got {damping}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"compute_dtype must be torch.float32 or torch.float64, got {dtype}")
     c = cov.to(dtype)
     c = (c + c.T) * 0.5
     md = float(c.diagonal().mean())

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ._io import current_umask
-from ._targets import Conv1D, get_submodule_parent, linear_weight
+from ._targets import Conv1D, get_submodule_parent, linear_weight, swap_modules
 from .layer import CordaLinear
 from .rewrite import corda_layers
 
@@ -270,16 +270,11 @@ def _plain_layer(layer: CordaLinear) -> nn.Module:
 def residual_view(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily swap every CordaLinear for a plain layer holding its residual; restored on exit, even on error."""
     layers = corda_layers(model)
-    swapped = []
+    swap_modules(model, {name: _plain_layer(layer) for name, layer in layers.items()})
     try:
-        for name, layer in layers.items():
-            parent, child = get_submodule_parent(model, name)
-            setattr(parent, child, _plain_layer(layer))
-            swapped.append((parent, child, layer))
         yield model
     finally:
-        for parent, child, layer in swapped:
-            setattr(parent, child, layer)
+        swap_modules(model, layers)
 
 
 # ---------------------------------------------------------------------- save
@@ -448,8 +443,7 @@ def _swap_in(model: nn.Module, name: str, base: nn.Module, A, B, *, alpha: float
     layer = CordaLinear.from_factors(base, w, A.detach(), B.detach(), alpha=alpha, dropout=dropout, mode=mode)
     layer.lora_A.requires_grad_(True)
     layer.lora_B.requires_grad_(True)
-    parent, child = get_submodule_parent(model, name)
-    setattr(parent, child, layer)
+    swap_modules(model, {name: layer})
 
 
 @torch.no_grad()

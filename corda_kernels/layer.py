@@ -40,6 +40,8 @@ class CordaLinear(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if base_type not in ("linear", "conv1d"):
             raise ValueError(f"base_type must be 'linear' or 'conv1d', got {base_type!r}")
         kw = {"device": device, "dtype": dtype}
@@ -107,7 +109,8 @@ class CordaLinear(nn.Module):
                 layer.bias.data = linear.bias.detach().clone()
             layer.lora_A.data = A.contiguous()
             layer.lora_B.data = B.contiguous()
-        return layer
+        # A new module starts in training mode; an eval model must not start running adapter dropout.
+        return layer.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
@@ -134,12 +137,13 @@ class CordaLinear(nn.Module):
                 out.bias.data = self.bias.detach().clone()
             else:  # Conv1D always has a bias; a zero one is equivalent
                 out.bias.data.zero_()
-            return out
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, **kw)
-        out.weight.data = w
-        if self.bias is not None:
-            out.bias.data = self.bias.detach().clone()
-        return out
+        else:
+            out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, **kw)
+            out.weight.data = w
+            if self.bias is not None:
+                out.bias.data = self.bias.detach().clone()
+        out.requires_grad_(self.weight.requires_grad)
+        return out.train(self.training)
 
     def extra_repr(self) -> str:
         return (

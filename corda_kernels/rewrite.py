@@ -16,9 +16,9 @@ from torch import nn
 from ._targets import (
     Targets,
     find_targets,
-    get_submodule_parent,
     is_linear_like,
     linear_weight,
+    swap_modules,
 )
 from .covariance import Covariances
 from .decompose import (
@@ -186,9 +186,7 @@ def apply_factors(
         with torch.no_grad():
             residual = residual_weight(linear_weight(module).detach(), A, B, scaling)
         new[name] = CordaLinear.from_factors(module, residual, A, B, alpha=p.alphas[name], dropout=dropout, mode=mode)
-    for name, layer in new.items():
-        parent, child = get_submodule_parent(model, name)
-        setattr(parent, child, layer)
+    swap_modules(model, new)
     for n, param in model.named_parameters():
         param.requires_grad_(n.endswith(".lora_A") or n.endswith(".lora_B"))
     return model
@@ -221,6 +219,8 @@ def build_corda(
     ``distributed=True`` (under torch.distributed) splits the decompositions
     across ranks and broadcasts the factors: see :mod:`corda_kernels.distributed`.
     """
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     modules, p = plan(model, covs, rank, mode, ranks=ranks, alpha=alpha, targets=targets)
     cache = getattr(covs, "spectrum_cache", None)
     if spectra is None and cache is not None:
@@ -236,11 +236,12 @@ def build_corda(
 
 
 def merge_corda(model: nn.Module) -> nn.Module:
-    """Replace every CordaLinear by a plain layer of its original type holding W + scaling·B@A."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, CordaLinear)]
-    for name, layer in layers:
-        parent, child = get_submodule_parent(model, name)
-        setattr(parent, child, layer.merge())
+    """Replace every CordaLinear by a plain layer of its original type holding W + scaling·B@A.
+
+    The merged layers are frozen, like the residual weights they replace and like every
+    other parameter ``build_corda`` froze; ``model.requires_grad_(True)`` unfreezes all.
+    """
+    swap_modules(model, {n: m.merge() for n, m in model.named_modules() if isinstance(m, CordaLinear)})
     return model
 
 

@@ -1,0 +1,132 @@
+"""What swapping modules must preserve besides the weights: train/eval mode (adapter dropout must
+not run in an eval model), modules registered under two names, requires_grad after a merge, and
+arguments checked before anything is swapped."""
+
+import pytest
+import torch
+from tiny import padded_batches, rel, tiny_llama
+from torch import nn
+
+import corda_kernels as ck
+from corda_kernels import export
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _covs(model):
+    return ck.collect_cov(model, padded_batches(model.config.vocab_size, n_batches=2), progress=False)
+
+
+def test_build_keeps_an_eval_model_in_eval_so_dropout_stays_off():
+    model = tiny_llama()  # eval()
+    batch = padded_batches(model.config.vocab_size, n_batches=1)[0]
+    want = _logits(model, batch)
+    ck.build_corda(model, _covs(model), rank=4, dropout=0.3)
+    layers = ck.corda_layers(model)
+    assert layers and not any(m.training for m in layers.values())
+    first = _logits(model, batch)
+    assert rel(first, want) < 1e-5
+    assert torch.equal(first, _logits(model, batch))
+    # The dropout is real: in training mode two forwards differ.
+    model.train()
+    assert all(m.training for m in layers.values())
+    with torch.no_grad():
+        assert not torch.equal(model(**batch).logits, model(**batch).logits)
+
+
+def test_from_linear_and_merge_keep_the_mode():
+    lin = nn.Linear(12, 10).eval()
+    layer = ck.CordaLinear.from_linear(lin, torch.eye(12), rank=3, dropout=0.5)
+    assert not layer.training
+    x = torch.randn(7, 12)
+    assert rel(layer(x), lin(x)) < 1e-5
+    assert not layer.merge().training
+    assert layer.train().merge().training
+
+
+@pytest.mark.parametrize("how", ["load_pretrained", "from_peft"])
+def test_reloaded_and_converted_models_keep_eval_mode(tmp_path, how):
+    pytest.importorskip("peft")
+    model = tiny_llama()
+    batch = padded_batches(model.config.vocab_size, n_batches=1)[0]
+    if how == "load_pretrained":
+        ck.build_corda(model, _covs(model), rank=4, dropout=0.3)
+        want = _logits(model, batch)
+        export.save_pretrained(model, tmp_path / "out")
+        got_model = export.load_pretrained(tmp_path / "out")
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "down_proj"])
+        pm = get_peft_model(model, cfg).eval()
+        for m in pm.modules():  # nonzero B, so the adapter (and any dropout on it) shows in the logits
+            if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {}):
+                nn.init.normal_(m.lora_B["default"].weight, std=0.05)
+        want = _logits(pm, batch)
+        got_model = export.from_peft(pm)
+    layers = ck.corda_layers(got_model)
+    assert layers and not any(m.training for m in layers.values())
+    assert any(m.dropout > 0 for m in layers.values())
+    assert rel(_logits(got_model, batch), want) < 1e-5
+
+
+class Aliased(nn.Module):
+    """One Linear registered under two names, called from both."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(16, 16)
+        self.b = self.a
+        self.out = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.out(self.b(torch.relu(self.a(x))))
+
+
+def test_a_module_registered_twice_is_replaced_in_both_places():
+    model = Aliased()
+    x = torch.randn(5, 16)
+    want = model(x).detach()
+    covs = ck.collect_cov(model, [torch.randn(4, 6, 16) for _ in range(2)], progress=False)
+    assert covs.tokens > 0
+    ck.build_corda(model, covs, rank=3)
+    assert isinstance(model.a, ck.CordaLinear) and model.b is model.a
+    assert rel(model(x), want) < 1e-5
+    with torch.no_grad():
+        model.a.lora_B.add_(0.1)  # "training": both call sites must see it
+    trained = model(x).detach()
+    ck.merge_corda(model)
+    assert isinstance(model.a, nn.Linear) and model.b is model.a
+    assert rel(model(x), trained) < 1e-5
+
+
+def test_merge_leaves_the_model_uniformly_frozen():
+    model = tiny_llama()
+    ck.build_corda(model, _covs(model), rank=4)
+    ck.merge_corda(model)
+    # build froze everything but the adapters; the merged layers replace frozen residuals.
+    assert not any(p.requires_grad for p in model.parameters())
+    model.requires_grad_(True)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        ({"dropout": 1.5}, ValueError, "dropout"),
+        ({"dropout": -0.1}, ValueError, "dropout"),
+        ({"compute_dtype": torch.float16}, TypeError, "compute_dtype"),
+    ],
+)
+def test_bad_build_arguments_fail_before_any_swap(kwargs, err, match):
+    model = tiny_llama()
+    covs = _covs(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(err, match=match):
+        ck.build_corda(model, covs, rank=4, **kwargs)
+    assert not ck.corda_layers(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
