@@ -12,6 +12,7 @@ from torch import nn
 from . import ops
 from ._targets import Conv1D, linear_weight
 from .decompose import context_svd
+from .ops.lora import autocast_dtype
 
 
 class CordaLinear(nn.Module):
@@ -114,7 +115,7 @@ class CordaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        if x.dtype != self.weight.dtype:
+        if x.dtype != self.weight.dtype and autocast_dtype(x) is None:  # under autocast the op casts
             x = x.to(self.weight.dtype)
         return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dropout_p=p)
 

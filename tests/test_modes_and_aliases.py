@@ -130,3 +130,16 @@ def test_bad_build_arguments_fail_before_any_swap(kwargs, err, match):
         ck.build_corda(model, covs, rank=4, **kwargs)
     assert not ck.corda_layers(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_built_model_trains_under_autocast():
+    model = tiny_llama()
+    batch = padded_batches(model.config.vocab_size, n_batches=1)[0]
+    ck.build_corda(model, _covs(model), rank=4)
+    want = _logits(model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(**batch).logits
+    assert rel(logits, want) < 5e-2
+    logits.float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

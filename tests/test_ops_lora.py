@@ -318,3 +318,28 @@ def test_float64_operands_take_the_torch_path():
     assert y.dtype == torch.float64
     for got, ref in ((y, yr), (x1.grad, xr.grad), (A1.grad, Ar.grad), (B1.grad, Br.grad)):
         assert rel(got, ref) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_casts_the_operands_like_f_linear(backend):
+    # Mixed-precision training: fp32 parameters, autocast to a 16-bit dtype. Plain nn.Linear returns
+    # the autocast dtype; the op must too, and the gradients must reach the fp32 parameters. The
+    # interpreter mishandles bf16, so the Triton path is checked in fp16 off a GPU.
+    amp = torch.bfloat16 if (backend == "torch" or CUDA) else torch.float16
+    x, W, b, A, B = make(50, 37, 29, 3, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+    with torch.autocast(DEV, dtype=amp):
+        y = ops.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 0.7, backend=backend)
+        assert y.dtype == torch.nn.functional.linear(x, W, b).dtype == amp
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    # The reference runs on the same 16-bit-rounded operands, in float64.
+    rounded = [t.to(amp) for t in (x, W, b, A, B)]
+    refs = [t.double().requires_grad_() for t in (rounded[0], rounded[3], rounded[4])]
+    ref = lora_linear_reference(refs[0], rounded[1], rounded[2], refs[1], refs[2], 0.7)
+    ref.backward(dy.double())
+    tol = TOL[amp]
+    assert rel(y, ref) < tol
+    for got, want in zip(leaves, refs):
+        assert got.grad.dtype == torch.float32
+        assert rel(got.grad, want.grad) < tol

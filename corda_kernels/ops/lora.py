@@ -575,6 +575,15 @@ def lora_backward_triton(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs)
     return dx, dW, db, dA, dB
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` would run a linear layer in for ``x``'s device, or None when it is off."""
+    dev = x.device.type
+    try:
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return None
+
+
 # ----------------------------------------------------------------------------- autograd glue
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
@@ -621,8 +630,16 @@ def lora_linear(
     """y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ with a fused forward and backward.
 
     Shapes: x (..., K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r); one dtype
-    for all, fp32/fp16/bf16 (fp64 runs on the torch path).
+    for all, fp32/fp16/bf16 (fp64 runs on the torch path). Under ``torch.autocast`` the operands
+    are cast to the autocast dtype first, as ``F.linear``'s are (gradients flow back through the casts).
     """
+    amp = autocast_dtype(x)
+    if amp is not None:
+        cast = [
+            t if t is None or t.dtype not in TRITON_DTYPES else t.to(amp) for t in (x, weight, bias, lora_A, lora_B)
+        ]
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(*cast, scaling, dropout_p=dropout_p, backend=backend)
     K = x.shape[-1]
     N = weight.shape[0]
     r = lora_A.shape[0]
