@@ -12,6 +12,7 @@ from torch import nn
 from . import ops
 from ._targets import Conv1D, linear_weight
 from .decompose import context_svd
+from .ops._backend import full_fp32_matmul
 from .ops.lora import autocast_dtype
 
 
@@ -123,7 +124,8 @@ class CordaLinear(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         """W + scaling·B@A in (out, in) layout, computed in fp32 and cast to the weight's dtype."""
         acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        w = torch.addmm(self.weight.to(acc), self.lora_B.to(acc), self.lora_A.to(acc), alpha=self.scaling)
+        with full_fp32_matmul():
+            w = torch.addmm(self.weight.to(acc), self.lora_B.to(acc), self.lora_A.to(acc), alpha=self.scaling)
         return w.to(self.weight.dtype)
 
     @torch.no_grad()

@@ -143,7 +143,7 @@ def decompose_all(
                     # Building needs only the adapter's r components, not the whole spectrum.
                     spec = selected_spectrum(w, damped, p.ranks[name], mode, name=name)
                 scaling = p.alphas[name] / p.ranks[name]
-                A, B, _ = adapter_factors(w, damped, spec, p.ranks[name], mode, scaling)
+                A, B, _ = adapter_factors(w, damped, spec, p.ranks[name], mode, scaling, name=name)
                 out[name] = (A, B)
                 sig = spec.take(p.ranks[name], mode)[0]
                 zero = int((sig <= _ZERO_SIGMA * (spec.scale or float(spec.singular_values.max()))).sum())
@@ -185,6 +185,8 @@ def apply_factors(
         scaling = p.alphas[name] / p.ranks[name]
         with torch.no_grad():
             residual = residual_weight(linear_weight(module).detach(), A, B, scaling)
+        if not torch.isfinite(residual).all():
+            raise ValueError(f"the residual weight of module {name!r} overflows {residual.dtype}")
         new[name] = CordaLinear.from_factors(module, residual, A, B, alpha=p.alphas[name], dropout=dropout, mode=mode)
     swap_modules(model, new)
     for n, param in model.named_parameters():

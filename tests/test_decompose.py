@@ -142,3 +142,63 @@ def test_selected_spectrum_equals_the_full_one(d_out, d_in, mode, subset, monkey
     assert rel(_components(A2, B2), _components(A1, B1)) < 1e-5
     with pytest.raises(ValueError, match="partial spectrum"):
         part.take(4, "ipm" if mode == "kpm" else "kpm")
+
+
+def test_half_precision_factors_that_overflow_are_an_error_naming_the_layer():
+    # B grows as √(covariance scale): raw sums over many tokens can push it past fp16's range,
+    # which used to give an inf residual and a NaN model without a word.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16)).half()
+    before = model[0].weight.clone()
+    c = _cov(16, 64)
+    ck.build_corda(model, {"0": c}, rank=4, mode="ipm")  # a mean covariance: fine
+    ck.merge_corda(model)
+    model[0].weight.data.copy_(before)
+    with pytest.raises(ValueError, match=r"module '0'.*float16's range.*normalize='mean'"):
+        ck.build_corda(model, {"0": c * 1e12}, rank=4, mode="ipm")
+    assert isinstance(model[0], torch.nn.Linear) and torch.equal(model[0].weight, before)
+    # The same scale is harmless in fp32: only the balance of A against B moved.
+    dec = ck.context_svd(before.float(), c * 1e12, 4, "ipm")
+    assert torch.isfinite(dec.B).all() and float(dec.B.abs().max()) > 7e4
+
+
+def test_decomposition_and_merge_ignore_a_tf32_setting(monkeypatch):
+    # With TF32 on (a common training setting), fp32 matmuls on CUDA keep 10 mantissa bits; the
+    # residual and the merge must still be fp32-exact. Checked here through the flag each fp32
+    # matmul of build and merge sees; the user's setting comes back afterwards.
+    flags = torch.backends.cuda.matmul
+    old = flags.fp32_precision
+    flags.fp32_precision = "tf32"  # a property of torch's backend object: monkeypatch cannot restore it
+    try:
+        _check_tf32_is_off_inside(monkeypatch)
+    finally:
+        flags.fp32_precision = old
+
+
+def _check_tf32_is_off_inside(monkeypatch):
+    from corda_kernels.ops._backend import full_fp32_matmul, tf32_matmul
+
+    assert tf32_matmul()
+    with full_fp32_matmul():
+        assert not tf32_matmul()
+    assert tf32_matmul()
+    seen = []
+    real_addmm, real_matmul = torch.addmm, torch.Tensor.__matmul__
+
+    def addmm(*args, **kwargs):
+        seen.append(("addmm", tf32_matmul()))
+        return real_addmm(*args, **kwargs)
+
+    def matmul(a, b):
+        if a.dtype == torch.float32:
+            seen.append(("matmul", tf32_matmul()))
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10))
+    ck.build_corda(model, {"0": _cov(12, 40)}, rank=3)
+    ck.merge_corda(model)
+    assert {kind for kind, _ in seen} == {"addmm", "matmul"}
+    assert not any(tf32 for _, tf32 in seen), seen
+    assert tf32_matmul()

@@ -70,6 +70,30 @@ def tf32_matmul() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
+@contextlib.contextmanager
+def full_fp32_matmul():
+    """Run fp32 CUDA matmuls in full precision inside the block, whatever the TF32 setting.
+
+    The decomposition and merges promise results equal to fp32 rounding; a user's
+    ``allow_tf32`` (10-bit mantissa) would silently break that. The setting is restored on exit.
+    """
+    m = torch.backends.cuda.matmul
+    if getattr(m, "fp32_precision", None) is not None:
+        old = m.fp32_precision
+        m.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+    else:
+        old = m.allow_tf32
+        m.allow_tf32 = False
+        try:
+            yield
+        finally:
+            m.allow_tf32 = old
+
+
 def on_device(t: torch.Tensor):
     """Context for a kernel launch on ``t``'s GPU: Triton launches on the *current* device and stream."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
