@@ -125,7 +125,7 @@ class Collector:
         return hook
 
     def _on_input(self, name: str, x: torch.Tensor) -> None:
-        key = id(x)
+        key = _input_key(x)
         entry = self._seen.get(key)
         if entry is None:
             if _hold_inputs(x):
@@ -149,7 +149,7 @@ class Collector:
         if gi in entry[1]:
             return
         entry[1].add(gi)
-        self._accumulate(self.groups[gi], name, x)
+        self._accumulate(self.groups[gi], name, x, key)
 
     def _new_group(self, name: str, x: torch.Tensor) -> int:
         d = x.shape[-1]
@@ -159,8 +159,8 @@ class Collector:
         self.groups.append(_Group([name], d, acc, zero.clone(), zero.clone(), self.batch))
         return len(self.groups) - 1
 
-    def _accumulate(self, g: _Group, name: str, x: torch.Tensor) -> None:
-        g.batch_log.append(id(x))
+    def _accumulate(self, g: _Group, name: str, x: torch.Tensor, key: tuple[int, int]) -> None:
+        g.batch_log.append(key)
         mask = self._mask
         # Asked before any copy to the accumulator's device: a copy of a flattened view has no _base.
         applies = mask is not None and _mask_applies(mask, x)
@@ -272,6 +272,16 @@ class Collector:
             sequences=seqs[0],
             meta=meta,
         )
+
+
+def _input_key(x: torch.Tensor) -> tuple[int, int]:
+    """Which input a module read: the tensor object and its version, so that a tensor written in
+    place between two reads (``a = l1(h); h += a; l2(h)``) counts as two different inputs."""
+    try:
+        version = x._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: identity alone
+        version = 0
+    return id(x), version
 
 
 def _peft_scale(x: torch.Tensor, mask: torch.Tensor | None):

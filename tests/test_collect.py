@@ -373,3 +373,36 @@ def test_triton_backend_end_to_end(monkeypatch, normalize):
         assert rel(covs[n], ref[n]) < 1e-5, n
     assert covs.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
     assert len(built) == len(batches)
+
+
+class WritesInPlace(nn.Module):
+    """l2 reads the very tensor object l1 read, after it was changed in place."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1 = nn.Linear(8, 8)
+        self.l2 = nn.Linear(8, 6)
+
+    def forward(self, h):
+        h = h.clone()
+        a = self.l1(h)
+        h += 3 * a
+        return self.l2(h)
+
+
+def test_a_tensor_changed_in_place_between_reads_is_two_inputs():
+    model = WritesInPlace()
+    batches = [torch.randn(3, 5, 8) for _ in range(3)]
+    covs = ck.collect_cov(model, batches, progress=False)
+    assert sorted(map(sorted, covs.groups)) == [["l1"], ["l2"]]
+    seen = {"l1": [], "l2": []}
+    hooks = [getattr(model, n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].double())) for n in seen]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    for n, xs in seen.items():
+        x = torch.cat([t.reshape(-1, 8) for t in xs])
+        assert rel(covs[n], x.T @ x / x.shape[0]) < 1e-6, n
