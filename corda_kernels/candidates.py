@@ -333,11 +333,7 @@ def collect_candidates(
             "their scores change sign; pi_normalize='mean' avoids this",
             stacklevel=3,
         )
-    if collector.unmasked:
-        warnings.warn(
-            f"attention_mask did not match the token layout of {sorted(collector.unmasked)}; all their rows were counted",
-            stacklevel=3,
-        )
+    collector.warn_unmasked(stacklevel=3)
     return _assemble(collector, rounds, rule, damping, compute_dtype, n, candidates)
 
 

@@ -75,6 +75,12 @@ class Collector:
         self.groups: list[_Group] = []
         self.group_of: dict[str, int] = {}
         self.unmasked: set[str] = set()
+        # Encoder-decoder models: targets in the decoder take decoder_attention_mask, except when
+        # they read the encoder's output (cross-attention keys and values), which the encoder's mask
+        # describes. Decoder targets with no decoder mask count every position (listed here).
+        self.decoder_names: set[str] = set()
+        self.decoder_unmasked: set[str] = set()
+        self._encoder_out: tuple[int, int] | None = None
         self.batch = -1
         self.stop_early = False
         # Early stop: every target's call count in the first batch; a later batch may stop once each
@@ -84,18 +90,25 @@ class Collector:
         self.layout_changed = False
         self._counts: dict[str, int] = {}
         self._pending = 0
-        self._mask: torch.Tensor | None = None
-        self._kept: dict[torch.device, tuple[ops.KeptRows, torch.Tensor]] = {}
+        self._masks: dict[str, torch.Tensor | None] = {}
+        self._kept: dict[tuple[str, torch.device], tuple[ops.KeptRows, torch.Tensor]] = {}
         self._seen: dict[int, tuple[weakref.ref | torch.Tensor, set[int]]] = {}
         self._member_log: dict[str, list[int]] = {}
         self._handles: list = []
 
     # ------------------------------------------------------------------ hooks
-    def attach(self, stop_at: nn.Module | None = None) -> None:
+    def attach(self, stop_at: nn.Module | None = None, encoder: nn.Module | None = None) -> None:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))
         if stop_at is not None:
             self._handles.append(stop_at.register_forward_pre_hook(self._stop_hook))
+        if encoder is not None:
+            self._handles.append(encoder.register_forward_hook(self._encoder_hook))
+
+    def _encoder_hook(self, module, args, out):
+        first = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+        if isinstance(first, torch.Tensor):
+            self._encoder_out = _input_key(first)
 
     def detach(self) -> None:
         for h in self._handles:
@@ -161,7 +174,10 @@ class Collector:
 
     def _accumulate(self, g: _Group, name: str, x: torch.Tensor, key: tuple[int, int]) -> None:
         g.batch_log.append(key)
-        mask = self._mask
+        which = "decoder" if name in self.decoder_names and key != self._encoder_out else "input"
+        mask = self._masks.get(which)
+        if which == "decoder" and mask is None and self._masks.get("input") is not None:
+            self.decoder_unmasked.update(g.names)
         # Asked before any copy to the accumulator's device: a copy of a flattened view has no _base.
         applies = mask is not None and _mask_applies(mask, x)
         if x.device != g.acc.device:
@@ -169,7 +185,7 @@ class Collector:
         kept = n_kept = None
         if mask is not None:
             if applies:
-                kept, n_kept = self._batch_mask(x.device)
+                kept, n_kept = self._batch_mask(which, x.device)
                 if x.shape[:-1] != mask.shape:
                     # A flattened view: back to (batch, seq, d), so that normalize="peft" scales
                     # each sequence by its own max, as it does for unflattened inputs.
@@ -186,24 +202,28 @@ class Collector:
         ops.covariance_update(g.acc, x, kept, scale=scale, backend=self.backend)
         g.count += n_kept if kept is not None else x.shape[:-1].numel()
 
-    def _batch_mask(self, device: torch.device) -> tuple[ops.KeptRows, torch.Tensor]:
-        # Once per batch and device, not once per accumulator: the kernel's list of kept rows
-        # and the kept-token count (both stay on the device).
-        entry = self._kept.get(device)
+    def _batch_mask(self, which: str, device: torch.device) -> tuple[ops.KeptRows, torch.Tensor]:
+        # Once per batch, mask and device, not once per accumulator: the kernel's list of kept
+        # rows and the kept-token count (both stay on the device).
+        entry = self._kept.get((which, device))
         if entry is None:
-            kept = ops.KeptRows(self._mask.to(device))
-            entry = self._kept[device] = (kept, kept.mask.sum())
+            kept = ops.KeptRows(self._masks[which].to(device))
+            entry = self._kept[(which, device)] = (kept, kept.mask.sum())
         return entry
 
     # ------------------------------------------------------------------ batches
-    def begin_batch(self, mask: torch.Tensor | None, *, early_stop: bool = False) -> None:
-        """Start a batch. ``early_stop``: stop the forward once every target has run as often as in
-        the first batch (ignored for the first batch itself, and once the call pattern changed)."""
+    def begin_batch(
+        self, mask: torch.Tensor | None, *, decoder_mask: torch.Tensor | None = None, early_stop: bool = False
+    ) -> None:
+        """Start a batch. ``decoder_mask``: an encoder-decoder batch's ``decoder_attention_mask``.
+        ``early_stop``: stop the forward once every target has run as often as in the first batch
+        (ignored for the first batch itself, and once the call pattern changed)."""
         self.batch += 1
         self._counts = {}
         self.stop_early = early_stop and self.first_counts is not None and not self.layout_changed
         self._pending = len(self.first_counts) if self.stop_early else 0
-        self._mask = None if mask is None else (mask != 0)
+        self._masks = {k: None if m is None else (m != 0) for k, m in (("input", mask), ("decoder", decoder_mask))}
+        self._encoder_out = None
         self._kept = {}
         self._seen.clear()
         self._member_log.clear()
@@ -224,8 +244,25 @@ class Collector:
         if self.batch == 0:
             self.first_counts = dict(self._counts)
         self._seen.clear()
-        self._mask = None
+        self._masks = {}
+        self._encoder_out = None
         self._kept = {}
+
+    def warn_unmasked(self, stacklevel: int = 2) -> None:
+        """Warn about targets whose rows were all counted although the batches had an attention mask."""
+        if self.unmasked:
+            warnings.warn(
+                f"attention_mask did not match the token layout of {sorted(self.unmasked)}; all their rows were counted",
+                stacklevel=stacklevel,
+            )
+        if self.decoder_unmasked:
+            names = sorted(self.decoder_unmasked)
+            warnings.warn(
+                f"the batches have no decoder_attention_mask: decoder module(s) {names[:3]}"
+                + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                + " counted every decoder position, padding included; add decoder_attention_mask to the batches",
+                stacklevel=stacklevel,
+            )
 
     def finish(self, meta: Mapping[str, str] | None = None) -> Covariances:
         if not self.groups:
@@ -249,11 +286,7 @@ class Collector:
                     else ""
                 )
             )
-        if self.unmasked:
-            warnings.warn(
-                f"attention_mask did not match the token layout of {sorted(self.unmasked)}; all their rows were counted",
-                stacklevel=3,
-            )
+        self.warn_unmasked(stacklevel=4)
         mats = []
         for g, n, s in zip(self.groups, counts, seqs):
             c = ops.covariance_result(g.acc)
@@ -398,6 +431,22 @@ def _mask_applies(mask: torch.Tensor, x: torch.Tensor) -> bool:
     return lead.numel() == mask.numel() and base is not None and tuple(base.shape[: mask.dim()]) == tuple(mask.shape)
 
 
+def _encoder_decoder(model: nn.Module, collector: Collector) -> nn.Module | None:
+    """For an encoder-decoder model: mark the targets inside its decoder and return its encoder."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    try:
+        encoder, decoder = model.get_encoder(), model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(encoder, nn.Module) or not isinstance(decoder, nn.Module):
+        return None
+    inside = {id(m) for m in decoder.modules()}
+    collector.decoder_names = {name for name, m in collector.modules.items() if id(m) in inside}
+    return encoder
+
+
 def _loader_len(loader) -> int | None:
     try:
         return len(loader)
@@ -414,6 +463,7 @@ def run_batches(
     no_cache = "use_cache" in params
     head = getattr(model, "get_output_embeddings", lambda: None)()
     stop_at = head if isinstance(head, nn.Module) and head not in collector.modules.values() else None
+    encoder = _encoder_decoder(model, collector)
     states = {m: m.training for m in model.modules()}
     bar = None
     if progress:
@@ -426,7 +476,7 @@ def run_batches(
     n = 0
     tokens = 0
     model.eval()
-    collector.attach(stop_at=stop_at)
+    collector.attach(stop_at=stop_at, encoder=encoder)
     try:
         with torch.no_grad():
             # islice: with max_batches, never pull one batch more than is used (a generator may tokenize).
@@ -437,7 +487,10 @@ def run_batches(
                 args, kwargs = _to(args, dev), _to(kwargs, dev)
                 if no_cache and kwargs is not None and "use_cache" not in kwargs:
                     kwargs["use_cache"] = False
-                collector.begin_batch(_to(mask, dev), early_stop=n > 0)
+                dec_mask = kwargs.get("decoder_attention_mask") if encoder is not None else None
+                if not isinstance(dec_mask, torch.Tensor) or dec_mask.dim() != 2:
+                    dec_mask = None
+                collector.begin_batch(_to(mask, dev), decoder_mask=dec_mask, early_stop=n > 0)
                 completed = True
                 try:
                     model(*args, **kwargs)

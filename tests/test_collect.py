@@ -1,3 +1,4 @@
+import warnings
 import weakref
 
 import pytest
@@ -406,3 +407,71 @@ def test_a_tensor_changed_in_place_between_reads_is_two_inputs():
     for n, xs in seen.items():
         x = torch.cat([t.reshape(-1, 8) for t in xs])
         assert rel(covs[n], x.T @ x / x.shape[0]) < 1e-6, n
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1, num_heads=4)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def _bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+    )  # fmt: skip
+    return BartForConditionalGeneration(cfg).eval()
+
+
+def _seq2seq_batches(vocab, n=2, batch=3, seq=10, seed=0):
+    # Encoder and decoder of equal length, padded differently: the shapes cannot tell the masks apart.
+    enc, dec = padded_batches(vocab, n, batch, seq, seed=seed), padded_batches(vocab, n, batch, seq, seed=seed + 1)
+    return [
+        {**e, "decoder_input_ids": d["input_ids"], "decoder_attention_mask": d["attention_mask"]}
+        for e, d in zip(enc, dec)
+    ]
+
+
+@pytest.mark.parametrize("make", [_t5, _bart])
+def test_encoder_decoder_decoder_layers_take_the_decoder_mask(make):
+    model = make()
+    batches = _seq2seq_batches(model.config.vocab_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        covs = ck.collect_cov(model, batches, progress=False)
+    cross_kv = ("EncDecAttention.k", "EncDecAttention.v", "encoder_attn.k_proj", "encoder_attn.v_proj")
+
+    def mask_of(name, b):
+        decoder = ".decoder." in f".{name}" and not name.endswith(cross_kv)
+        return b["decoder_attention_mask" if decoder else "attention_mask"]
+
+    seen = {n: [] for n in covs}
+    named = dict(model.named_modules())
+    current = {}
+    hooks = [
+        named[n].register_forward_pre_hook(
+            lambda m, a, n=n: seen[n].append(a[0].double()[mask_of(n, current["b"]).bool()])
+        )
+        for n in covs
+    ]
+    with torch.no_grad():
+        for b in batches:
+            current["b"] = b
+            model(**b)
+    for h in hooks:
+        h.remove()
+    checked = set()
+    for n, xs in seen.items():
+        x = torch.cat(xs)
+        assert rel(covs[n], x.T @ x / x.shape[0]) < 1e-5, n
+        checked.add(mask_of(n, batches[0]) is batches[0]["decoder_attention_mask"])
+    assert checked == {True, False}
+    # Without decoder_attention_mask the decoder counts every position, and says so.
+    plain = [{k: v for k, v in b.items() if k != "decoder_attention_mask"} for b in batches]
+    with pytest.warns(UserWarning, match="no decoder_attention_mask"):
+        ck.collect_cov(model, plain, progress=False)
