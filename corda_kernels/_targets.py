@@ -57,6 +57,9 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
     ``(name, module) -> bool``; only linear-like modules are ever returned.
     """
     head = _output_head_ids(model)
+    # nn.MultiheadAttention passes out_proj.weight to a functional kernel: out_proj's own forward
+    # never runs, so it collects nothing and an adapter there would never apply.
+    unused = {id(m.out_proj): name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     if isinstance(targets, str):
         targets = [targets]
     patterns = None if targets is None or callable(targets) else list(targets)
@@ -65,13 +68,19 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
         if not name or not is_linear_like(module):
             continue
         if targets is None:
-            if id(module) in head:
+            if id(module) in head or id(module) in unused:
                 continue
         elif callable(targets):
             if not targets(name, module):
                 continue
         elif not _matches(name, patterns):
             continue
+        if id(module) in unused:
+            raise ValueError(
+                f"module {name!r} is the out_proj of nn.MultiheadAttention {unused[id(module)]!r}, which reads "
+                "its weight directly (the module's forward never runs): it cannot hold an adapter; leave it out "
+                "of targets="
+            )
         out[name] = module
     if targets is not None and patterns is not None and not out:
         raise ValueError(f"targets {patterns} matched no nn.Linear or Conv1D module of the model")

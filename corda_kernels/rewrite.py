@@ -188,10 +188,21 @@ def apply_factors(
         if not torch.isfinite(residual).all():
             raise ValueError(f"the residual weight of module {name!r} overflows {residual.dtype}")
         new[name] = CordaLinear.from_factors(module, residual, A, B, alpha=p.alphas[name], dropout=dropout, mode=mode)
+    for name, layer in new.items():
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            # Its eval/no-grad fast path reads linear1/linear2.weight (the residual) in a fused
+            # kernel and skips the adapter; it stands down whenever a submodule has a hook.
+            layer.register_forward_pre_hook(_no_fused_fast_path)
     swap_modules(model, new)
     for n, param in model.named_parameters():
         param.requires_grad_(n.endswith(".lora_A") or n.endswith(".lora_B"))
     return model
+
+
+def _no_fused_fast_path(module, args):
+    """A no-op pre-hook: its presence turns off nn.TransformerEncoderLayer's fused inference path."""
+    return None
 
 
 def build_corda(

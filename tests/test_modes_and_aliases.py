@@ -143,3 +143,34 @@ def test_a_built_model_trains_under_autocast():
     logits.float().square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def _torch_encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True, dropout=0.0)
+    encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    return nn.Sequential(nn.Linear(16, 32), encoder, nn.Linear(32, 4)).eval()
+
+
+def test_torch_transformer_encoder_layers_keep_their_adapters_in_eval():
+    model = _torch_encoder()
+    xs = [torch.randn(3, 10, 16) for _ in range(2)]
+    with torch.no_grad():
+        want = model(xs[0])
+    covs = ck.collect_cov(model, xs, progress=False)
+    # MultiheadAttention hands out_proj.weight to a functional kernel: never a target.
+    assert not any("out_proj" in n for n in covs) and "1.layers.0.linear1" in covs
+    with pytest.raises(ValueError, match=r"'1.layers.0.self_attn.out_proj'.*MultiheadAttention"):
+        ck.collect_cov(model, xs, targets=["out_proj"], progress=False)
+    ck.build_corda(model, covs, rank=4)
+    with torch.no_grad():  # eval + no_grad: where the encoder layer's fused fast path would run
+        built = model(xs[0])
+    assert rel(built, want) < 1e-5
+    with torch.no_grad():
+        for layer in ck.corda_layers(model).values():
+            layer.lora_B.add_(0.05)
+        trained = model(xs[0])
+    assert rel(trained, want) > 1e-3  # the adapters are part of the forward
+    ck.merge_corda(model)
+    with torch.no_grad():
+        assert rel(model(xs[0]), trained) < 1e-5
