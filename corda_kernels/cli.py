@@ -272,9 +272,12 @@ def _parse_budget(text: str | None):
     if text is None:
         return None
     try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
+        value = float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise CliError(f"--budget {text!r}: give an int (parameters) or a fraction in (0, 1]") from None
+    if isinstance(value, float) and value > 1 and value.is_integer():
+        return int(value)  # "1e6" parameters, not a fraction
+    return value
 
 
 def _spectra(model, covs, modules, damping: float) -> dict:

@@ -383,6 +383,11 @@ def _to(obj, device):
 
 
 def _positional_params(model: nn.Module) -> list[str]:
+    # torch.compile's wrapper and DDP forward (*args, **kwargs): ask the model they wrap.
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) or (
+        isinstance(model, nn.parallel.DistributedDataParallel)
+    ):
+        model = getattr(model, "_orig_mod", None) or model.module
     try:
         return list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):

@@ -96,6 +96,9 @@ class Covariances(Mapping[str, torch.Tensor]):
         return model_fingerprint(self.shapes) if self.shapes else None
 
     def to(self, device=None, dtype=None) -> Covariances:
+        """A copy on ``device`` and/or in ``dtype`` (``covs.to(torch.float64)`` works, as for tensors)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         mats = [m.to(device=device, dtype=dtype) for m in self._mats]
         return Covariances(
             mats,

@@ -312,6 +312,7 @@ def save_pretrained(
             "kind": "corda",
             "residual": "residual",
             "adapter": "adapter",
+            "model_class": type(model).__name__,
             "layers": {
                 n: {"rank": m.rank, "alpha": m.alpha, "mode": m.mode, "base_type": m.base_type}
                 for n, m in layers.items()
@@ -412,10 +413,11 @@ def to_lora(
         s = layer.scaling
         b0, a0, tail = _rank_r_factors(delta / s, layer.rank)
         eps = torch.finfo(res.dtype).eps if res.dtype.is_floating_point else 1e-7
-        if tail > 16 * eps * float(w0.norm()) + 1e-12:
+        # tail is of delta/s: the residual's rounding (~eps·|W|) is scaled by 1/s in it too.
+        if s * tail > 16 * eps * float(w0.norm()) + 1e-12:
             raise ValueError(
                 f"module {name!r}: the original weight minus the residual is not a rank-{layer.rank} matrix "
-                f"(remainder {tail:.3g} vs |W| {float(w0.norm()):.3g}); is original_state_dict the model this "
+                f"(remainder {s * tail:.3g} vs |W| {float(w0.norm()):.3g}); is original_state_dict the model this "
                 "CorDA model was built from?"
             )
         dt = layer.lora_A.dtype
@@ -526,10 +528,19 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     return inner
 
 
+def _saved_model_class(name: str | None):
+    """The transformers class an export was saved from (exports before it was recorded: a causal LM)."""
+    import transformers
+
+    cls = getattr(transformers, name, None) if name else None
+    return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else transformers.AutoModelForCausalLM
+
+
 def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrained_kwargs) -> nn.Module:
     """Load a :func:`save_pretrained` directory back as a transformers model with CordaLinear layers (no peft needed).
 
-    ``model_class`` defaults to ``AutoModelForCausalLM``; files are read from
+    ``model_class`` defaults to the transformers class the export was saved from
+    (``AutoModelForCausalLM`` for exports that did not record it); files are read from
     ``path`` only (``local_files_only=True``). Only ``lora_A``/``lora_B`` are
     trainable afterwards, as after :func:`build_corda`.
     """
@@ -544,7 +555,7 @@ def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrai
     if meta.get("format") != EXPORT_FORMAT or meta.get("kind") != "corda":
         raise ValueError(f"{path!r} holds {meta.get('kind')!r} export format {meta.get('format')!r}, not a CorDA model")
     if model_class is None:
-        from transformers import AutoModelForCausalLM as model_class
+        model_class = _saved_model_class(meta.get("model_class"))
     from_pretrained_kwargs.setdefault("local_files_only", True)
     model = model_class.from_pretrained(os.path.join(path, meta["residual"]), **from_pretrained_kwargs)
     adir = os.path.join(path, meta["adapter"])
@@ -555,7 +566,10 @@ def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrai
         try:
             base = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"the residual model has no module {name!r} named by the adapter") from None
+            raise ValueError(
+                f"the residual model ({type(model).__name__}) has no module {name!r} named by the adapter; "
+                "pass model_class= the class the export was saved from"
+            ) from None
         w = linear_weight(base)
         A = sd[f"{PEFT_PREFIX}{name}.lora_A.weight"].to(device=w.device, dtype=w.dtype)
         B = sd[f"{PEFT_PREFIX}{name}.lora_B.weight"].to(device=w.device, dtype=w.dtype)

@@ -221,3 +221,13 @@ def test_torchrun_collect_and_build_match_one_process(workdir, tmp_path):
     assert set(w1) == set(w2) and w1
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "text,want", [("1e4", 10000), ("12000", 12000), ("0.5", 0.5), ("1.0", 1.0), ("2.5e-1", 0.25), (None, None)]
+)
+def test_budget_parsing(text, want):
+    from corda_kernels.cli import _parse_budget
+
+    got = _parse_budget(text)
+    assert got == want and type(got) is type(want)

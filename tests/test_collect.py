@@ -475,3 +475,22 @@ def test_encoder_decoder_decoder_layers_take_the_decoder_mask(make):
     plain = [{k: v for k, v in b.items() if k != "decoder_attention_mask"} for b in batches]
     with pytest.warns(UserWarning, match="no decoder_attention_mask"):
         ck.collect_cov(model, plain, progress=False)
+
+
+def test_tuple_batches_find_the_mask_through_a_compiled_model():
+    from corda_kernels.collect import _positional_params, split_batch
+
+    model = tiny_llama()
+    compiled = torch.compile(model)  # nothing compiles until it is called
+    params = _positional_params(compiled)
+    assert params[:2] == ["input_ids", "attention_mask"]
+    ids, mask = torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
+    assert split_batch((ids, mask), params)[2] is mask
+
+
+def test_covariances_to_takes_a_dtype_positionally():
+    covs = ck.collect_cov(tiny_llama(), padded_batches(128, n_batches=1), progress=False)
+    wide = covs.to(torch.float64)
+    name = next(iter(covs))
+    assert wide[name].dtype == torch.float64 and torch.equal(wide[name], covs[name].double())
+    assert wide.groups == covs.groups

@@ -194,3 +194,33 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     with pytest.raises(ValueError, match="no CordaLinear"):
         export.save_pretrained(tiny_llama(), tmp_path / "plain")
+
+
+@pytest.mark.parametrize("alpha", [0.25, 64.0])
+def test_to_lora_accepts_any_scaling(alpha, tmp_path):
+    # The rank check must not scale the residual's rounding by 1/scaling (alpha 0.25 at rank 16
+    # used to be refused as "not a rank-16 matrix").
+    model = tiny_llama()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    covs = ck.collect_cov(model, padded_batches(model.config.vocab_size, n_batches=2), progress=False)
+    ck.build_corda(model, covs, rank=16, alpha=alpha, mode="ipm")
+    b = padded_batches(model.config.vocab_size, n_batches=1, seed=3)[0]
+    want = _logits(model, b)
+    export.to_lora(model, original, tmp_path / "lora")
+    got = _logits(PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora").eval(), b)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_load_pretrained_uses_the_saved_model_class(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
+    model = BertForMaskedLM(cfg).eval()
+    batches = padded_batches(cfg.vocab_size, n_batches=2)
+    ck.build_corda(model, ck.collect_cov(model, batches, progress=False), rank=4)
+    want = _logits(model, batches[0])
+    export.save_pretrained(model, tmp_path / "bert")
+    back = export.load_pretrained(tmp_path / "bert")  # not a causal LM: no model_class needed
+    assert type(back) is BertForMaskedLM
+    torch.testing.assert_close(_logits(back, batches[0]), want, rtol=1e-6, atol=1e-6)
