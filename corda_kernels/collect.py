@@ -84,7 +84,7 @@ class Collector:
         self.batch = -1
         self.stop_early = False
         # Early stop: every target's call count in the first batch; a later batch may stop once each
-        # of them has been called that often again. A module the first batch never called means the
+        # of them has been called that often again (only if each was called once). A module the first batch never called means the
         # call pattern depends on the data (e.g. image and text-only batches): then it never stops early.
         self.first_counts: dict[str, int] | None = None
         self.layout_changed = False
@@ -220,7 +220,15 @@ class Collector:
         (ignored for the first batch itself, and once the call pattern changed)."""
         self.batch += 1
         self._counts = {}
-        self.stop_early = early_stop and self.first_counts is not None and not self.layout_changed
+        # Only when every target ran once in the first batch: a module called several times per
+        # forward (a cell looped over time steps) may run more often in a later batch, and stopping
+        # at the first batch's count would silently drop its later rows.
+        self.stop_early = (
+            early_stop
+            and self.first_counts is not None
+            and not self.layout_changed
+            and all(c == 1 for c in self.first_counts.values())
+        )
         self._pending = len(self.first_counts) if self.stop_early else 0
         self._masks = {k: None if m is None else (m != 0) for k, m in (("input", mask), ("decoder", decoder_mask))}
         self._encoder_out = None

@@ -494,3 +494,34 @@ def test_covariances_to_takes_a_dtype_positionally():
     name = next(iter(covs))
     assert wide[name].dtype == torch.float64 and torch.equal(wide[name], covs[name].double())
     assert wide.groups == covs.groups
+
+
+class _Loop(nn.Module):
+    """A cell applied once per time step: how often it runs depends on the batch's length."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.cell = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.inp(x)
+        h = torch.zeros(x.shape[0], 8)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.cell(x[:, t] + h))
+        return h
+
+
+def test_no_early_stop_when_a_target_runs_several_times_per_forward():
+    model = _Loop().eval()
+    batches = [torch.randn(4, 2, 8), torch.randn(4, 6, 8)]  # the later batch loops three times longer
+    covs = ck.collect_cov(model, batches, progress=False)
+    assert covs.token_counts["cell"] == 4 * (2 + 6)
+    seen = []
+    hook = model.cell.register_forward_pre_hook(lambda m, a: seen.append(a[0].double()))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    hook.remove()
+    x = torch.cat(seen)
+    assert rel(covs["cell"], x.T @ x / x.shape[0]) < 1e-6
