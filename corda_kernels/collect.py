@@ -193,7 +193,9 @@ class Collector:
                 mask = kept.mask.reshape(mask.shape)
             else:
                 # Rows that are not the text tokens (image patches, routed or pooled tokens): count them all.
-                self.unmasked.update(g.names)
+                # One row per sequence (a pooler reading [CLS]) is the expected case: no warning for it.
+                if x.shape[:-1] != mask.shape[:1]:
+                    self.unmasked.update(g.names)
                 mask = None
         scale = None
         if self.normalize == "peft":

@@ -525,3 +525,19 @@ def test_no_early_stop_when_a_target_runs_several_times_per_forward():
     hook.remove()
     x = torch.cat(seen)
     assert rel(covs["cell"], x.T @ x / x.shape[0]) < 1e-6
+
+
+def test_a_pooler_counts_one_row_per_sequence_without_a_warning():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
+    model = BertModel(cfg).eval()
+    batches = padded_batches(64, n_batches=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        covs = ck.collect_cov(model, batches, progress=False)
+    assert covs.token_counts["pooler.dense"] == sum(b["input_ids"].shape[0] for b in batches)
+    assert covs.token_counts["encoder.layer.0.attention.self.query"] == sum(
+        int(b["attention_mask"].sum()) for b in batches
+    )
