@@ -44,7 +44,7 @@ class _Group:
     count: torch.Tensor  # counted rows (device scalar, no sync)
     seqs: torch.Tensor  # counted sequences, for normalize="peft"
     first_batch: int
-    batch_log: list[int] = field(default_factory=list)  # ids of tensors accumulated this batch
+    batch_log: list[tuple[int, int]] = field(default_factory=list)  # inputs accumulated this batch (_input_key)
 
 
 class Collector:
@@ -84,16 +84,17 @@ class Collector:
         self.batch = -1
         self.stop_early = False
         # Early stop: every target's call count in the first batch; a later batch may stop once each
-        # of them has been called that often again (only if each was called once). A module the first batch never called means the
-        # call pattern depends on the data (e.g. image and text-only batches): then it never stops early.
+        # of them has been called that often again (only if each was called once). A module the first
+        # batch never called means the call pattern depends on the data (e.g. image and text-only
+        # batches): then it never stops early.
         self.first_counts: dict[str, int] | None = None
         self.layout_changed = False
         self._counts: dict[str, int] = {}
         self._pending = 0
         self._masks: dict[str, torch.Tensor | None] = {}
         self._kept: dict[tuple[str, torch.device], tuple[ops.KeptRows, torch.Tensor]] = {}
-        self._seen: dict[int, tuple[weakref.ref | torch.Tensor, set[int]]] = {}
-        self._member_log: dict[str, list[int]] = {}
+        self._seen: dict[tuple[int, int], tuple[weakref.ref | torch.Tensor, set[int]]] = {}
+        self._member_log: dict[str, list[tuple[int, int]]] = {}
         self._handles: list = []
 
     # ------------------------------------------------------------------ hooks
