@@ -103,6 +103,22 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return w
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's and DistributedDataParallel's wrappers.
+
+    Their forwards take (*args, **kwargs) and their parameter names carry a prefix
+    (``_orig_mod.``, ``module.``) that a saved adapter must not.
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def swap_modules(model: nn.Module, new: Mapping[str, nn.Module]) -> None:
     """Put ``new[name]`` in place of the module at ``name``, and in every other slot holding that same module.
 

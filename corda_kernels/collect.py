@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._targets import Targets, find_targets, weight_shape
+from ._targets import Targets, find_targets, unwrap_model, weight_shape
 from .covariance import Covariances
 
 if TYPE_CHECKING:
@@ -394,13 +394,8 @@ def _to(obj, device):
 
 
 def _positional_params(model: nn.Module) -> list[str]:
-    # torch.compile's wrapper and DDP forward (*args, **kwargs): ask the model they wrap.
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module) or (
-        isinstance(model, nn.parallel.DistributedDataParallel)
-    ):
-        model = getattr(model, "_orig_mod", None) or model.module
     try:
-        return list(inspect.signature(model.forward).parameters)
+        return list(inspect.signature(unwrap_model(model).forward).parameters)
     except (TypeError, ValueError):
         return []
 

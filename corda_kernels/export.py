@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ._io import current_umask
-from ._targets import Conv1D, get_submodule_parent, linear_weight, swap_modules
+from ._targets import Conv1D, get_submodule_parent, linear_weight, swap_modules, unwrap_model
 from .layer import CordaLinear
 from .rewrite import corda_layers
 
@@ -230,6 +230,7 @@ def _require_layers(model: nn.Module, what: str) -> dict[str, CordaLinear]:
 
 def adapter_state(model: nn.Module, *, base_model_name_or_path: str | None = None) -> LoraAdapter:
     """The model's CorDA adapters as a PEFT LoRA adapter for the *residual* base model."""
+    model = unwrap_model(model)
     layers = _require_layers(model, "adapter_state")
     sd = {}
     for name, layer in layers.items():
@@ -269,6 +270,7 @@ def _plain_layer(layer: CordaLinear) -> nn.Module:
 @contextlib.contextmanager
 def residual_view(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily swap every CordaLinear for a plain layer holding its residual; restored on exit, even on error."""
+    model = unwrap_model(model)
     layers = corda_layers(model)
     swap_modules(model, {name: _plain_layer(layer) for name, layer in layers.items()})
     try:
@@ -293,6 +295,7 @@ def save_pretrained(
     """
     if format != "peft":
         raise ValueError(f"format must be 'peft', got {format!r}")
+    model = unwrap_model(model)
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(
             f"model must be a transformers PreTrainedModel (with save_pretrained), got {type(model).__name__}"
@@ -389,6 +392,7 @@ def to_lora(
     is unchanged. Returns a :class:`LoraAdapter`; with ``out_dir`` it is also
     written there (load it with ``PeftModel.from_pretrained(original_model, out_dir)``).
     """
+    model = unwrap_model(model)
     layers = _require_layers(model, "to_lora")
     if out_dir is not None:
         _check_not_model_source(model, out_dir)
@@ -442,7 +446,9 @@ def _swap_in(model: nn.Module, name: str, base: nn.Module, A, B, *, alpha: float
     if not isinstance(base, (nn.Linear, Conv1D)):
         raise TypeError(f"module {name!r}: a LoRA on a {type(base).__name__} cannot become a CordaLinear")
     w = linear_weight(base).detach()
-    layer = CordaLinear.from_factors(base, w, A.detach(), B.detach(), alpha=alpha, dropout=dropout, mode=mode)
+    # PEFT keeps adapters in fp32 over a 16-bit base (autocast_adapter_dtype); a CordaLinear holds one dtype.
+    A, B = A.detach().to(w.dtype), B.detach().to(w.dtype)
+    layer = CordaLinear.from_factors(base, w, A, B, alpha=alpha, dropout=dropout, mode=mode)
     layer.lora_A.requires_grad_(True)
     layer.lora_B.requires_grad_(True)
     swap_modules(model, {name: layer})
@@ -457,7 +463,9 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     the LoRA layer's base weight, A, B and scaling (alpha is set to
     scaling·r, so rsLoRA carries over). Only ``adapter_name`` (default: the
     active adapter) is kept. DoRA, LoRA biases and LoRA on non-linear layers
-    raise, naming the layer.
+    raise, naming the layer. Adapters PEFT keeps in fp32 over a bf16/fp16 base
+    are cast to the base's dtype (a CordaLinear holds one dtype), so outputs then
+    match PEFT's to that dtype's rounding.
     """
     from peft.tuners.lora import LoraLayer
 

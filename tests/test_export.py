@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from tiny import padded_batches, tiny_gpt2, tiny_llama
+from tiny import padded_batches, rel, tiny_gpt2, tiny_llama
 
 import corda_kernels as ck
 from corda_kernels import export
@@ -224,3 +224,42 @@ def test_load_pretrained_uses_the_saved_model_class(tmp_path):
     back = export.load_pretrained(tmp_path / "bert")  # not a causal LM: no model_class needed
     assert type(back) is BertForMaskedLM
     torch.testing.assert_close(_logits(back, batches[0]), want, rtol=1e-6, atol=1e-6)
+
+
+def test_from_peft_casts_fp32_adapters_over_a_bf16_base():
+    # PEFT keeps adapters in fp32 over a 16-bit base; the converted model must run, and match.
+    base = tiny_llama().to(torch.bfloat16)
+    pm = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    b = padded_batches(base.config.vocab_size, n_batches=1)[0]
+    want = _logits(pm, b)
+    model = export.from_peft(pm)
+    layer = ck.corda_layers(model)["model.layers.0.self_attn.q_proj"]
+    assert layer.weight.dtype == layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
+    assert rel(_logits(model, b).float(), want.float()) < 2e-2
+
+
+@pytest.mark.parametrize("wrap", ["compile", "ddp"])
+def test_exports_of_a_wrapped_model_use_the_inner_names(tmp_path, wrap):
+    model, original, batches = _corda(tiny_llama)
+    want = _logits(model, batches[0])
+    if wrap == "compile":
+        wrapped = torch.compile(model)  # nothing compiles unless it is called
+    else:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+        try:
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        except Exception:
+            torch.distributed.destroy_process_group()
+            raise
+    try:
+        export.save_pretrained(wrapped, tmp_path / "out")
+        adapter = export.to_lora(wrapped, original, tmp_path / "lora")
+    finally:
+        if wrap == "ddp":
+            torch.distributed.destroy_process_group()
+    assert all(k.startswith("base_model.model.model.layers.") for k in adapter.state_dict)
+    back = export.load_pretrained(tmp_path / "out")
+    assert type(back).__name__ == "LlamaForCausalLM"
+    torch.testing.assert_close(_logits(back, batches[0]), want, rtol=1e-6, atol=1e-6)
+    got = _logits(PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora").eval(), batches[0])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

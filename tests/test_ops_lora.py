@@ -343,3 +343,34 @@ def test_autocast_casts_the_operands_like_f_linear(backend):
     for got, want in zip(leaves, refs):
         assert got.grad.dtype == torch.float32
         assert rel(got.grad, want.grad) < tol
+
+
+def test_inductor_compiled_dropout_gradients_equal_eager():
+    # torch 2.13's inductor drops add_(..., alpha=) after a matmul: the input gradient lost its
+    # 1/(1-p) under dropout. fallback_random makes the compiled graph draw eager's masks.
+    pytest.importorskip("torch._inductor")
+    x, W, _, A, B = make(20, 9, 12, 3, torch.float32)
+
+    def step(x, A, B):
+        return ops.lora_linear(x, W, None, A, B, 0.7, dropout_p=0.3, backend="torch")
+
+    grads = []
+    for fn in (step, torch.compile(step)):
+        torch.manual_seed(0)
+        leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+        with torch._inductor.config.patch(fallback_random=True):
+            fn(*leaves).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(grads[1], grads[0]):
+        assert rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivatives_raise_instead_of_being_wrong(backend):
+    # backward saves s = x·Aᵀ detached, so a gradient of a gradient would miss terms.
+    x, W, b, A, B = make(7, 5, 6, 2, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+    y = ops.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 0.5, backend=backend)
+    (gx,) = torch.autograd.grad(y.pow(3).sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.square().sum().backward()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._backend import interpreting, on_device, resolve, tf32_matmul, tuning_configs
 
@@ -368,7 +369,9 @@ def lora_backward_torch(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
         if keep is None:
             dx.addmm_(ds.to(dx.dtype), A)
         else:
-            dx.add_((ds.to(dx.dtype) @ A) * keep.to(dx.dtype), alpha=1.0 / (1.0 - p))
+            # The 1/(1-p) goes into the mask, not into add_(alpha=): inductor (torch 2.13) drops the
+            # alpha of a matmul's add and the input gradient came out too small.
+            dx.add_((ds.to(dx.dtype) @ A) * (keep.to(dx.dtype) * (1.0 / (1.0 - p))))
     if need_a:
         dA = (ds.t() @ xd2.to(wide)).to(A.dtype)
     if need_bb:
@@ -603,6 +606,7 @@ class LoraLinearFunction(torch.autograd.Function):
         return y2.reshape(*x.shape[:-1], y2.shape[-1])
 
     @staticmethod
+    @once_differentiable  # s = x·Aᵀ is saved detached: a second derivative would be silently wrong
     def backward(ctx, dy):
         x2, xd2, keep, s, weight, A, B = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
