@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,6 +35,32 @@ def _local_dir(path: str, what: str) -> str:
     return path
 
 
+def _positive(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _model_limits(path: str) -> tuple[int | None, int | None]:
+    """(vocabulary size, longest sequence) from the model's config.json, without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        return None, None  # the model load reports it properly
+    cfg = getattr(cfg, "text_config", None) or cfg
+    longest = next(
+        (v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(cfg, k, None), int)), None
+    )
+    return getattr(cfg, "vocab_size", None), longest
+
+
 def _dtype(name: str):
     if name == "auto":
         return "auto"
@@ -47,6 +74,8 @@ def _load_model(path: str, args) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     _local_dir(path, "model")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {args.device}: this torch has no CUDA device")
     kw = {"local_files_only": True, "dtype": _dtype(args.dtype)}
     if args.device == "auto":
         kw["device_map"] = "auto"
@@ -86,7 +115,7 @@ def _read_texts(path: str, field: str) -> list[str]:
     return texts
 
 
-def _read_tokens(path: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+def _read_tokens(path: str, vocab: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Rows of input_ids (and attention_mask if present) from a .pt or .safetensors file."""
     try:
         if path.endswith(".safetensors"):
@@ -106,11 +135,27 @@ def _read_tokens(path: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | No
         raise CliError(f"token file {path!r} must hold 'input_ids' (a tensor, a dict or a list of 1-D tensors)")
     ids = obj["input_ids"]
     mask = obj.get("attention_mask")
+    for what, t in (("input_ids", ids), ("attention_mask", mask)):
+        if t is not None and not isinstance(t, (torch.Tensor, list, tuple)):
+            raise CliError(f"token file {path!r}: {what} must be a tensor or a list of 1-D tensors")
     rows = list(ids) if isinstance(ids, (list, tuple)) or ids.dim() == 2 else [ids]
     masks = None if mask is None else (list(mask) if isinstance(mask, (list, tuple)) or mask.dim() == 2 else [mask])
     for r in rows:
         if not isinstance(r, torch.Tensor) or r.dim() != 1 or r.dtype.is_floating_point:
             raise CliError(f"token file {path!r}: input_ids rows must be 1-D integer tensors")
+    if masks is not None:
+        if len(masks) != len(rows) or any(
+            not isinstance(m, torch.Tensor) or m.shape != r.shape for m, r in zip(masks, rows)
+        ):
+            raise CliError(f"token file {path!r}: attention_mask must have input_ids' shape")
+    if vocab is not None:
+        bad = [int(r.min()) for r in rows if r.numel() and (int(r.min()) < 0 or int(r.max()) >= vocab)]
+        if bad:
+            hi = max(int(r.max()) for r in rows if r.numel())
+            raise CliError(
+                f"token file {path!r}: ids range over [{min(int(r.min()) for r in rows if r.numel())}, {hi}] but the "
+                f"model's vocabulary has {vocab} entries (made with another tokenizer?)"
+            )
     return rows, masks
 
 
@@ -124,16 +169,27 @@ def _pad(rows: list[torch.Tensor], masks: list[torch.Tensor] | None, pad_id: int
     return {"input_ids": ids, "attention_mask": att}
 
 
-def load_batches(paths: list[str], args, tokenizer_dir: str | None) -> list[dict[str, torch.Tensor]]:
-    """Calibration batches (right-padded, with attention masks) from text, jsonl or token files."""
+def load_batches(
+    paths: list[str], args, tokenizer_dir: str | None, model_dir: str | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches (right-padded, with attention masks) from text, jsonl or token files.
+
+    Samples are cut to ``--max-length`` and to the model's position limit; with
+    ``--max-batches`` reading stops once those batches are full.
+    """
     rows: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
     tokenizer = None
+    vocab, longest = _model_limits(model_dir) if model_dir else (None, None)
+    max_length = args.max_length if longest is None else min(args.max_length, longest)
+    limit = None if args.max_batches is None else args.max_batches * args.batch_size
     for path in paths:
+        if limit is not None and len(rows) >= limit:
+            break
         if not os.path.isfile(path):
             raise CliError(f"calibration file {path!r} does not exist")
         if path.endswith((".pt", ".pth", ".safetensors")):
-            r, m = _read_tokens(path)
+            r, m = _read_tokens(path, vocab)
             rows += r
             masks += m if m is not None else [torch.ones_like(x) for x in r]
             continue
@@ -142,12 +198,16 @@ def load_batches(paths: list[str], args, tokenizer_dir: str | None) -> list[dict
         if tokenizer is None:
             tokenizer = _load_tokenizer(tokenizer_dir)
         for text in _read_texts(path, args.text_field):
-            enc = tokenizer(text, truncation=True, max_length=args.max_length)["input_ids"]
+            if limit is not None and len(rows) >= limit:
+                break
+            enc = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
             if enc:
                 rows.append(torch.tensor(enc, dtype=torch.long))
                 masks.append(torch.ones(len(enc), dtype=torch.long))
-    rows = [r[: args.max_length] for r in rows]
-    masks = [m[: args.max_length] for m in masks]
+    if max_length < args.max_length and any(r.numel() >= max_length for r in rows):
+        _log(f"samples cut to {max_length} tokens, the model's position limit (--max-length {args.max_length})")
+    rows = [r[:max_length] for r in rows]
+    masks = [m[:max_length] for m in masks]
     keep = [i for i, r in enumerate(rows) if r.numel() > 0]
     rows, masks = [rows[i] for i in keep], [masks[i] for i in keep]
     if not rows:
@@ -243,8 +303,14 @@ def _log(msg: str, rank: int = 0) -> None:
 def cmd_collect(args) -> int:
     import corda_kernels as ck
 
-    with _distributed(args.device) as (rank, _):
-        batches = load_batches(args.data, args, args.tokenizer or args.model)  # bad data fails before a model loads
+    with _distributed(args.device) as (rank, world):
+        if args.candidates and world > 1:
+            raise CliError("--candidates (CorDA++ selection) runs on one process: run collect without torchrun")
+        for path in args.data:
+            if os.path.exists(args.output) and os.path.samefile(path, args.output):
+                raise CliError(f"-o {args.output!r} is one of the calibration files: it would be overwritten")
+        # Bad data fails before a model loads.
+        batches = load_batches(args.data, args, args.tokenizer or args.model, args.model)
         model = _load_model(args.model, args)
         t0 = time.perf_counter()
         loader = TokenProgress(batches, enabled=not args.no_progress and rank == 0)
@@ -388,6 +454,8 @@ def cmd_export(args) -> int:
     _local_dir(args.source, "source")
     # An earlier export at --output is replaced, and the source is one: `export SRC -o SRC` would delete it.
     check_not_source(args.output, args.source)
+    if args.base:  # nor may -o replace the original model the LoRA is meant for
+        check_not_source(args.output, args.base)
     model = load_pretrained(args.source, dtype=_dtype(args.dtype))
     if args.merged:
         merge_corda(model)
@@ -459,12 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="covariances file (.safetensors)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     p.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
-    p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument(
+        "--max-length", type=_positive, default=512, help="truncate samples to this many tokens (and the model's limit)"
+    )
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--max-batches", type=_positive, default=None, help="use (and read) only this many batches")
     p.add_argument("--normalize", choices=("mean", "peft", "sum"), default="mean")
     p.add_argument("--accum-dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--candidates", type=int, default=None, help="CorDA++: N candidate rounds, keep the best per group")
+    p.add_argument(
+        "--candidates", type=_positive, default=None, help="CorDA++: N candidate rounds, keep the best per group"
+    )
     p.add_argument("--rank", type=int, default=None, help="CorDA++ scoring rank (with --candidates)")
     p.add_argument("--mode", choices=("kpm", "ipm"), default="kpm", help="CorDA++ scoring mode (with --candidates)")
     _model_options(p)
@@ -504,6 +576,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_loading_bars() -> None:
+    """--no-progress also silences transformers' and the hub's loading and saving bars."""
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    with contextlib.suppress(Exception):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``corda-kernels``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -511,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = ap.parse_known_args(argv)
     if rest and args.command not in ("demo", "bench"):
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "no_progress", False):
+        _quiet_loading_bars()
     try:
         if args.command == "collect":
             return cmd_collect(args)
@@ -521,7 +607,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return cmd_demo(args, rest)
         return cmd_bench(args, rest)
-    except (CliError, ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"corda-kernels {args.command}: interrupted (no output was written)", file=sys.stderr)
+        return 130
+    except (CliError, ValueError, TypeError, KeyError, OSError, RuntimeError, re.error) as e:
         if args.debug:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

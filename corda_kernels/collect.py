@@ -284,6 +284,13 @@ class Collector:
             [torch.stack([torch.isfinite(g.acc).all().double(), g.count, g.seqs]).to(home) for g in self.groups]
         ).tolist()
         counts = [int(c) for _, c, _ in stats]
+        empty = [g.names for g, c in zip(self.groups, counts) if c == 0]
+        if empty:
+            raise ValueError(
+                f"no token was counted for module(s) {empty[0]}"
+                + (f" and {len(empty) - 1} other group(s)" if len(empty) > 1 else "")
+                + ": every row they read was masked out (is attention_mask all zeros?)"
+            )
         seqs = [int(q) for _, _, q in stats]
         bad = [g.names for g, (ok, _, _) in zip(self.groups, stats) if not ok]
         if bad:

@@ -120,7 +120,10 @@ class Covariances(Mapping[str, torch.Tensor]):
             if name not in self._index:
                 hint = ""
                 if self.shapes and not (set(self.shapes) & set(modules)):
-                    hint = f" (the covariances were collected on another model, fingerprint {self.fingerprint})"
+                    hint = (
+                        f" (the file covers {len(self.shapes)} other module(s), e.g. {next(iter(self.shapes))!r}: "
+                        f"collected for other targets, or on another model, fingerprint {self.fingerprint})"
+                    )
                 raise ValueError(f"no covariance for module {name!r}{hint}")
             c = self[name]
             if tuple(c.shape) != (d_in, d_in):

@@ -19,6 +19,7 @@ their module's device (``device_map`` models).
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -74,7 +75,15 @@ def _presharded(loader) -> bool:
     inner = getattr(batch_sampler, "sampler", None)
     from torch.utils.data.distributed import DistributedSampler
 
-    return isinstance(sampler, DistributedSampler) or isinstance(inner, DistributedSampler)
+    found = next((x for x in (sampler, inner) if isinstance(x, DistributedSampler)), None)
+    if found is not None and not found.drop_last and found.total_size > len(found.dataset):
+        warnings.warn(
+            f"DistributedSampler pads {len(found.dataset)} samples to {found.total_size} by repeating "
+            f"{found.total_size - len(found.dataset)} of them, which then count twice in the covariances; "
+            "use drop_last=True, or a dataset size divisible by the world size",
+            stacklevel=4,
+        )
+    return found is not None
 
 
 # ---------------------------------------------------------------------- collection

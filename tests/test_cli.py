@@ -154,15 +154,88 @@ def test_cordapp_and_merged_export_in_process(workdir, tmp_path, capsys):
         (["collect", "{m}", "{d}/data.csv", "-o", "{t}/c"], "does not exist"),
         (["export", "{m}", "-o", "{t}/e"], "not a corda_kernels export"),
         (["bench", "--bench-dir", "{t}"], "not found"),
+        (["collect", "{m}", "{t}/oov.pt", "-o", "{t}/c"], "vocabulary has 128 entries"),
+        (["collect", "{m}", "{t}/masked.pt", "-o", "{t}/c"], "no token was counted"),
+        (["collect", "{m}", "{t}/halfmask.pt", "-o", "{t}/c"], "attention_mask must have input_ids' shape"),
+        (["collect", "{m}", "{d}/data.txt", "-o", "{d}/data.txt"], "is one of the calibration files"),
+        (["collect", "{m}", "{d}/data.txt", "-o", "{t}"], "Is a directory"),
+        (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--targets", "re:("], "missing )"),
     ],
 )
 def test_errors_are_one_clear_line(workdir, tmp_path, capsys, argv, message):
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
+    torch.save({"input_ids": torch.tensor([[3, 5, 1000]])}, tmp_path / "oov.pt")
+    torch.save({"input_ids": torch.tensor([[3, 5, 7]]), "attention_mask": torch.zeros(1, 3)}, tmp_path / "masked.pt")
+    torch.save({"input_ids": torch.tensor([[3, 5, 7]]), "attention_mask": torch.ones(1, 2)}, tmp_path / "halfmask.pt")
+    before = (workdir / "data.txt").read_bytes()
     fill = {"m": str(workdir / "model"), "d": str(workdir), "t": str(tmp_path)}
     rc = cli.main([a.format(**fill) for a in argv])
     err = capsys.readouterr().err
     assert rc == 1
     assert message in err and "Traceback" not in err
+    assert (workdir / "data.txt").read_bytes() == before
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("flag", ["--max-batches", "--batch-size", "--max-length", "--candidates"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_counts_below_one_are_usage_errors(workdir, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["collect", str(workdir / "model"), str(workdir / "data.txt"), "-o", "c", flag, value])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_max_batches_stops_reading_and_samples_fit_the_model(workdir, tmp_path, monkeypatch, capsys):
+    calls = []
+    real = cli._load_tokenizer
+
+    class Counting:
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+        def __call__(self, text, **kw):
+            calls.append(kw.get("max_length"))
+            return self.tok(text, **kw)
+
+    def counting(path):
+        return Counting(real(path))
+
+    monkeypatch.setattr(cli, "_load_tokenizer", counting)
+    long = " ".join(TEXTS) * 20  # ~700 words, past the tiny model's 128 positions
+    (tmp_path / "big.txt").write_text("\n".join([long] * 200) + "\n")
+    argv = ["collect", str(workdir / "model"), "x", "-o", "y", "--batch-size", "2", "--max-batches", "3"]
+    args = cli.build_parser().parse_args(argv)
+    batches = cli.load_batches([str(tmp_path / "big.txt")], args, str(workdir / "model"), str(workdir / "model"))
+    assert len(batches) == 3 and len(calls) == 6  # 200 lines in the file, 6 read
+    assert set(calls) == {128} and all(b["input_ids"].shape[1] == 128 for b in batches)
+    assert "position limit" in capsys.readouterr().err
+
+
+def test_export_never_replaces_its_base_model(workdir, tmp_path, capsys):
+    d = workdir
+    assert cli.main(["collect", str(d / "model"), str(d / "data.txt"), "-o", str(tmp_path / "c.safetensors")]) == 0
+    out = tmp_path / "built"
+    assert cli.main(["build", str(d / "model"), str(tmp_path / "c.safetensors"), "-o", str(out), "--rank", "2"]) == 0
+    merged = tmp_path / "merged"
+    assert cli.main(["export", str(out), "-o", str(merged), "--merged"]) == 0
+    # An earlier export may be replaced, but not when it is the --base the new LoRA is for.
+    capsys.readouterr()
+    rc = cli.main(["export", str(out), "-o", str(merged), "--base", str(merged)])
+    assert rc == 1 and "Traceback" not in capsys.readouterr().err
+    assert (merged / "config.json").exists()
+
+
+def test_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_collect", interrupted)
+    assert cli.main(["collect", "m", "d.txt", "-o", "c"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
 
 
 def test_demo_and_bench_delegate(monkeypatch, tmp_path):

@@ -541,3 +541,12 @@ def test_a_pooler_counts_one_row_per_sequence_without_a_warning():
     assert covs.token_counts["encoder.layer.0.attention.self.query"] == sum(
         int(b["attention_mask"].sum()) for b in batches
     )
+
+
+def test_all_rows_masked_is_an_error_naming_a_module():
+    model = tiny_llama()
+    batches = padded_batches(128, n_batches=2)
+    for b in batches:
+        b["attention_mask"] = torch.zeros_like(b["attention_mask"])
+    with pytest.raises(ValueError, match=r"no token was counted for module\(s\) \['model.layers.0"):
+        ck.collect_cov(model, batches, progress=False)

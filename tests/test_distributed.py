@@ -2,6 +2,7 @@
 
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -171,3 +172,19 @@ def test_build_distributed_needs_a_group():
         ck.build_corda(model, covs, rank=2, distributed=True)
     with pytest.raises(RuntimeError, match="process group"):
         ck.collect_cov(model, batches, distributed=True, progress=False)
+
+
+@pytest.mark.parametrize("n, drop_last, warns", [(21, False, True), (20, False, False), (21, True, False)])
+def test_a_padding_distributed_sampler_is_warned_about(n, drop_last, warns):
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from corda_kernels.distributed import _presharded
+
+    data = TensorDataset(torch.arange(n))
+    sampler = DistributedSampler(data, num_replicas=2, rank=0, shuffle=False, drop_last=drop_last)
+    loader = DataLoader(data, sampler=sampler, batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _presharded(loader)
+    assert any("count twice" in str(w.message) for w in caught) == warns
