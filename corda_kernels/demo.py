@@ -132,6 +132,11 @@ def format_report(rep: dict) -> str:
         lines += ["  rank allocation (block x projection):", *("    " + row for row in rank_grid(rep["ranks"]))]
         if rep.get("budget"):
             lines.append(f"    budget {rep['budget']:,} parameters, used {rep['trainable']:,}")
+            if rep["mode"].startswith("kpm"):
+                lines.append(
+                    "    (KPM ranks go where W·C's tail carries least of the calibration data: uneven by design; "
+                    "docs/cordapp.md §3)"
+                )
     return "\n".join(lines)
 
 
