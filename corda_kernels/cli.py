@@ -148,14 +148,13 @@ def _read_tokens(path: str, vocab: int | None = None) -> tuple[list[torch.Tensor
             not isinstance(m, torch.Tensor) or m.shape != r.shape for m, r in zip(masks, rows)
         ):
             raise CliError(f"token file {path!r}: attention_mask must have input_ids' shape")
-    if vocab is not None:
-        bad = [int(r.min()) for r in rows if r.numel() and (int(r.min()) < 0 or int(r.max()) >= vocab)]
-        if bad:
-            hi = max(int(r.max()) for r in rows if r.numel())
-            raise CliError(
-                f"token file {path!r}: ids range over [{min(int(r.min()) for r in rows if r.numel())}, {hi}] but the "
-                f"model's vocabulary has {vocab} entries (made with another tokenizer?)"
-            )
+    filled = [r for r in rows if r.numel()]
+    lo, hi = min((int(r.min()) for r in filled), default=0), max((int(r.max()) for r in filled), default=0)
+    if vocab is not None and (lo < 0 or hi >= vocab):
+        raise CliError(
+            f"token file {path!r}: ids range over [{lo}, {hi}] but the model's vocabulary has {vocab} entries "
+            "(made with another tokenizer?)"
+        )
     return rows, masks
 
 
@@ -184,10 +183,11 @@ def load_batches(
     max_length = args.max_length if longest is None else min(args.max_length, longest)
     limit = None if args.max_batches is None else args.max_batches * args.batch_size
     for path in paths:
-        if limit is not None and len(rows) >= limit:
-            break
         if not os.path.isfile(path):
             raise CliError(f"calibration file {path!r} does not exist")
+    for path in paths:
+        if limit is not None and len(rows) >= limit:
+            break
         if path.endswith((".pt", ".pth", ".safetensors")):
             r, m = _read_tokens(path, vocab)
             rows += r
