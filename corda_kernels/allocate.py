@@ -72,6 +72,7 @@ def allocate_ranks(
     compute_dtype: torch.dtype = torch.float32,
     ipm_score: str = "captured",
     progress: bool = False,
+    distributed: bool = False,
 ) -> RankAllocation:
     """Per-layer ranks whose total cost Σ r·(d_in + d_out) stays within ``budget``.
 
@@ -85,6 +86,9 @@ def allocate_ranks(
     ``ipm_score`` picks the IPM score (docs/cordapp.md §3): ``"captured"``
     (default) or ``"boundary"``. Spectra come from ``covs.spectrum_cache`` when
     valid, else are computed once and cached there for ``build_corda``.
+    ``distributed=True`` (under torch.distributed) splits that spectrum work
+    across ranks as ``build_corda(distributed=True)`` splits the decompositions;
+    every rank gets the same allocation.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -124,6 +128,7 @@ def allocate_ranks(
         compute_dtype=compute_dtype,
         need_stats=pi_from == "cov",
         progress=progress,
+        distributed=distributed,
     )
     rule = ScoreRule(mode=mode, pi_from=pi_from, pi_normalize=pi_normalize)
 

@@ -346,21 +346,6 @@ def _parse_budget(text: str | None):
     return value
 
 
-def _spectra(model, covs, modules, damping: float) -> dict:
-    """Spectrum of W·C_d per target, one damped covariance per group, as build_corda would compute it."""
-    from ._targets import linear_weight
-    from .decompose import compute_spectrum, damp_covariance
-
-    out, damped = {}, {}
-    for name, module in modules.items():
-        w = linear_weight(module).detach()
-        key = (id(covs[name]), w.device)
-        if key not in damped:
-            damped[key] = damp_covariance(covs[name].to(w.device), damping, name=name)
-        out[name] = compute_spectrum(w, damped[key], name=name)
-    return out
-
-
 def cmd_build(args) -> int:
     import corda_kernels as ck
 
@@ -398,25 +383,17 @@ def cmd_build(args) -> int:
                 damping=args.damping,
                 ipm_score=args.ipm_score,
                 progress=not args.no_progress and rank_ == 0,
+                distributed=world > 1,
             )
             _log(f"CorDA++ allocation: {sum(ranks.values())} ranks, {ranks.used} of {ranks.budget} parameters", rank_)
-        spectra = None
         values = {}
         if args.report:
-            modules = resolve_targets(model, covs, args.targets)
-            cache = getattr(covs, "spectrum_cache", None)
-            from ._targets import linear_weight
+            from .compactness import analyse_layers
 
-            for name, module in modules.items():
-                v = None
-                if cache is not None:
-                    v = cache.values(name, linear_weight(module), covs[name], args.damping, torch.float32)
-                if v is not None:
-                    values[name] = torch.as_tensor(v)
-            if len(values) < len(modules):
-                # Computed once here and handed to build_corda, so the report costs no second decomposition.
-                spectra = _spectra(model, covs, modules, args.damping)
-                values = {n: s.singular_values for n, s in spectra.items()}
+            # Cached on covs (and reused by build_corda); under torchrun each rank computes its share.
+            modules = resolve_targets(model, covs, args.targets)
+            infos = analyse_layers(modules, covs, damping=args.damping, need_stats=False, distributed=world > 1)
+            values = {n: torch.as_tensor(info.values) for n, info in infos.items()}
         ck.build_corda(
             model,
             covs,
@@ -427,7 +404,6 @@ def cmd_build(args) -> int:
             targets=args.targets,
             damping=args.damping,
             dropout=args.dropout,
-            spectra=spectra,
             progress=not args.no_progress and rank_ == 0,
             distributed=world > 1,
         )

@@ -412,20 +412,36 @@ def analyse_layers(
     need_stats: bool = True,
     keep_vectors: bool = True,
     progress: bool = False,
+    distributed: bool = False,
 ) -> dict[str, LayerInfo]:
-    """Spectra (and covariance extremes) of every module, from the cache on ``covs`` or computed once and cached."""
+    """Spectra (and covariance extremes) of every module, from the cache on ``covs`` or computed once and cached.
+
+    ``distributed=True`` (under torch.distributed): each rank analyses the covariance groups
+    ``build_corda(distributed=True)`` will give it, and the results are exchanged, so every rank
+    returns every layer's info while each computed only its share (its cache keeps its share's
+    vectors for the build, and the others' singular values).
+    """
     cache = attach_cache(covs)
     by_cov: dict[int, list[str]] = {}
     for name in modules:
         by_cov.setdefault(id(covs[name]), []).append(name)
+    groups = list(by_cov.values())
+    if distributed:
+        from .distributed import assign_groups, exchange, is_active, rank_and_world
+
+        if not is_active():
+            raise RuntimeError("distributed=True needs an initialized torch.distributed process group")
+        rank, world = rank_and_world()
+        groups = [g for g, owner in zip(groups, assign_groups(modules, groups, world)) if owner == rank]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(modules), desc="spectra", unit="layer", leave=False)
+        bar = tqdm(total=sum(map(len, groups)), desc="spectra", unit="layer", leave=False)
     out: dict[str, LayerInfo] = {}
+    error = None
     try:
-        for group in by_cov.values():
+        for group in groups:
             cov = covs[group[0]]
             damped = None
             stats = cache.stats(cov, damping, compute_dtype) if need_stats else None
@@ -449,7 +465,22 @@ def analyse_layers(
                 out[name] = LayerInfo(int(d_out), int(d_in), vals.tolist(), stats)
                 if bar is not None:
                     bar.update(1)
+    except Exception as e:  # under distributed=True, raised on every rank by the exchange below
+        if not distributed:
+            raise
+        error = e
     finally:
         if bar is not None:
             bar.close()
-    return out
+    if distributed:
+        for part in exchange(out, error, "spectrum analysis"):
+            for name, info in part.items():
+                if name in out:
+                    continue
+                out[name] = info
+                w, cov = linear_weight(modules[name]), covs[name]
+                if cache.values(name, w, cov, damping, compute_dtype) is None:
+                    cache.put_values(name, w, cov, damping, compute_dtype, info.values)
+                if info.stats is not None and cache.stats(cov, damping, compute_dtype) is None:
+                    cache.put_stats(cov, damping, compute_dtype, info.stats)
+    return {name: out[name] for name in modules}

@@ -229,6 +229,25 @@ def assign_groups(modules: Mapping[str, nn.Module], groups: list[list[str]], wor
     return owners
 
 
+def exchange(payload, error: BaseException | None, what: str) -> list:
+    """Every rank's ``payload`` (one all_gather_object), or, if any rank failed, its error raised on every rank.
+
+    Each rank calls it once whatever happened locally, so no rank is left waiting in a collective.
+    """
+    import torch.distributed as dist
+
+    _, world = rank_and_world()
+    report = {"error": f"{type(error).__name__}: {error}"} if error is not None else {"payload": payload}
+    reports: list = [None] * world
+    dist.all_gather_object(reports, report)
+    if error is not None:
+        raise error
+    failed = [(r, rep["error"]) for r, rep in enumerate(reports) if "error" in rep]
+    if failed:
+        raise RuntimeError(f"{what} failed on rank {failed[0][0]}: {failed[0][1]}")
+    return [rep["payload"] for rep in reports]
+
+
 def decompose_all_distributed(
     modules: Mapping[str, nn.Module], covs: Mapping[str, torch.Tensor], p, mode: str, *, progress: bool = False, **kw
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -237,7 +256,6 @@ def decompose_all_distributed(
     Every rank returns the same factors, each on its module's device. A
     failure on one rank is raised on every rank (no rank is left waiting).
     """
-    import torch.distributed as dist
 
     from ._targets import linear_weight
     from .rewrite import BuildPlan, decompose_all
@@ -262,18 +280,8 @@ def decompose_all_distributed(
     except Exception as e:  # re-raised below on every rank, after all ranks have reported
         error = e
     # One collective carries both any failure and the factors' shapes/dtypes, so receivers need not guess them.
-    report = (
-        {"error": f"{type(error).__name__}: {error}"}
-        if error is not None
-        else {"factors": {n: (str(A.dtype), tuple(A.shape), tuple(B.shape)) for n, (A, B) in local.items()}}
-    )
-    reports: list = [None] * world
-    dist.all_gather_object(reports, report)
-    if error is not None:
-        raise error
-    failed = [(r, rep["error"]) for r, rep in enumerate(reports) if "error" in rep]
-    if failed:
-        raise RuntimeError(f"decomposition failed on rank {failed[0][0]}: {failed[0][1]}")
+    shapes = {n: (str(A.dtype), tuple(A.shape), tuple(B.shape)) for n, (A, B) in local.items()}
+    reports = exchange(shapes, error, "decomposition")
 
     out = {}
     for group, owner in zip(p.groups, owners):
@@ -281,7 +289,7 @@ def decompose_all_distributed(
             if owner == rank:
                 A, B = (t.contiguous() for t in local[name])
             else:
-                dtype, a_shape, b_shape = reports[owner]["factors"][name]
+                dtype, a_shape, b_shape = reports[owner][name]
                 dev = linear_weight(modules[name]).device
                 dt = getattr(torch, dtype.removeprefix("torch."))
                 A = torch.empty(a_shape, dtype=dt, device=dev)

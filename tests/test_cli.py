@@ -274,12 +274,17 @@ def test_torchrun_collect_and_build_match_one_process(workdir, tmp_path):
     d = workdir
     data = [d / "data.txt", d / "data.jsonl", d / "tokens.pt"]
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+
+    def pp(i):
+        return ["--cordapp", "--budget", "0.8", "--report", tmp_path / f"report{i}.png"]
+
     _run(["collect", d / "model", *data, "-o", one, "--batch-size", "2", "--no-progress"], d)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "corda_kernels"]
     for args in (
         ["collect", d / "model", *data, "-o", two, "--batch-size", "2", "--no-progress"],
-        ["build", d / "model", two, "-o", tmp_path / "out2", "--rank", "3", "--no-progress"],
+        # CorDA++ allocation and the report: their spectrum work is split across the ranks too.
+        ["build", d / "model", two, "-o", tmp_path / "out2", "--rank", "3", "--no-progress", *pp("2")],
     ):
         r = subprocess.run(cmd + [str(a) for a in args], cwd=d, env=env, capture_output=True, text=True, timeout=150)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -288,7 +293,10 @@ def test_torchrun_collect_and_build_match_one_process(workdir, tmp_path):
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
 
-    _run(["build", d / "model", two, "-o", tmp_path / "out1", "--rank", "3", "--no-progress"], d)
+    _run(["build", d / "model", two, "-o", tmp_path / "out1", "--rank", "3", "--no-progress", *pp("1")], d)
+    assert (tmp_path / "report1.png").stat().st_size > 0 and (tmp_path / "report2.png").stat().st_size > 0
+    cfg1, cfg2 = (json.loads((tmp_path / f"out{i}" / "adapter" / "adapter_config.json").read_text()) for i in (1, 2))
+    assert cfg1["rank_pattern"] == cfg2["rank_pattern"] and len(set(cfg1["rank_pattern"].values())) > 1
     w1 = load_file(str(tmp_path / "out1" / "adapter" / "adapter_model.safetensors"))
     w2 = load_file(str(tmp_path / "out2" / "adapter" / "adapter_model.safetensors"))
     assert set(w1) == set(w2) and w1

@@ -34,6 +34,13 @@ def _worker(rank, world, init_file, out_dir):
         own = tiny_llama()  # adapters from this run's own (all-reduced) covariances
         ck.build_corda(own, res["covs"], rank=4, distributed=True)
         ck.build_corda(model, single, rank=4, ranks={"model.layers.0.mlp.down_proj": 2}, distributed=True)
+        # CorDA++ allocation with the spectrum work split, then a distributed build that reuses it.
+        fresh = ck.Covariances.load(os.path.join(out_dir, "single.safetensors"))
+        pp = tiny_llama()
+        alloc = ck.allocate_ranks(pp, fresh, budget=0.8, rank=4, distributed=True)
+        cache = fresh.spectrum_cache
+        with_vectors = len(cache._spectra)
+        ck.build_corda(pp, fresh, rank=4, ranks=alloc, distributed=True)
         torch.save(
             {
                 "covs": {k: v for k, v in res["covs"].items()},
@@ -43,6 +50,11 @@ def _worker(rank, world, init_file, out_dir):
                 "pre": {k: v for k, v in res["covs_pre"].items()},
                 "factors": _factors(model),
                 "own": {n: m.merged_weight() - m.weight for n, m in ck.corda_layers(own).items()},
+                "alloc": dict(alloc),
+                "alloc_used": alloc.used,
+                "with_vectors": with_vectors,
+                "values": len(cache._values),
+                "pp_factors": _factors(pp),
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -73,8 +85,24 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     ck.build_corda(plain, covs, rank=4)
     ref_updates = {n: m.merged_weight() - m.weight for n, m in ck.corda_layers(plain).items()}
 
+    pp = tiny_llama()
+    alloc = ck.allocate_ranks(pp, single, budget=0.8, rank=4)
+    ck.build_corda(pp, single, rank=4, ranks=alloc)
+    pp_factors = _factors(pp)
+
     _spawn(_worker, (2, str(tmp_path / "init"), str(tmp_path)))
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    # Distributed CorDA++ allocation: the same ranks everywhere, each rank decomposing only its share
+    # (its cache holds its share's vectors and everyone's singular values), and the same adapters.
+    n_layers = len(single)
+    assert [out["values"] for out in outs] == [n_layers, n_layers]
+    assert sum(out["with_vectors"] for out in outs) == n_layers and all(out["with_vectors"] for out in outs)
+    for out in outs:
+        assert out["alloc"] == dict(alloc) and out["alloc_used"] == alloc.used
+        for name, (A, B) in pp_factors.items():
+            torch.testing.assert_close(out["pp_factors"][name][0], A, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(out["pp_factors"][name][1], B, rtol=1e-6, atol=1e-7)
 
     for out in outs:
         assert set(out["covs"]) == set(covs)
