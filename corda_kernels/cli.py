@@ -185,6 +185,8 @@ def load_batches(
     for path in paths:
         if not os.path.isfile(path):
             raise CliError(f"calibration file {path!r} does not exist")
+        if not path.endswith((".pt", ".pth", ".safetensors", ".txt", ".jsonl")):
+            raise CliError(f"calibration file {path!r}: expected .txt, .jsonl, .pt or .safetensors")
     for path in paths:
         if limit is not None and len(rows) >= limit:
             break
@@ -193,8 +195,6 @@ def load_batches(
             rows += r
             masks += m if m is not None else [torch.ones_like(x) for x in r]
             continue
-        if not path.endswith((".txt", ".jsonl")):
-            raise CliError(f"calibration file {path!r}: expected .txt, .jsonl, .pt or .safetensors")
         if tokenizer is None:
             tokenizer = _load_tokenizer(tokenizer_dir)
         for text in _read_texts(path, args.text_field):
@@ -307,7 +307,7 @@ def cmd_collect(args) -> int:
         if args.candidates and world > 1:
             raise CliError("--candidates (CorDA++ selection) runs on one process: run collect without torchrun")
         for path in args.data:
-            if os.path.exists(args.output) and os.path.samefile(path, args.output):
+            if os.path.isfile(path) and os.path.exists(args.output) and os.path.samefile(path, args.output):
                 raise CliError(f"-o {args.output!r} is one of the calibration files: it would be overwritten")
         # Bad data fails before a model loads.
         batches = load_batches(args.data, args, args.tokenizer or args.model, args.model)
@@ -430,8 +430,8 @@ def cmd_export(args) -> int:
     _local_dir(args.source, "source")
     # An earlier export at --output is replaced, and the source is one: `export SRC -o SRC` would delete it.
     check_not_source(args.output, args.source)
-    if args.base:  # nor may -o replace the original model the LoRA is meant for
-        check_not_source(args.output, args.base)
+    if args.base and not args.merged:  # nor may -o replace the original model the LoRA is meant for
+        check_not_source(args.output, args.base, inside_ok=True)
     model = load_pretrained(args.source, dtype=_dtype(args.dtype))
     if args.merged:
         merge_corda(model)

@@ -75,6 +75,7 @@ class Collector:
         self.groups: list[_Group] = []
         self.group_of: dict[str, int] = {}
         self.unmasked: set[str] = set()
+        self.masked: set[str] = set()  # targets whose rows an attention mask selected at least once
         # Encoder-decoder models: targets in the decoder take decoder_attention_mask, except when
         # they read the encoder's output (cross-attention keys and values), which the encoder's mask
         # describes. Decoder targets with no decoder mask count every position (listed here).
@@ -186,6 +187,7 @@ class Collector:
         kept = n_kept = None
         if mask is not None:
             if applies:
+                self.masked.update(g.names)
                 kept, n_kept = self._batch_mask(which, x.device)
                 if x.shape[:-1] != mask.shape:
                     # A flattened view: back to (batch, seq, d), so that normalize="peft" scales
@@ -284,7 +286,10 @@ class Collector:
             [torch.stack([torch.isfinite(g.acc).all().double(), g.count, g.seqs]).to(home) for g in self.groups]
         ).tolist()
         counts = [int(c) for _, c, _ in stats]
-        empty = [g.names for g, c in zip(self.groups, counts) if c == 0]
+        # Zero rows without a mask is legitimate (an MoE expert no token was routed to): its zero
+        # covariance fails later, at build, only if it is a target there. Zero rows *after* a mask
+        # means the masks dropped everything, which is never what was meant.
+        empty = [g.names for g, c in zip(self.groups, counts) if c == 0 and self.masked.intersection(g.names)]
         if empty:
             raise ValueError(
                 f"no token was counted for module(s) {empty[0]}"
@@ -451,6 +456,7 @@ def _mask_applies(mask: torch.Tensor, x: torch.Tensor) -> bool:
 
 def _encoder_decoder(model: nn.Module, collector: Collector) -> nn.Module | None:
     """For an encoder-decoder model: mark the targets inside its decoder and return its encoder."""
+    model = unwrap_model(model)
     config = getattr(model, "config", None)
     if not getattr(config, "is_encoder_decoder", False):
         return None
@@ -461,6 +467,9 @@ def _encoder_decoder(model: nn.Module, collector: Collector) -> nn.Module | None
     if not isinstance(encoder, nn.Module) or not isinstance(decoder, nn.Module):
         return None
     inside = {id(m) for m in decoder.modules()}
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if isinstance(head, nn.Module):  # the head reads decoder states
+        inside.add(id(head))
     collector.decoder_names = {name for name, m in collector.modules.items() if id(m) in inside}
     return encoder
 
@@ -505,7 +514,11 @@ def run_batches(
                 args, kwargs = _to(args, dev), _to(kwargs, dev)
                 if no_cache and kwargs is not None and "use_cache" not in kwargs:
                     kwargs["use_cache"] = False
-                dec_mask = kwargs.get("decoder_attention_mask") if encoder is not None else None
+                dec_mask = None
+                if encoder is not None:
+                    dec_mask = kwargs.get("decoder_attention_mask")
+                    if dec_mask is None and "decoder_attention_mask" in params[: len(args)]:
+                        dec_mask = args[params.index("decoder_attention_mask")]
                 if not isinstance(dec_mask, torch.Tensor) or dec_mask.dim() != 2:
                     dec_mask = None
                 collector.begin_batch(_to(mask, dev), decoder_mask=dec_mask, early_stop=n > 0)

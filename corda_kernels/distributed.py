@@ -137,6 +137,8 @@ class Shard:
         local = {
             "groups": [(list(g.names), g.d) for g in collector.groups],
             "unmasked": sorted(collector.unmasked),
+            "masked": sorted(collector.masked),
+            "decoder_unmasked": sorted(collector.decoder_unmasked),
             "batches": n_batches,
             "error": None if error is None else f"{type(error).__name__}: {error}",
         }
@@ -185,6 +187,8 @@ class Shard:
         collector.groups = groups
         collector.group_of = {name: i for i, g in enumerate(groups) for name in g.names}
         collector.unmasked = set().union(*(set(info["unmasked"]) for info in gathered))
+        collector.masked = set().union(*(set(info["masked"]) for info in gathered))
+        collector.decoder_unmasked = set().union(*(set(info["decoder_unmasked"]) for info in gathered))
 
         for g in groups:
             _all_reduce_(g.acc)

@@ -36,7 +36,7 @@ from torch import nn
 from ._io import current_umask
 from ._targets import Conv1D, get_submodule_parent, linear_weight, swap_modules, unwrap_model
 from .layer import CordaLinear
-from .rewrite import corda_layers
+from .rewrite import corda_layers, no_fused_transformer_paths
 
 EXPORT_FORMAT = "corda_kernels.export/1"
 #: Written last into every export directory; an existing directory is only ever replaced if it holds this file.
@@ -452,6 +452,7 @@ def _swap_in(model: nn.Module, name: str, base: nn.Module, A, B, *, alpha: float
     layer.lora_A.requires_grad_(True)
     layer.lora_B.requires_grad_(True)
     swap_modules(model, {name: layer})
+    no_fused_transformer_paths(model)
 
 
 @torch.no_grad()

@@ -188,13 +188,8 @@ def apply_factors(
         if not torch.isfinite(residual).all():
             raise ValueError(f"the residual weight of module {name!r} overflows {residual.dtype}")
         new[name] = CordaLinear.from_factors(module, residual, A, B, alpha=p.alphas[name], dropout=dropout, mode=mode)
-    for name, layer in new.items():
-        parent = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(parent, nn.TransformerEncoderLayer):
-            # Its eval/no-grad fast path reads linear1/linear2.weight (the residual) in a fused
-            # kernel and skips the adapter; it stands down whenever a submodule has a hook.
-            layer.register_forward_pre_hook(_no_fused_fast_path)
     swap_modules(model, new)
+    no_fused_transformer_paths(model)
     for n, param in model.named_parameters():
         param.requires_grad_(n.endswith(".lora_A") or n.endswith(".lora_B"))
     return model
@@ -203,6 +198,23 @@ def apply_factors(
 def _no_fused_fast_path(module, args):
     """A no-op pre-hook: its presence turns off nn.TransformerEncoderLayer's fused inference path."""
     return None
+
+
+def no_fused_transformer_paths(model: nn.Module) -> None:
+    """Keep torch.nn's fused transformer inference paths away from CordaLinear layers.
+
+    ``nn.TransformerEncoderLayer``'s eval/no-grad fast path reads linear1/linear2.weight (the
+    residual) in one fused kernel and skips the adapter; it stands down whenever a submodule
+    has a hook. ``nn.TransformerEncoder`` would still pack padded batches into nested
+    tensors for its layers' slow path, which CordaLinear does not take.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            for child in module.children():
+                if isinstance(child, CordaLinear) and _no_fused_fast_path not in child._forward_pre_hooks.values():
+                    child.register_forward_pre_hook(_no_fused_fast_path)
+        elif isinstance(module, nn.TransformerEncoder) and any(isinstance(m, CordaLinear) for m in module.modules()):
+            module.use_nested_tensor = False
 
 
 def build_corda(

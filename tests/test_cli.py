@@ -158,6 +158,7 @@ def test_cordapp_and_merged_export_in_process(workdir, tmp_path, capsys):
         (["collect", "{m}", "{t}/masked.pt", "-o", "{t}/c"], "no token was counted"),
         (["collect", "{m}", "{t}/halfmask.pt", "-o", "{t}/c"], "attention_mask must have input_ids' shape"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{d}/data.txt"], "is one of the calibration files"),
+        (["collect", "{m}", "{t}/missing.txt", "-o", "{d}/data.txt"], "does not exist"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}"], "Is a directory"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--targets", "re:("], "missing )"),
     ],
@@ -226,6 +227,9 @@ def test_export_never_replaces_its_base_model(workdir, tmp_path, capsys):
     rc = cli.main(["export", str(out), "-o", str(merged), "--base", str(merged)])
     assert rc == 1 and "Traceback" not in capsys.readouterr().err
     assert (merged / "config.json").exists()
+    # Inside the base is fine: nothing of it is replaced.
+    assert cli.main(["export", str(out), "-o", str(merged / "lora"), "--base", str(merged)]) == 0
+    assert (merged / "config.json").exists() and (merged / "lora" / "adapter_config.json").exists()
 
 
 def test_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):

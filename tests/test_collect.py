@@ -550,3 +550,44 @@ def test_all_rows_masked_is_an_error_naming_a_module():
         b["attention_mask"] = torch.zeros_like(b["attention_mask"])
     with pytest.raises(ValueError, match=r"no token was counted for module\(s\) \['model.layers.0"):
         ck.collect_cov(model, batches, progress=False)
+
+
+@pytest.mark.parametrize("how", ["tuple", "ddp"])
+def test_encoder_decoder_masks_through_tuples_and_wrappers(how, tmp_path):
+    model = _t5()
+    batches = _seq2seq_batches(model.config.vocab_size)
+    want = ck.collect_cov(model, batches, progress=False)
+    if how == "tuple":
+        keys = ["input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"]
+        # T5's forward takes them in this order, decoder_input_ids being the fourth parameter.
+        params = list(__import__("inspect").signature(model.forward).parameters)
+        order = sorted(keys, key=params.index)
+        loader, wrapped = [tuple(b[k] for k in order) for b in batches], model
+    else:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+        loader, wrapped = batches, torch.nn.parallel.DistributedDataParallel(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = ck.collect_cov(wrapped, loader, progress=False, distributed=False)
+    finally:
+        if how == "ddp":
+            torch.distributed.destroy_process_group()
+    # DDP prefixes its parameter names with "module.": compare by the inner names.
+    for name in want:
+        key = name if name in got else f"module.{name}"
+        assert rel(got[key], want[name]) < 1e-6, name
+
+
+def test_a_module_that_ran_on_zero_rows_without_a_mask_is_no_error():
+    class Routed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.idle = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return h + self.idle(h[:0]).sum()  # an expert no token was routed to
+
+    covs = ck.collect_cov(Routed(), [torch.randn(2, 5, 8)], progress=False)
+    assert covs.token_counts["idle"] == 0 and covs.token_counts["inp"] == 10

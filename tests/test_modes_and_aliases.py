@@ -148,7 +148,7 @@ def test_a_built_model_trains_under_autocast():
 def _torch_encoder():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True, dropout=0.0)
-    encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    encoder = nn.TransformerEncoder(layer, num_layers=2)  # torch's default: padded batches go nested
     return nn.Sequential(nn.Linear(16, 32), encoder, nn.Linear(32, 4)).eval()
 
 
@@ -162,10 +162,16 @@ def test_torch_transformer_encoder_layers_keep_their_adapters_in_eval():
     assert not any("out_proj" in n for n in covs) and "1.layers.0.linear1" in covs
     with pytest.raises(ValueError, match=r"'1.layers.0.self_attn.out_proj'.*MultiheadAttention"):
         ck.collect_cov(model, xs, targets=["out_proj"], progress=False)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, 6:] = True  # a padded batch: nn.TransformerEncoder would pack it into nested tensors
+    with torch.no_grad():
+        want_padded = model[2](model[1](model[0](xs[0]), src_key_padding_mask=pad))
     ck.build_corda(model, covs, rank=4)
     with torch.no_grad():  # eval + no_grad: where the encoder layer's fused fast path would run
         built = model(xs[0])
+        built_padded = model[2](model[1](model[0](xs[0]), src_key_padding_mask=pad))
     assert rel(built, want) < 1e-5
+    assert rel(built_padded[1:], want_padded[1:]) < 1e-5 and rel(built_padded[0, :6], want_padded[0, :6]) < 1e-5
     with torch.no_grad():
         for layer in ck.corda_layers(model).values():
             layer.lora_B.add_(0.05)
@@ -174,3 +180,18 @@ def test_torch_transformer_encoder_layers_keep_their_adapters_in_eval():
     ck.merge_corda(model)
     with torch.no_grad():
         assert rel(model(xs[0]), trained) < 1e-5
+
+
+def test_from_peft_on_a_torch_transformer_encoder_keeps_the_adapters_in_eval():
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    model = _torch_encoder()
+    x = torch.randn(3, 10, 16)
+    cfg = LoraConfig(r=4, target_modules=["linear1", "linear2"], init_lora_weights=False)
+    pm = get_peft_model(model, cfg).eval()
+    with torch.enable_grad():  # an input that needs grad keeps torch off the fused path: the adapters' output
+        want = pm(x.clone().requires_grad_()).detach()
+    converted = export.from_peft(pm)
+    with torch.no_grad():
+        assert rel(converted(x), want) < 1e-5
