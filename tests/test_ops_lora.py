@@ -374,3 +374,26 @@ def test_second_derivatives_raise_instead_of_being_wrong(backend):
     (gx,) = torch.autograd.grad(y.pow(3).sum(), leaves[0], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.square().sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead", [(12,), (3, 4)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_output_may_be_modified_in_place(backend, lead, p):
+    # Models write into linear outputs (Falcon adds to its attention projections): autograd
+    # forbids that on a view created inside a custom Function, so the output must not be one.
+    _, W, b, A, B = make(12, 9, 7, 3, torch.float32)
+    x = torch.randn(*lead, 7, device=DEV)
+    grads = []
+    for in_place in (False, True):
+        torch.manual_seed(3)  # the same dropout mask for both runs
+        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+        y = ops.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 0.5, dropout_p=p, backend=backend)
+        if in_place:
+            y.mul_(2.0)
+        else:
+            y = y * 2.0
+        y.square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, ref in zip(*grads):
+        assert rel(got, ref) < 1e-6

@@ -590,9 +590,7 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 # ----------------------------------------------------------------------------- autograd glue
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling, dropout_p, which):
-        K = x.shape[-1]
-        x2 = x.reshape(-1, K)
+    def forward(ctx, x2, weight, bias, A, B, scaling, dropout_p, which):
         keep = None
         xd2 = x2
         if dropout_p > 0.0:
@@ -602,8 +600,8 @@ class LoraLinearFunction(torch.autograd.Function):
         y2, s = fwd(x2, weight, bias, A, B, scaling, xd2)
         # x itself is only needed for dW (when W is trainable); otherwise xd2 is enough.
         ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, xd2, keep, s, weight, A, B)
-        ctx.scaling, ctx.p, ctx.which, ctx.x_shape = scaling, dropout_p, which, x.shape
-        return y2.reshape(*x.shape[:-1], y2.shape[-1])
+        ctx.scaling, ctx.p, ctx.which = scaling, dropout_p, which
+        return y2
 
     @staticmethod
     @once_differentiable  # s = x·Aᵀ is saved detached: a second derivative would be silently wrong
@@ -615,8 +613,6 @@ class LoraLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:5]
         bwd = lora_backward_triton if ctx.which == "triton" else lora_backward_torch
         dx, dW, db, dA, dB = bwd(dy2, x2, xd2, keep, ctx.p, s, weight, A, B, ctx.scaling, needs)
-        if dx is not None:
-            dx = dx.reshape(ctx.x_shape)
         return dx, dW, db, dA, dB, None, None, None
 
 
@@ -668,7 +664,13 @@ def lora_linear(
     which = resolve(backend, x, weight, lora_A, lora_B, supported=x.dtype in TRITON_DTYPES)
     if which == "triton" and x.dtype not in TRITON_DTYPES:
         raise TypeError(f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype}: use backend='torch'")
-    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), which)
+    # The Function sees 2-D operands and returns a fresh tensor; the reshapes stay outside it, as
+    # ordinary autograd views. A view returned from inside a Function may not be modified in place,
+    # and models do that to linear outputs (Falcon's attention adds to them).
+    y2 = LoraLinearFunction.apply(
+        x.reshape(-1, K), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), which
+    )
+    return y2.reshape(*x.shape[:-1], N)
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, keep=None, dropout_p: float = 0.0):
