@@ -93,6 +93,7 @@ class Collector:
         self._counts: dict[str, int] = {}
         self._pending = 0
         self._masks: dict[str, torch.Tensor | None] = {}
+        self._tokens_only = False
         self._kept: dict[tuple[str, torch.device], tuple[ops.KeptRows, torch.Tensor]] = {}
         self._seen: dict[tuple[int, int], tuple[weakref.ref | torch.Tensor, set[int]]] = {}
         self._member_log: dict[str, list[tuple[int, int]]] = {}
@@ -181,7 +182,7 @@ class Collector:
         if which == "decoder" and mask is None and self._masks.get("input") is not None:
             self.decoder_unmasked.update(g.names)
         # Asked before any copy to the accumulator's device: a copy of a flattened view has no _base.
-        applies = mask is not None and _mask_applies(mask, x)
+        applies = mask is not None and _mask_applies(mask, x, self._tokens_only)
         if x.device != g.acc.device:
             x = x.to(g.acc.device, non_blocking=_async_copy(g.acc.device))
         kept = n_kept = None
@@ -218,11 +219,17 @@ class Collector:
 
     # ------------------------------------------------------------------ batches
     def begin_batch(
-        self, mask: torch.Tensor | None, *, decoder_mask: torch.Tensor | None = None, early_stop: bool = False
+        self,
+        mask: torch.Tensor | None,
+        *,
+        decoder_mask: torch.Tensor | None = None,
+        early_stop: bool = False,
+        tokens_only: bool = False,
     ) -> None:
         """Start a batch. ``decoder_mask``: an encoder-decoder batch's ``decoder_attention_mask``.
         ``early_stop``: stop the forward once every target has run as often as in the first batch
-        (ignored for the first batch itself, and once the call pattern changed)."""
+        (ignored for the first batch itself, and once the call pattern changed). ``tokens_only``:
+        the batch holds no float input other than token-shaped ones (see :func:`_mask_applies`)."""
         self.batch += 1
         self._counts = {}
         # Only when every target ran once in the first batch: a module called several times per
@@ -236,6 +243,7 @@ class Collector:
         )
         self._pending = len(self.first_counts) if self.stop_early else 0
         self._masks = {k: None if m is None else (m != 0) for k, m in (("input", mask), ("decoder", decoder_mask))}
+        self._tokens_only = tokens_only
         self._encoder_out = None
         self._kept = {}
         self._seen.clear()
@@ -439,19 +447,45 @@ def split_batch(batch, params: list[str] | None = None):
     raise TypeError(f"a batch must be a tensor, a dict/BatchEncoding, or a tuple/list; got {type(batch).__name__}")
 
 
-def _mask_applies(mask: torch.Tensor, x: torch.Tensor) -> bool:
+def _mask_applies(mask: torch.Tensor, x: torch.Tensor, tokens_only: bool) -> bool:
     """Whether the (batch, seq) attention mask describes x's rows.
 
     Yes when x's leading dims are (batch, seq); also when x is a flattened view
     of a (batch, seq, ...) tensor (an MoE router's ``hidden.view(-1, d)``): same
-    tokens, same order. A mere equal row count is not enough: a vision tower's
-    flattened patch rows can match batch·seq by coincidence.
+    tokens, same order. A 2-D x with batch·seq rows that is not such a view (OPT
+    flattens, then normalizes, before its MLP) counts as tokens only when the
+    batch carries nothing but token-shaped inputs (``tokens_only``): with images
+    in the batch, a vision tower's patch rows can match batch·seq by coincidence.
     """
     lead = x.shape[:-1]
     if lead == mask.shape:
         return True
+    if lead.numel() != mask.numel():
+        return False
     base = x._base
-    return lead.numel() == mask.numel() and base is not None and tuple(base.shape[: mask.dim()]) == tuple(mask.shape)
+    if base is not None and tuple(base.shape[: mask.dim()]) == tuple(mask.shape):
+        return True
+    return tokens_only and x.dim() == 2
+
+
+def _tokens_only(batch_parts, masks) -> bool:
+    """Whether every floating-point tensor of the batch is laid out as (batch, seq, ...) of one of ``masks``.
+
+    Integer inputs (ids, labels, positions) cannot feed a layer rows of their own; a float
+    input that is not token-shaped (``pixel_values``, audio features) can.
+    """
+    shapes = {tuple(m.shape) for m in masks if m is not None}
+    stack = list(batch_parts)
+    while stack:
+        t = stack.pop()
+        if isinstance(t, torch.Tensor):
+            if t.is_floating_point() and tuple(t.shape[:2]) not in shapes:
+                return False
+        elif isinstance(t, (list, tuple)):
+            stack.extend(t)
+        elif isinstance(t, Mapping):
+            stack.extend(t.values())
+    return True
 
 
 def _encoder_decoder(model: nn.Module, collector: Collector) -> nn.Module | None:
@@ -521,7 +555,12 @@ def run_batches(
                         dec_mask = args[params.index("decoder_attention_mask")]
                 if not isinstance(dec_mask, torch.Tensor) or dec_mask.dim() != 2:
                     dec_mask = None
-                collector.begin_batch(_to(mask, dev), decoder_mask=dec_mask, early_stop=n > 0)
+                collector.begin_batch(
+                    _to(mask, dev),
+                    decoder_mask=dec_mask,
+                    early_stop=n > 0,
+                    tokens_only=_tokens_only((args, kwargs), (mask, dec_mask)),
+                )
                 completed = True
                 try:
                     model(*args, **kwargs)

@@ -271,47 +271,67 @@ def test_iterable_dataset_loader_with_progress_and_exact_max_batches():
 
 
 class _Router(nn.Module):
-    """A router that reads hidden.view(-1, d) (same tokens, flattened) and a layer that reads a flattened copy."""
+    """A router reading hidden.view(-1, d) (same tokens, flattened), a layer reading a flattened and
+    normalized copy of them (OPT's MLP), and one reading image patches whose row count equals batch·seq."""
 
     def __init__(self, d=8):
         super().__init__()
         self.emb = nn.Embedding(50, d)
         self.router = nn.Linear(d, 4)
+        self.flat = nn.Linear(d, d)
         self.patches = nn.Linear(d, d)
         self.tokens = nn.Linear(d, 2)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, pixel_values=None):
         h = self.emb(input_ids)
         self.tokens(h)  # the same tokens, unflattened
         self.router(h.view(-1, h.shape[-1]))
-        return self.patches(h.reshape(-1, h.shape[-1]).clone())  # same row count, but not a view of the tokens
+        self.flat(h.reshape(-1, h.shape[-1]) * 1.0)  # the tokens' rows, not a view
+        if pixel_values is not None:
+            self.patches(pixel_values.reshape(-1, pixel_values.shape[-1]))
 
 
-def test_mask_applies_to_flattened_views_only():
+def test_mask_applies_to_flattened_tokens_but_not_to_patches():
+    TEXT = ["router", "tokens", "flat"]
     torch.manual_seed(0)
     model = _Router()
     ids = torch.randint(0, 50, (3, 6))
     mask = torch.ones(3, 6, dtype=torch.long)
     mask[0, 4:] = 0
     mask[2, 1:] = 0
+    pixels = torch.randn(2, 9, 8)  # 18 patch rows, as many as the batch has token positions
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
     with pytest.warns(UserWarning, match="patches"):
-        covs = ck.collect_cov(model, [{"input_ids": ids, "attention_mask": mask}], progress=False, normalize="sum")
+        covs = ck.collect_cov(model, [batch], progress=False, normalize="sum")
     h = model.emb(ids).detach().double()
     kept = h[mask.bool()]
-    assert covs.token_counts["router"] == int(mask.sum())
-    assert rel(covs["router"], kept.T @ kept) < 1e-6
-    every = h.reshape(-1, 8)
+    for name in ("router", "tokens"):
+        assert covs.token_counts[name] == int(mask.sum())
+        assert rel(covs[name], kept.T @ kept) < 1e-6
+    every = pixels.double().reshape(-1, 8)
     assert covs.token_counts["patches"] == 18
     assert rel(covs["patches"], every.T @ every) < 1e-6
+    # With an image in the batch a flattened copy could be patches: every row counts (and is warned about).
+    assert covs.token_counts["flat"] == 18
 
-    # normalize="peft" scales each sequence by its own max: a flattened view must get the same
-    # per-sequence treatment as the (batch, seq, d) tensor it views.
-    with pytest.warns(UserWarning, match="patches"):
-        peft = ck.collect_cov(model, [{"input_ids": ids, "attention_mask": mask}], progress=False, normalize="peft")
+    # A text-only batch has no rows but its tokens: the flattened copy is masked, without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = ck.collect_cov(
+            model, [{"input_ids": ids, "attention_mask": mask}], targets=TEXT, progress=False, normalize="sum"
+        )
+    assert text.token_counts["flat"] == int(mask.sum())
+    assert rel(text["flat"], kept.T @ kept) < 1e-6
+
+    # normalize="peft" scales each sequence by its own max: a flattened input must get the same
+    # per-sequence treatment as the (batch, seq, d) tensor it holds.
+    peft = ck.collect_cov(
+        model, [{"input_ids": ids, "attention_mask": mask}], targets=TEXT, progress=False, normalize="peft"
+    )
     seqs = [h[b][mask[b].bool()] for b in range(3)]
     ref = sum(x.T @ x / x.max().abs() ** 2 for x in seqs) / 3
-    assert rel(peft["tokens"], ref) < 1e-5
-    assert rel(peft["router"], ref) < 1e-5
+    for name in ("tokens", "router", "flat"):
+        assert rel(peft[name], ref) < 1e-5
 
 
 class _Watch(nn.Module):
