@@ -23,15 +23,24 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, CordaLinear)
 
 
-def _output_head_ids(model: nn.Module) -> set[int]:
+def _head_ids(model: nn.Module) -> set[int]:
+    """The output head, and for a transformers model every module outside its backbone
+    (``model.base_model``): task heads such as a classifier or a QA span layer, which are
+    trained from scratch, not initialized from a decomposition."""
+    ids = set()
     get = getattr(model, "get_output_embeddings", None)
-    head = None
     if callable(get):
         try:
             head = get()
         except (NotImplementedError, AttributeError):
             head = None
-    return {id(head)} if head is not None else set()
+        if head is not None:
+            ids.add(id(head))
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:
+        inside = {id(m) for m in base.modules()}
+        ids.update(id(m) for m in model.modules() if id(m) not in inside)
+    return ids
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -53,10 +62,11 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
     """Map name -> module for every target, in ``named_modules`` order.
 
     Default: every ``nn.Linear`` and transformers ``Conv1D`` except the output
-    head. ``targets`` is a list of names/globs/"re:" regexes, or a predicate
+    head, a transformers model's task heads (whatever lies outside ``base_model``) and
+    one-output layers (scalar gates). ``targets`` is a list of names/globs/"re:" regexes, or a predicate
     ``(name, module) -> bool``; only linear-like modules are ever returned.
     """
-    head = _output_head_ids(model)
+    head = _head_ids(model)
     # nn.MultiheadAttention passes out_proj.weight to a functional kernel: out_proj's own forward
     # never runs, so it collects nothing and an adapter there would never apply.
     unused = {id(m.out_proj): name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
@@ -68,7 +78,9 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
         if not name or not is_linear_like(module):
             continue
         if targets is None:
-            if id(module) in head or id(module) in unused:
+            # A one-output layer (Qwen2-MoE's shared_expert_gate) has rank 1: its whole weight
+            # would be the adapter, leaving no principal part to keep.
+            if id(module) in head or id(module) in unused or weight_shape(module)[0] == 1:
                 continue
         elif callable(targets):
             if not targets(name, module):

@@ -274,8 +274,11 @@ def validate(weight: torch.Tensor, cov: torch.Tensor, rank: int, mode: str, name
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank{_label(name)} must be a positive int, got {rank!r}")
     if rank > min(d_out, d_in):
+        # In a model, the usual culprit is a narrow layer the default targets include (an MoE router).
+        hint = f"; give it a smaller rank (ranks={{{name!r}: r}}) or leave it out (targets=)" if name else ""
         raise ValueError(
-            f"rank {rank}{_label(name)} exceeds min(d_out, d_in) = {min(d_out, d_in)} for weight {tuple(weight.shape)}"
+            f"rank {rank}{_label(name)} exceeds min(d_out, d_in) = {min(d_out, d_in)} for weight "
+            f"{tuple(weight.shape)}{hint}"
         )
 
 

@@ -99,7 +99,9 @@ def test_bad_inputs_leave_model_untouched():
     covs = ck.collect_cov(model, padded_batches(128, n_batches=1), progress=False)
     state = _state(model)
 
-    with pytest.raises(ValueError, match=r"rank 40 of module 'model.layers.0.self_attn.k_proj' exceeds .* = 32"):
+    with pytest.raises(
+        ValueError, match=r"rank 40 of module 'model.layers.0.self_attn.k_proj' exceeds .* = 32.*ranks="
+    ):
         ck.build_corda(model, covs, rank=40)  # k_proj is 32 x 64
     _assert_untouched(model, state)
 
@@ -130,6 +132,25 @@ def test_bad_inputs_leave_model_untouched():
     with pytest.raises(ValueError, match="mode"):
         ck.build_corda(model, covs, rank=4, mode="xyz")
     _assert_untouched(model, state)
+
+
+def test_default_targets_leave_task_heads_out():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
+    model = BertForSequenceClassification(cfg).eval()  # classifier: 32 -> 2, outside model.bert
+    batches = padded_batches(128, n_batches=2)
+    covs = ck.collect_cov(model, batches, progress=False)
+    backbone = {"bert." + n for n, m in model.bert.named_modules() if isinstance(m, nn.Linear)}
+    assert set(covs) == backbone and "bert.pooler.dense" in covs
+    before = _logits(model, batches)
+    ck.build_corda(model, covs, rank=4)  # would exceed the classifier's rank of 2
+    assert type(model.classifier) is nn.Linear
+    for a, b in zip(_logits(model, batches), before):
+        assert rel(a, b) < 1e-5
+    # Named explicitly, a head is a target like any other layer.
+    assert set(ck.collect_cov(model, batches, targets=["classifier"], progress=False)) == {"classifier"}
 
 
 def test_covariances_from_another_model_are_rejected(tmp_path):

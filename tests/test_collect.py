@@ -97,6 +97,13 @@ def test_batch_forms_and_targets():
         ck.collect_cov(model, [x], targets=["nope"], progress=False)
 
 
+def test_one_output_layers_are_not_default_targets():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 1))  # a scalar gate: rank 1, all adapter
+    x = torch.randn(4, 6)
+    assert set(ck.collect_cov(model, [x], progress=False)) == {"0"}
+    assert set(ck.collect_cov(model, [x], targets=["1"], progress=False)) == {"1"}
+
+
 def test_max_batches_and_float64_accumulation():
     model = nn.Sequential(nn.Linear(6, 5))
     xs = [torch.randn(3, 6) for _ in range(4)]
