@@ -501,38 +501,56 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     corda_cfg = getattr(cfg, "corda_config", None)
     mode = getattr(corda_cfg, "corda_method", None) or "lora"
 
+    # Everything is checked before the first layer is swapped: an error leaves the PEFT model as it was.
+    convert, wrapped = [], set()
+    for name, module in inner.named_modules():
+        if isinstance(module, LoraLayer) or (ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper)):
+            wrapped.update(id(m) for m in module.modules())
+        if not isinstance(module, LoraLayer):
+            continue
+        base = module.get_base_layer()
+        if adapter_name in getattr(module, "lora_embedding_A", {}):
+            raise ValueError(f"module {name!r} holds an embedding LoRA, which a CordaLinear cannot hold")
+        if adapter_name not in module.lora_A:
+            convert.append((name, module, base, False))
+            continue
+        if not isinstance(base, (nn.Linear, Conv1D)):
+            raise TypeError(f"module {name!r}: a LoRA on a {type(base).__name__} cannot become a CordaLinear")
+        if module.use_dora.get(adapter_name, False):
+            raise ValueError(f"module {name!r} uses DoRA, which CordaLinear does not implement")
+        if getattr(module, "lora_bias", {}).get(adapter_name, False):
+            raise ValueError(f"module {name!r} has a LoRA bias (lora_bias=True), which CordaLinear does not hold")
+        convert.append((name, module, base, True))
+    for name, module in inner.named_modules():
+        if type(module).__module__.startswith("peft.") and id(module) not in wrapped:
+            raise ValueError(f"module {name!r} is a PEFT {type(module).__name__}: not convertible")
+
+    for name, module, base, has_adapter in convert:
+        if not has_adapter:  # a LoRA layer of another adapter only
+            parent, child = get_submodule_parent(inner, name)
+            setattr(parent, child, base)
+            continue
+        if getattr(module, "merged", False):
+            module.unmerge()
+        drop = module.lora_dropout[adapter_name]
+        r = module.r[adapter_name]
+        _swap_in(
+            inner,
+            name,
+            base,
+            module.lora_A[adapter_name].weight,
+            module.lora_B[adapter_name].weight,
+            alpha=float(module.scaling[adapter_name]) * r,
+            dropout=float(getattr(drop, "p", 0.0)),
+            mode=mode,
+        )
     for name, module in list(inner.named_modules()):
-        if isinstance(module, LoraLayer):
-            base = module.get_base_layer()
-            if adapter_name not in module.lora_A:
-                parent, child = get_submodule_parent(inner, name)
-                setattr(parent, child, base)
-                continue
-            if module.use_dora.get(adapter_name, False):
-                raise ValueError(f"module {name!r} uses DoRA, which CordaLinear does not implement")
-            if getattr(module, "lora_bias", {}).get(adapter_name, False):
-                raise ValueError(f"module {name!r} has a LoRA bias (lora_bias=True), which CordaLinear does not hold")
-            if getattr(module, "merged", False):
-                module.unmerge()
-            drop = module.lora_dropout[adapter_name]
-            p = float(getattr(drop, "p", 0.0))
-            r = module.r[adapter_name]
-            _swap_in(
-                inner,
-                name,
-                base,
-                module.lora_A[adapter_name].weight,
-                module.lora_B[adapter_name].weight,
-                alpha=float(module.scaling[adapter_name]) * r,
-                dropout=p,
-                mode=mode,
-            )
-        elif ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
+        if ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
             keep = module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save else None
             parent, child = get_submodule_parent(inner, name)
             setattr(parent, child, keep if keep is not None else module.original_module)
     left = [n for n, m in inner.named_modules() if type(m).__module__.startswith("peft.")]
-    if left:
+    if left:  # pragma: no cover - every PEFT module was checked above
         raise ValueError(f"module {left[0]!r} is a PEFT {type(inner.get_submodule(left[0])).__name__}: not convertible")
     return inner
 
@@ -559,15 +577,28 @@ def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrai
     marker = os.path.join(path, MARKER)
     if not os.path.exists(marker):
         raise FileNotFoundError(f"{path!r} is not a corda_kernels export (no {MARKER})")
-    with open(marker, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != EXPORT_FORMAT or meta.get("kind") != "corda":
-        raise ValueError(f"{path!r} holds {meta.get('kind')!r} export format {meta.get('format')!r}, not a CorDA model")
+    try:
+        with open(marker, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{marker} is corrupt (not JSON: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT or meta.get("kind") != "corda":
+        what = (meta.get("kind"), meta.get("format")) if isinstance(meta, dict) else (None, None)
+        raise ValueError(f"{path!r} holds {what[0]!r} export format {what[1]!r}, not a CorDA model")
+    residual, adir = os.path.join(path, meta["residual"]), os.path.join(path, meta["adapter"])
+    # Checked first: from_pretrained on a directory without config.json would build the class's default
+    # configuration (for Llama, 7B parameters) before failing.
+    for need in (
+        os.path.join(residual, "config.json"),
+        os.path.join(adir, ADAPTER_CONFIG),
+        os.path.join(adir, ADAPTER_WEIGHTS),
+    ):
+        if not os.path.isfile(need):
+            raise FileNotFoundError(f"export {path!r} is incomplete: {need} is missing")
     if model_class is None:
         model_class = _saved_model_class(meta.get("model_class"))
     from_pretrained_kwargs.setdefault("local_files_only", True)
-    model = model_class.from_pretrained(os.path.join(path, meta["residual"]), **from_pretrained_kwargs)
-    adir = os.path.join(path, meta["adapter"])
+    model = model_class.from_pretrained(residual, **from_pretrained_kwargs)
     with open(os.path.join(adir, ADAPTER_CONFIG), encoding="utf-8") as f:
         cfg = json.load(f)
     sd = load_file(os.path.join(adir, ADAPTER_WEIGHTS))
@@ -580,8 +611,17 @@ def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrai
                 "pass model_class= the class the export was saved from"
             ) from None
         w = linear_weight(base)
-        A = sd[f"{PEFT_PREFIX}{name}.lora_A.weight"].to(device=w.device, dtype=w.dtype)
-        B = sd[f"{PEFT_PREFIX}{name}.lora_B.weight"].to(device=w.device, dtype=w.dtype)
+        keys = [f"{PEFT_PREFIX}{name}.lora_{x}.weight" for x in "AB"]
+        missing = [k for k in keys if k not in sd]
+        if missing:
+            raise ValueError(f"export {path!r}: the adapter has no tensor {missing[0]!r} for layer {name!r}")
+        A, B = (sd[k].to(device=w.device, dtype=w.dtype) for k in keys)
+        r = int(info["rank"])
+        if tuple(A.shape) != (r, w.shape[1]) or tuple(B.shape) != (w.shape[0], r):
+            raise ValueError(
+                f"export {path!r}: layer {name!r} of rank {r} and weight {tuple(w.shape)} needs lora_A "
+                f"{(r, w.shape[1])} and lora_B {(w.shape[0], r)}, the adapter holds {tuple(A.shape)} and {tuple(B.shape)}"
+            )
         _swap_in(
             model,
             name,

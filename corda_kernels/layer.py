@@ -93,6 +93,11 @@ class CordaLinear(nn.Module):
         """Build from an existing decomposition; bias and device come from ``linear``."""
         rank = A.shape[0]
         d_out, d_in = residual.shape
+        if A.dim() != 2 or B.dim() != 2 or rank < 1 or A.shape[1] != d_in or tuple(B.shape) != (d_out, rank):
+            raise ValueError(
+                f"factors do not fit a ({d_out}, {d_in}) weight: A must be (r, {d_in}) and B ({d_out}, r) with "
+                f"r >= 1, got {tuple(A.shape)} and {tuple(B.shape)}"
+            )
         layer = cls(
             d_in,
             d_out,

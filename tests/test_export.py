@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from tiny import padded_batches, rel, tiny_gpt2, tiny_llama
+from torch import nn
 
 import corda_kernels as ck
 from corda_kernels import export
@@ -162,6 +163,34 @@ def test_from_peft_conv1d_and_dora_error():
         export.from_peft(tiny_llama())
 
 
+def test_from_peft_refuses_embedding_and_conv_loras_and_changes_nothing():
+    b = padded_batches(128, n_batches=1)[0]
+    emb = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(ValueError, match="embed_tokens.*embedding LoRA"):
+        export.from_peft(emb)  # the adapter would silently vanish, changing the outputs
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.conv = nn.Linear(4, 4), nn.Conv2d(2, 2, 1)
+
+        def forward(self, x, img):
+            return self.proj(x), self.conv(img)
+
+    net = get_peft_model(Net(), LoraConfig(r=2, target_modules=["proj", "conv"], init_lora_weights=False))
+    x, img = torch.randn(3, 4), torch.randn(1, 2, 3, 3)
+    want = net(x, img)
+    with pytest.raises(TypeError, match="'conv'.*Conv2d"):
+        export.from_peft(net)
+    # Nothing was swapped before the error: the PEFT model is whole and gives the same outputs.
+    from peft.tuners.lora import LoraLayer
+
+    assert isinstance(net.base_model.model.proj, LoraLayer)
+    for got, ref in zip(net(x, img), want):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert _logits(emb, b).isfinite().all()
+
+
 def test_writes_are_atomic(tmp_path, monkeypatch):
     model, _, batches = _corda(tiny_llama, mixed=False)
     out = tmp_path / "export"
@@ -194,6 +223,38 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     with pytest.raises(ValueError, match="no CordaLinear"):
         export.save_pretrained(tiny_llama(), tmp_path / "plain")
+
+
+def test_load_pretrained_names_what_is_missing_or_does_not_fit(tmp_path):
+    import shutil
+
+    model, _, _ = _corda(tiny_llama, mixed=False)
+    export.save_pretrained(model, tmp_path / "good")
+    marker = json.loads((tmp_path / "good" / export.MARKER).read_text())
+    name = next(iter(marker["layers"]))
+
+    def copy(tag):
+        shutil.copytree(tmp_path / "good", tmp_path / tag)
+        return tmp_path / tag
+
+    d = copy("no_config")
+    (d / "residual" / "config.json").unlink()  # from_pretrained would build a default 7B Llama
+    with pytest.raises(FileNotFoundError, match=r"incomplete: .*residual.config\.json is missing"):
+        export.load_pretrained(d)
+    d = copy("no_adapter")
+    (d / "adapter" / export.ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing"):
+        export.load_pretrained(d)
+    d = copy("bad_json")
+    (d / export.MARKER).write_text("{ not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        export.load_pretrained(d)
+    d = copy("rank")
+    bad = dict(marker, layers={**marker["layers"], name: {**marker["layers"][name], "rank": 2}})
+    (d / export.MARKER).write_text(json.dumps(bad))  # tensors of rank 4 under a marker of rank 2
+    with pytest.raises(ValueError, match=f"layer '{name}' of rank 2"):
+        export.load_pretrained(d)
+    assert ck.corda_layers(export.load_pretrained(tmp_path / "good"))[name].rank == 4
 
 
 @pytest.mark.parametrize("alpha", [0.25, 64.0])
