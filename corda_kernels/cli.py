@@ -96,23 +96,22 @@ def _load_tokenizer(path: str):
 
 
 # ---------------------------------------------------------------------- calibration data
-def _read_texts(path: str, field: str) -> list[str]:
-    texts = []
+def _read_texts(path: str, field: str) -> Iterator[str]:
+    # A generator: with --max-batches the caller stops pulling, and the rest is never read or parsed.
     with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CliError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                    raise CliError(f"{path}:{i}: no string field {field!r} (choose it with --text-field)")
-                texts.append(rec[field])
-        else:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
-    return texts
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not path.endswith(".jsonl"):
+                yield line.rstrip("\n")
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CliError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                raise CliError(f"{path}:{i}: no string field {field!r} (choose it with --text-field)")
+            yield rec[field]
 
 
 def _read_tokens(path: str, vocab: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
@@ -198,12 +197,12 @@ def load_batches(
         if tokenizer is None:
             tokenizer = _load_tokenizer(tokenizer_dir)
         for text in _read_texts(path, args.text_field):
-            if limit is not None and len(rows) >= limit:
-                break
             enc = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
             if enc:
                 rows.append(torch.tensor(enc, dtype=torch.long))
                 masks.append(torch.ones(len(enc), dtype=torch.long))
+            if limit is not None and len(rows) >= limit:
+                break  # before the generator reads another line
     if max_length < args.max_length and any(r.numel() >= max_length for r in rows):
         _log(f"samples cut to {max_length} tokens, the model's position limit (--max-length {args.max_length})")
     rows = [r[:max_length] for r in rows]
@@ -309,6 +308,7 @@ def cmd_collect(args) -> int:
         for path in args.data:
             if os.path.isfile(path) and os.path.exists(args.output) and os.path.samefile(path, args.output):
                 raise CliError(f"-o {args.output!r} is one of the calibration files: it would be overwritten")
+        _check_covariance_output(args.output)
         # Bad data fails before a model loads.
         batches = load_batches(args.data, args, args.tokenizer or args.model, args.model)
         model = _load_model(args.model, args)
@@ -334,6 +334,45 @@ def cmd_collect(args) -> int:
     return 0
 
 
+def _check_covariance_output(path: str) -> None:
+    """Only an earlier covariance file may be replaced: ``-o model/model.safetensors`` must not
+    overwrite the model's weights, nor ``-o`` a tokenizer file or anything else a user keeps."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path):
+        raise CliError(f"-o {path!r} is a directory; give a file name (e.g. covs.safetensors)")
+    from .covariance import FORMAT
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            ours = (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - any file safetensors cannot read is not one of ours
+        ours = False
+    if not ours:
+        raise CliError(
+            f"-o {path!r} exists and is not a corda_kernels covariance file: refusing to replace it "
+            "(remove it or choose another name)"
+        )
+
+
+def _check_report_path(path: str | None) -> None:
+    """Before any work: a --report that cannot be drawn must not fail after the export was written."""
+    if path is None:
+        return
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CliError("--report needs matplotlib: pip install 'corda_kernels[plot]'") from None
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    supported = Figure().canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise CliError(f"--report {path!r}: unknown image format {fmt!r} (one of {', '.join(sorted(supported))})")
+    if os.path.isdir(path):
+        raise CliError(f"--report {path!r} is a directory; give a file name (e.g. report.png)")
+
+
 def _parse_budget(text: str | None):
     if text is None:
         return None
@@ -356,6 +395,16 @@ def cmd_build(args) -> int:
         raise CliError("--budget is a CorDA++ rank allocation: add --cordapp (or use --rank for a uniform rank)")
     if not os.path.isfile(args.covariances):
         raise CliError(f"covariances file {args.covariances!r} does not exist")
+    _check_report_path(args.report)
+    from .export import check_not_source
+
+    # -o replaces an earlier export wholesale: it must not hold this run's own inputs.
+    for what, src in (("covariances file", args.covariances), ("--tokenizer", args.tokenizer)):
+        if src and os.path.exists(src) and os.path.lexists(args.output):
+            out, real = os.path.realpath(args.output), os.path.realpath(src)
+            if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
+                raise CliError(f"-o {args.output!r} holds the {what} {src!r}: replacing it would delete that input")
+    check_not_source(args.output, args.model, inside_ok=True)
     with _distributed(args.device) as (rank_, world):
         covs = ck.Covariances.load(args.covariances)
         model = _load_model(args.model, args)
@@ -549,6 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmarks in bench/ (extra arguments go to the scripts)")
     p.add_argument("which", nargs="?", choices=("collect", "ops", "all"), default="all")
     p.add_argument("--bench-dir", default=None)
+    for name, p in sub.choices.items():
+        if name not in ("demo", "bench"):  # those pass unknown options on to their scripts
+            # SUPPRESS: absent here, the top-level --debug (before the command) still counts.
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     return ap
 
 
@@ -586,7 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"corda-kernels {args.command}: interrupted (no output was written)", file=sys.stderr)
+        print(
+            f"corda-kernels {args.command}: interrupted (outputs are written atomically: none was left half-written)",
+            file=sys.stderr,
+        )
         return 130
     except (CliError, ValueError, TypeError, KeyError, OSError, RuntimeError, re.error) as e:
         if args.debug:

@@ -158,8 +158,8 @@ def test_cordapp_and_merged_export_in_process(workdir, tmp_path, capsys):
         (["collect", "{m}", "{t}/masked.pt", "-o", "{t}/c"], "no token was counted"),
         (["collect", "{m}", "{t}/halfmask.pt", "-o", "{t}/c"], "attention_mask must have input_ids' shape"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{d}/data.txt"], "is one of the calibration files"),
-        (["collect", "{m}", "{t}/missing.txt", "-o", "{d}/data.txt"], "does not exist"),
-        (["collect", "{m}", "{d}/data.txt", "-o", "{t}"], "Is a directory"),
+        (["collect", "{m}", "{t}/missing.txt", "-o", "{d}/data.txt"], "not a corda_kernels covariance file"),
+        (["collect", "{m}", "{d}/data.txt", "-o", "{t}"], "is a directory"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--targets", "re:("], "missing )"),
     ],
 )
@@ -230,6 +230,41 @@ def test_export_never_replaces_its_base_model(workdir, tmp_path, capsys):
     # Inside the base is fine: nothing of it is replaced.
     assert cli.main(["export", str(out), "-o", str(merged / "lora"), "--base", str(merged)]) == 0
     assert (merged / "config.json").exists() and (merged / "lora" / "adapter_config.json").exists()
+
+
+def test_outputs_never_replace_inputs_and_fail_before_writing(workdir, tmp_path, capsys):
+    d, m = workdir, workdir / "model"
+    weights = {p.name: p.read_bytes() for p in m.iterdir() if p.is_file()}
+    for victim in ("model.safetensors", "tokenizer.json", "config.json"):
+        rc = cli.main(["collect", str(m), str(d / "data.txt"), "-o", str(m / victim)])
+        assert rc == 1 and "not a corda_kernels covariance file" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in m.iterdir() if p.is_file()} == weights
+    covs = tmp_path / "c.safetensors"
+    assert cli.main(["collect", str(m), str(d / "data.txt"), "-o", str(covs)]) == 0
+    assert cli.main(["collect", str(m), str(d / "data.jsonl"), "-o", str(covs)]) == 0  # an earlier one: replaced
+
+    out = tmp_path / "out"
+    assert cli.main(["build", str(m), str(covs), "-o", str(out), "--rank", "2"]) == 0
+    inside = out / "covs.safetensors"
+    inside.write_bytes(covs.read_bytes())
+    capsys.readouterr()
+    assert cli.main(["build", str(m), str(inside), "-o", str(out), "--rank", "2"]) == 1
+    assert "holds the covariances file" in capsys.readouterr().err and inside.exists()
+
+    # A report that cannot be drawn fails before anything is built or written.
+    rc = cli.main(["build", str(m), str(covs), "-o", str(tmp_path / "new"), "--rank", "2", "--report", "r.xyz"])
+    assert rc == 1 and "unknown image format 'xyz'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_debug_after_the_command_and_max_batches_stops_before_a_bad_line(workdir, tmp_path, capsys):
+    bad = tmp_path / "mixed.jsonl"
+    bad.write_text('{"text": "the cat sat"}\n{"text": "a dog ran"}\nnot json\n')
+    argv = ["collect", str(workdir / "model"), str(bad), "-o", str(tmp_path / "c.safetensors"), "--batch-size", "1"]
+    assert cli.main([*argv, "--max-batches", "2", "--debug"]) == 0  # line 3 is never read
+    assert cli.main(argv) == 1 and "mixed.jsonl:3: not valid JSON" in capsys.readouterr().err
+    with pytest.raises(cli.CliError, match="not valid JSON"):
+        cli.main([*argv, "--debug"])  # --debug after the command: the traceback is not swallowed
 
 
 def test_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
