@@ -87,11 +87,18 @@ class Collector:
         # Early stop: every target's call count in the first batch; a later batch may stop once each
         # of them has been called that often again (only if each was called once). A module the first
         # batch never called means the call pattern depends on the data (e.g. image and text-only
-        # batches): then it never stops early.
+        # batches): then it never stops early. The stop itself waits for the module the first batch
+        # called right after its last target call (``stop_module``), so that a target the batch calls
+        # again before it (a loop running longer than in the first batch) is still collected; with no
+        # such module, nothing can be skipped and every batch runs whole.
         self.first_counts: dict[str, int] | None = None
         self.layout_changed = False
+        self.stop_module: nn.Module | None = None
         self._counts: dict[str, int] = {}
         self._pending = 0
+        self._stop_armed = False
+        self._after_target = False
+        self._watch_handles: list = []
         self._masks: dict[str, torch.Tensor | None] = {}
         self._tokens_only = False
         self._kept: dict[tuple[str, torch.device], tuple[ops.KeptRows, torch.Tensor]] = {}
@@ -100,13 +107,32 @@ class Collector:
         self._handles: list = []
 
     # ------------------------------------------------------------------ hooks
-    def attach(self, stop_at: nn.Module | None = None, encoder: nn.Module | None = None) -> None:
+    def attach(
+        self, stop_at: nn.Module | None = None, encoder: nn.Module | None = None, model: nn.Module | None = None
+    ) -> None:
+        """Hook the targets; ``stop_at`` (the output head) ends every forward; ``model``'s other modules
+        are watched during the first batch to find :attr:`stop_module`."""
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))
         if stop_at is not None:
             self._handles.append(stop_at.register_forward_pre_hook(self._stop_hook))
         if encoder is not None:
             self._handles.append(encoder.register_forward_hook(self._encoder_hook))
+        if model is not None:
+            targets = {id(m) for m in self.modules.values()}
+            for m in model.modules():
+                if id(m) not in targets:
+                    self._watch_handles.append(m.register_forward_pre_hook(self._watch_hook))
+
+    def _watch_hook(self, module, args):
+        # First batch only: the first module called after a target call; the last such is kept.
+        if self._after_target:
+            self._after_target = False
+            self.stop_module = module
+
+    def _stop_module_hook(self, module, args):
+        if self._stop_armed:
+            raise _StopForward
 
     def _encoder_hook(self, module, args, out):
         first = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
@@ -114,9 +140,10 @@ class Collector:
             self._encoder_out = _input_key(first)
 
     def detach(self) -> None:
-        for h in self._handles:
+        for h in self._handles + self._watch_handles:
             h.remove()
         self._handles.clear()
+        self._watch_handles.clear()
 
     def _stop_hook(self, module, args):
         raise _StopForward
@@ -128,15 +155,16 @@ class Collector:
                 raise TypeError(f"module {name!r} was called without a tensor input")
             self._on_input(name, x)
             c = self._counts[name] = self._counts.get(name, 0) + 1
+            if self.batch == 0:
+                self._after_target, self.stop_module = True, None
             if self.stop_early:
                 target = self.first_counts.get(name)
                 if target is None:
                     self.layout_changed = True
-                    self.stop_early = False
+                    self.stop_early = self._stop_armed = False
                 elif c == target:
                     self._pending -= 1
-                    if self._pending == 0:
-                        raise _StopForward
+                    self._stop_armed = self._pending == 0
 
         return hook
 
@@ -238,9 +266,11 @@ class Collector:
         self.stop_early = (
             early_stop
             and self.first_counts is not None
+            and self.stop_module is not None
             and not self.layout_changed
             and all(c == 1 for c in self.first_counts.values())
         )
+        self._stop_armed = self._after_target = False
         self._pending = len(self.first_counts) if self.stop_early else 0
         self._masks = {k: None if m is None else (m != 0) for k, m in (("input", mask), ("decoder", decoder_mask))}
         self._tokens_only = tokens_only
@@ -264,6 +294,11 @@ class Collector:
                     )
         if self.batch == 0:
             self.first_counts = dict(self._counts)
+            for h in self._watch_handles:
+                h.remove()
+            self._watch_handles.clear()
+            if self.stop_module is not None:
+                self._handles.append(self.stop_module.register_forward_pre_hook(self._stop_module_hook))
         self._seen.clear()
         self._masks = {}
         self._encoder_out = None
@@ -537,7 +572,7 @@ def run_batches(
     n = 0
     tokens = 0
     model.eval()
-    collector.attach(stop_at=stop_at, encoder=encoder)
+    collector.attach(stop_at=stop_at, encoder=encoder, model=model)
     try:
         with torch.no_grad():
             # islice: with max_batches, never pull one batch more than is used (a generator may tokenize).

@@ -554,6 +554,37 @@ def test_no_early_stop_when_a_target_runs_several_times_per_forward():
     assert rel(covs["cell"], x.T @ x / x.shape[0]) < 1e-6
 
 
+@pytest.mark.parametrize("first", [1, 2])
+def test_a_loop_longer_than_in_the_first_batch_is_collected_whole(first):
+    # With one time step the first batch calls every target once, which allows early stop; the
+    # later batch's extra steps must still be collected, not cut off at the first batch's count.
+    model = _Loop().eval()
+    batches = [torch.randn(4, first, 8), torch.randn(4, 3, 8), torch.randn(4, 5, 8)]
+    covs = ck.collect_cov(model, batches, progress=False)
+    assert covs.token_counts["cell"] == 4 * (first + 3 + 5)
+    seen = []
+    hook = model.cell.register_forward_pre_hook(lambda m, a: seen.append(a[0].double()) and None)
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    hook.remove()
+    x = torch.cat(seen)
+    assert rel(covs["cell"], x.T @ x / x.shape[0]) < 1e-6
+
+
+def test_early_stop_skips_what_follows_the_last_target():
+    # Targets in the first layer only: from the second batch on, the forward stops before layer 1.
+    model = tiny_llama(layers=3)
+    calls = []
+    hook = model.model.layers[1].self_attn.register_forward_pre_hook(lambda m, a: calls.append(1))
+    batches = padded_batches(128, n_batches=3)
+    covs = ck.collect_cov(model, batches, targets=["model.layers.0.*"], progress=False)
+    hook.remove()
+    assert len(calls) == 1  # the first batch only
+    ref, _ = reference_covariances(model, batches, list(covs))
+    assert all(rel(covs[n], ref[n]) < 1e-5 for n in covs)
+
+
 def test_a_pooler_counts_one_row_per_sequence_without_a_warning():
     from transformers import BertConfig, BertModel
 
