@@ -32,7 +32,7 @@ from .compactness import (
     layer_log_pi,
     selection_score_from,
 )
-from .covariance import Covariances
+from .covariance import Covariances, weight_signatures
 from .decompose import Spectrum, damp_covariance
 
 
@@ -351,6 +351,7 @@ def _assemble(collector, rounds: _Rounds, rule, damping, compute_dtype, n, candi
         token_counts=[b.count for b in best],
         normalize=collector.normalize,
         shapes=shapes,
+        signatures=weight_signatures({name: collector.modules[name] for name in shapes}),
         sequences=best[0].seqs,
         meta={
             "batches": str(n),

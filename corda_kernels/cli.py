@@ -407,6 +407,8 @@ def cmd_build(args) -> int:
     check_not_source(args.output, args.model, inside_ok=True)
     with _distributed(args.device) as (rank_, world):
         covs = ck.Covariances.load(args.covariances)
+        if args.other_weights:
+            covs.signatures.clear()
         model = _load_model(args.model, args)
         tokenizer = None
         try:
@@ -585,6 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damping", type=float, default=0.01)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--report", default=None, help="draw spectra and ranks to this image (needs matplotlib)")
+    p.add_argument(
+        "--other-weights",
+        action="store_true",
+        help="build although the covariances were collected on other weights (e.g. the base of a fine-tune)",
+    )
     _model_options(p)
 
     p = sub.add_parser("export", help="CorDA export -> LoRA on the original model (--base), or a merged model")

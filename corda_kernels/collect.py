@@ -24,7 +24,7 @@ from torch import nn
 
 from . import ops
 from ._targets import Targets, find_targets, unwrap_model, weight_shape
-from .covariance import Covariances
+from .covariance import Covariances, weight_signatures
 
 if TYPE_CHECKING:
     from .candidates import CovarianceCandidates
@@ -370,6 +370,7 @@ class Collector:
             shapes=shapes,
             sequences=seqs[0],
             meta=meta,
+            signatures=weight_signatures({name: self.modules[name] for name in shapes}),
         )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -21,6 +23,40 @@ def model_fingerprint(shapes: Mapping[str, tuple[int, int]]) -> str:
     for name in sorted(shapes):
         h.update(f"{name}:{shapes[name][0]}x{shapes[name][1]};".encode())
     return h.hexdigest()[:16]
+
+
+#: Relative to ‖W‖_F: how far a layer's weight signature may move before the weights count as
+#: another model's. bf16/fp16 rounding moves it by ~1e-3; independently trained (or initialized)
+#: weights by O(1) in the projection.
+SIGNATURE_TOLERANCE = 1e-2
+_NORMALIZE = ("mean", "peft", "sum")
+
+
+@functools.lru_cache(maxsize=64)
+def _signs(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0x5EED + n)
+    return torch.randint(0, 2, (n,), generator=g).to(torch.float32) * 2 - 1
+
+
+def weight_signatures(modules: Mapping[str, nn.Module]) -> dict[str, tuple[float, float]]:
+    """name -> (‖W‖_F, uᵀWv) with fixed ±1 vectors u, v: which weights a covariance was collected on.
+
+    One matrix-vector product per layer and one host read for all; the projection tells apart
+    weights of equal norm (two random initializations of one architecture).
+    """
+    from ._targets import linear_weight
+
+    if not modules:
+        return {}
+    out = []
+    for module in modules.values():
+        w = linear_weight(module).detach().float()  # also float8 and other storage types
+        v, u = _signs(w.shape[1]).to(w.device), _signs(w.shape[0]).to(w.device, torch.float64)
+        norm = torch.linalg.vector_norm(w, dtype=torch.float64)
+        proj = (torch.mv(w, v).double() * u).sum()
+        out.append(torch.stack([norm, proj]).cpu())
+    values = torch.stack(out).tolist()
+    return {name: (a, b) for name, (a, b) in zip(modules, values)}
 
 
 class Covariances(Mapping[str, torch.Tensor]):
@@ -43,6 +79,7 @@ class Covariances(Mapping[str, torch.Tensor]):
         shapes: Mapping[str, tuple[int, int]] | None = None,
         sequences: int | None = None,
         meta: Mapping[str, str] | None = None,
+        signatures: Mapping[str, tuple[float, float]] | None = None,
     ):
         if len(matrices) != len(groups) or len(groups) != len(token_counts):
             raise ValueError("matrices, groups and token_counts must have one entry per group")
@@ -59,6 +96,9 @@ class Covariances(Mapping[str, torch.Tensor]):
         self.shapes: dict[str, tuple[int, int]] = dict(shapes or {})
         self.sequences = sequences
         self.meta: dict[str, str] = dict(meta or {})
+        #: name -> :func:`weight_signatures` of the layer the covariance was collected on; checked by
+        #: :meth:`check_model`. Clear it to build on other weights on purpose (a fine-tuned variant).
+        self.signatures: dict[str, tuple[float, float]] = {k: tuple(v) for k, v in (signatures or {}).items()}
 
     # Mapping protocol
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -108,6 +148,7 @@ class Covariances(Mapping[str, torch.Tensor]):
             shapes=self.shapes,
             sequences=self.sequences,
             meta=self.meta,
+            signatures=self.signatures,
         )
 
     # Validation against a model
@@ -136,6 +177,19 @@ class Covariances(Mapping[str, torch.Tensor]):
                     f"covariance for module {name!r} was collected on a layer of shape {tuple(self.shapes[name])} "
                     f"(d_out, d_in), but this model's layer is {(d_out, d_in)}: another model?"
                 )
+        # Other dtypes (float8) are refused by the decomposition's own dtype check, with a clearer message.
+        floats = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        known = {n: m for n, m in modules.items() if n in self.signatures and m.weight.dtype in floats}
+        for name, (norm, proj) in weight_signatures(known).items():
+            norm0, proj0 = self.signatures[name]
+            tol = SIGNATURE_TOLERANCE * max(norm0, norm, 1e-30)
+            if abs(norm - norm0) > tol or abs(proj - proj0) > tol:
+                raise ValueError(
+                    f"covariance for module {name!r} was collected on other weights (‖W‖ {norm0:.6g}, projection "
+                    f"{proj0:.6g}; this model's: {norm:.6g}, {proj:.6g}): a covariance file from another model? "
+                    "To use it on these weights on purpose (e.g. a fine-tuned variant), clear covs.signatures "
+                    "(CLI: build --other-weights)"
+                )
 
     # Files
     def save(self, path) -> None:
@@ -152,6 +206,7 @@ class Covariances(Mapping[str, torch.Tensor]):
             "sequences": json.dumps(self.sequences),
             "fingerprint": self.fingerprint or "",
             "meta": json.dumps(self.meta),
+            "signatures": json.dumps({k: list(v) for k, v in self.signatures.items()}),
         }
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -169,6 +224,7 @@ class Covariances(Mapping[str, torch.Tensor]):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
+                n_tensors = len(f.keys())
                 if meta.get("format") == FORMAT:
                     groups = json.loads(meta["groups"])
                     mats = [f.get_tensor(f"group.{i}") for i in range(len(groups))]
@@ -177,19 +233,61 @@ class Covariances(Mapping[str, torch.Tensor]):
             raise ValueError(f"{path} is corrupt or not a corda_kernels covariance file (safetensors: {e})") from None
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is a corrupt corda_kernels covariance file (bad metadata: {e!r})") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a corda_kernels covariance file (format={meta.get('format')!r})")
-        if device is not None:
-            mats = [m.to(device) for m in mats]
+        fmt = meta.get("format")
+        if fmt != FORMAT:
+            if isinstance(fmt, str) and fmt.startswith(FORMAT.rsplit("/", 1)[0] + "/"):
+                raise ValueError(f"{path} has covariance file format {fmt!r}; this corda_kernels reads {FORMAT!r}")
+            raise ValueError(f"{path} is not a corda_kernels covariance file (format={fmt!r})")
         try:
-            return cls(
+            counts = json.loads(meta["token_counts"])
+            if not isinstance(counts, list) or any(type(t) is not int or t < 0 for t in counts):
+                raise ValueError(f"{path} is a corrupt corda_kernels covariance file: token counts {counts!r}")
+            covs = cls(
                 mats,
                 groups,
-                token_counts=json.loads(meta["token_counts"]),
+                token_counts=counts,
                 normalize=meta.get("normalize", "mean"),
                 shapes={k: tuple(v) for k, v in json.loads(meta.get("shapes", "{}")).items()},
                 sequences=json.loads(meta.get("sequences", "null")),
                 meta=json.loads(meta.get("meta", "{}")),
+                signatures=json.loads(meta.get("signatures", "{}")),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            problem = covs._file_problem(n_tensors)
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is a corrupt corda_kernels covariance file (bad metadata: {e!r})") from None
+        except ValueError as e:
+            if str(e).startswith(str(path)):
+                raise
+            raise ValueError(f"{path} is a corrupt corda_kernels covariance file (bad metadata: {e!r})") from None
+        if problem:
+            raise ValueError(f"{path} is a corrupt corda_kernels covariance file: {problem}")
+        return covs.to(device) if device is not None else covs
+
+    def _file_problem(self, n_tensors: int) -> str | None:
+        """What makes a loaded file unusable, or None; a collection never writes such a file."""
+        if n_tensors != len(self._mats):
+            return f"{n_tensors} tensors for {len(self._mats)} groups"
+        if self.normalize not in _NORMALIZE:
+            return f"normalize={self.normalize!r} (one of {_NORMALIZE})"
+        if self.sequences is not None and (not isinstance(self.sequences, int) or self.sequences < 0):
+            return f"sequences={self.sequences!r}"
+        if not isinstance(self.meta, dict) or not isinstance(self.signatures, dict):
+            return "meta and signatures must be JSON objects"
+        for g, m in zip(self.groups, self._mats):
+            if m.dtype not in (torch.float32, torch.float64):
+                return f"group {list(g)} is {m.dtype} (covariances are float32 or float64)"
+            if m.dim() != 2 or m.shape[0] != m.shape[1]:
+                return f"group {list(g)} has shape {tuple(m.shape)}, not a square matrix"
+            lo, hi = m.aminmax() if m.numel() else (torch.zeros(()), torch.zeros(()))
+            scale = max(abs(float(lo)), abs(float(hi)))
+            if not math.isfinite(scale):
+                return f"group {list(g)} has non-finite entries"
+            # A strided sub-matrix: a corrupt file is wrong throughout, and d×d temporaries are large.
+            idx = torch.arange(0, m.shape[0], max(1, m.shape[0] // 256))
+            sub = m[idx][:, idx]
+            if float((sub - sub.T).abs().max()) > 1e-5 * scale:
+                return f"group {list(g)} is not symmetric"
+        for name, sig in self.signatures.items():
+            if len(sig) != 2 or not all(isinstance(x, (int, float)) for x in sig):
+                return f"signature of {name!r} is {sig!r}"
+        return None

@@ -1,4 +1,5 @@
 import copy
+import re
 import warnings
 
 import pytest
@@ -167,6 +168,59 @@ def test_covariances_from_another_model_are_rejected(tmp_path):
     gpt = tiny_gpt2()
     with pytest.raises(ValueError, match="another model"):
         ck.build_corda(gpt, loaded, rank=2)
+
+
+def test_covariances_from_other_weights_of_the_same_shapes_are_rejected(tmp_path):
+    batches = padded_batches(128, n_batches=1)
+    covs = ck.collect_cov(tiny_llama(seed=0), batches, progress=False)
+    covs.save(tmp_path / "c.safetensors")
+    loaded = ck.Covariances.load(tmp_path / "c.safetensors")
+    assert loaded.signatures == covs.signatures and len(covs.signatures) == len(covs)
+
+    other = tiny_llama(seed=1)  # same names and shapes, other weights
+    state = _state(other)
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.q_proj' was collected on other weights"):
+        ck.build_corda(other, loaded, rank=2)
+    _assert_untouched(other, state)
+    with pytest.raises(ValueError, match="other weights"):
+        ck.allocate_ranks(other, loaded, budget=0.5, rank=2)
+    loaded.signatures.clear()  # on purpose: the documented way to use them anyway
+    ck.build_corda(other, loaded, rank=2)
+
+    # The same weights in bf16, or rebuilt after a merge, are the same model.
+    same = tiny_llama(seed=0).to(torch.bfloat16)
+    ck.build_corda(same, covs.to(torch.float32), rank=2)
+    merged = tiny_llama(seed=0)
+    ck.merge_corda(ck.build_corda(merged, covs, rank=2))
+    ck.build_corda(merged, covs, rank=2)
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda t, m: m.update(normalize="bogus"), "normalize='bogus'"),
+        (lambda t, m: m.update(token_counts="[-5, 3, 3, 3, 3, 3, 3, 3]"), "token counts"),
+        (lambda t, m: m.update(token_counts="[1.5, 3, 3, 3, 3, 3, 3, 3]"), "token counts"),
+        (lambda t, m: m.update(format="corda_kernels.covariances/2"), "format 'corda_kernels.covariances/2'"),
+        (lambda t, m: t.update(extra=torch.zeros(2)), "tensors for"),
+        (lambda t, m: t.update({"group.0": t["group.0"].half()}), "float16"),
+        (lambda t, m: t.update({"group.0": t["group.0"] + torch.triu(torch.ones_like(t["group.0"]))}), "symmetric"),
+        (lambda t, m: t["group.1"].__setitem__((0, 0), float("nan")), "non-finite"),
+    ],
+)
+def test_a_tampered_covariance_file_is_refused(tmp_path, tamper, message):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    covs = ck.collect_cov(tiny_llama(), padded_batches(128, n_batches=1), progress=False)
+    path = tmp_path / "c.safetensors"
+    covs.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    tamper(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}.*{re.escape(message)}"):
+        ck.Covariances.load(path)
 
 
 def test_unsupported_dtype_named():

@@ -257,6 +257,25 @@ def test_outputs_never_replace_inputs_and_fail_before_writing(workdir, tmp_path,
     assert not (tmp_path / "new").exists()
 
 
+def test_build_refuses_covariances_of_other_weights_unless_told(workdir, tmp_path, capsys):
+    from tiny import padded_batches
+
+    covs = ck.collect_cov(tiny_llama(seed=1), padded_batches(128, n_batches=1), progress=False)
+    covs.save(tmp_path / "other.safetensors")
+    argv = [
+        "build",
+        str(workdir / "model"),
+        str(tmp_path / "other.safetensors"),
+        "-o",
+        str(tmp_path / "o"),
+        "--rank",
+        "2",
+    ]
+    assert cli.main(argv) == 1 and "collected on other weights" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert cli.main([*argv, "--other-weights"]) == 0
+
+
 def test_debug_after_the_command_and_max_batches_stops_before_a_bad_line(workdir, tmp_path, capsys):
     bad = tmp_path / "mixed.jsonl"
     bad.write_text('{"text": "the cat sat"}\n{"text": "a dog ran"}\nnot json\n')
