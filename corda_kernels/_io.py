@@ -35,8 +35,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        # mkstemp creates the file 0600 and the rename keeps that: give it the mode open() would have.
-        os.chmod(tmp, 0o666 & ~current_umask())
+        # mkstemp creates the file 0600 and the rename keeps that: give it the mode open() would have,
+        # or the mode of the file it replaces.
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except OSError:
+            mode = 0o666 & ~current_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

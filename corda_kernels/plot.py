@@ -6,6 +6,8 @@ import os
 import re
 from collections.abc import Mapping
 
+from ._io import atomic_path
+
 _BLOCK = re.compile(r"^\d+$")
 
 
@@ -64,5 +66,6 @@ def plot_ranks(ranks: Mapping[str, int], path: str | os.PathLike, *, title: str 
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = os.fspath(path)
-    fig.savefig(path, format="png")
+    with atomic_path(path) as tmp:  # an interrupted write never leaves a truncated image over a good one
+        fig.savefig(tmp, format="png")
     return path

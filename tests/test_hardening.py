@@ -136,6 +136,29 @@ def test_atomic_writes_follow_the_umask(tmp_path, mask):
     assert mode(tmp_path / "export" / export.MARKER) == 0o666 & ~mask
     assert sorted(os.listdir(tmp_path)) == ["covs.safetensors", "export", "lora"]  # no temporary left behind
 
+    # Replacing a file keeps its mode: a private covariance file stays private.
+    os.chmod(tmp_path / "covs.safetensors", 0o600)
+    covs.save(tmp_path / "covs.safetensors")
+    assert mode(tmp_path / "covs.safetensors") == 0o600
+
+
+def test_plot_ranks_is_atomic(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    path = ck.plot_ranks({"model.layers.0.q_proj": 4, "model.layers.1.q_proj": 2}, tmp_path / "ranks.png")
+    good = open(path, "rb").read()
+
+    def broken(self, fname, **kw):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(KeyboardInterrupt):
+        ck.plot_ranks({"model.layers.0.q_proj": 8}, tmp_path / "ranks.png")
+    assert open(path, "rb").read() == good and os.listdir(tmp_path) == ["ranks.png"]
+
 
 # ---------------------------------------------------------------------- 4. to_lora on the residual state dict
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama-linear", "gpt2-conv1d"])
