@@ -27,6 +27,8 @@ def current_umask() -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path in the target's directory; rename it over ``path`` on success."""
     path = os.fspath(path)
+    if os.path.islink(path):
+        path = os.path.realpath(path)  # replace the file the link points to; the link stays a link
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)

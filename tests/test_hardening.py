@@ -140,6 +140,11 @@ def test_atomic_writes_follow_the_umask(tmp_path, mask):
     os.chmod(tmp_path / "covs.safetensors", 0o600)
     covs.save(tmp_path / "covs.safetensors")
     assert mode(tmp_path / "covs.safetensors") == 0o600
+    # Through a symlink, the file it points to is replaced and the link stays.
+    os.symlink(tmp_path / "covs.safetensors", tmp_path / "link.safetensors")
+    covs.save(tmp_path / "link.safetensors")
+    assert os.path.islink(tmp_path / "link.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["covs.safetensors", "export", "link.safetensors", "lora"]
 
 
 def test_plot_ranks_is_atomic(tmp_path, monkeypatch):
