@@ -99,6 +99,7 @@ class Collector:
         self._stop_armed = False
         self._after_target = False
         self._watch_handles: list = []
+        self._held_bytes = 0
         self._masks: dict[str, torch.Tensor | None] = {}
         self._tokens_only = False
         self._kept: dict[tuple[str, torch.device], tuple[ops.KeptRows, torch.Tensor]] = {}
@@ -172,8 +173,9 @@ class Collector:
         key = _input_key(x)
         entry = self._seen.get(key)
         if entry is None:
-            if _hold_inputs(x):
+            if _hold_inputs(x) and self._held_bytes + x.nbytes <= HOLD_BYTES:
                 ref = x  # kept alive to the batch's end, so its id stays unique until then
+                self._held_bytes += x.nbytes
             else:
                 # A weak reference whose callback drops the entry the moment x dies, before its id can be
                 # reused: peak memory stays that of a plain no-grad forward, and a later tensor with the
@@ -271,6 +273,7 @@ class Collector:
             and all(c == 1 for c in self.first_counts.values())
         )
         self._stop_armed = self._after_target = False
+        self._held_bytes = 0
         self._pending = len(self.first_counts) if self.stop_early else 0
         self._masks = {k: None if m is None else (m != 0) for k, m in (("input", mask), ("decoder", decoder_mask))}
         self._tokens_only = tokens_only
@@ -355,7 +358,7 @@ class Collector:
         self.warn_unmasked(stacklevel=4)
         mats = []
         for g, n, s in zip(self.groups, counts, seqs):
-            c = ops.covariance_result(g.acc)
+            c = ops.covariance_result(g.acc, inplace=True)  # the collector is done with its accumulators
             if self.normalize == "mean" and n > 0:
                 c /= n
             elif self.normalize == "peft" and s > 0:
@@ -406,14 +409,19 @@ def _peft_scale(x: torch.Tensor, mask: torch.Tensor | None):
     return scale, nseq
 
 
+#: Per batch, at most this many bytes of CPU inputs are held (see :func:`_hold_inputs`); the rest
+#: get weak references, so a large model's batch never holds every layer's input.
+HOLD_BYTES = 256 << 20
+
+
 def _hold_inputs(x: torch.Tensor) -> bool:
-    """Whether a target's input is kept alive until the batch ends (else: a weak reference).
+    """Whether a target's input may be kept alive until the batch ends (else: a weak reference).
 
     On accelerators, never: activations would pile up to a training forward's
-    peak. On the CPU, yes: freeing them mid-forward makes glibc unmap and remap
-    the large buffers, and collection measured ~10% slower that way (bench_collect
-    config, 2026-11-29; no consistent difference with glibc's mmap disabled), while
-    CPU memory is rarely what limits a calibration run.
+    peak. On the CPU, up to :data:`HOLD_BYTES` a batch: freeing them mid-forward
+    makes glibc unmap and remap the large buffers, and collection measured ~10%
+    slower that way (bench_collect config, 2026-11-29, ~90 MiB held a batch; no
+    consistent difference with glibc's mmap disabled).
     """
     return x.device.type == "cpu"
 

@@ -371,6 +371,22 @@ def test_collection_keeps_inputs_alive_only_where_it_pays(monkeypatch, hold):
     assert covs.token_counts == {"a": 8, "b": 8}
 
 
+def test_held_cpu_inputs_stay_within_the_budget(monkeypatch):
+    # A large model's batch must not hold every layer's input: past HOLD_BYTES, weak references.
+    from corda_kernels import collect
+
+    model = _Watch()
+    x = torch.randn(4, 8)
+    monkeypatch.setattr(collect, "HOLD_BYTES", x.nbytes)  # room for the first input (a's) only
+    covs = ck.collect_cov(model, [x] * 2, targets=["a", "b"], progress=False)
+    assert model.freed == [False, False]  # a's input: held
+    model.freed.clear()
+    monkeypatch.setattr(collect, "HOLD_BYTES", x.nbytes - 1)
+    again = ck.collect_cov(model, [x] * 2, targets=["a", "b"], progress=False)
+    assert model.freed == [True, True]
+    assert all(torch.equal(covs[n], again[n]) for n in covs)
+
+
 def test_cpu_inputs_are_held_and_accelerator_inputs_are_not():
     from corda_kernels.collect import _hold_inputs
 

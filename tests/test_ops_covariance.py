@@ -25,6 +25,17 @@ def rel_err(acc: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).norm() / ref.norm()).item()
 
 
+def test_result_in_place_mirrors_the_accumulator_itself():
+    x = rand(50, 37)
+    acc = torch.zeros(37, 37, device=DEV)
+    ops.covariance_update(acc, x, backend="torch")
+    acc[5, 2] = 123.0  # below the diagonal: never read
+    want = ops.covariance_result(acc)
+    got = ops.covariance_result(acc, inplace=True)
+    assert got is acc and torch.equal(got, want) and torch.equal(got, got.T)
+    assert rel_err(torch.triu(got), covariance_reference(x)) < TOL[torch.float32]
+
+
 def rand(*shape, dtype=torch.float32):
     return torch.randn(*shape, device=DEV).to(dtype)
 

@@ -428,10 +428,15 @@ def covariance_update(acc: torch.Tensor, x: torch.Tensor, mask=None, *, scale=No
     return covariance_update_torch(acc, x, mask, scale)
 
 
-def covariance_result(acc: torch.Tensor) -> torch.Tensor:
-    """Full symmetric (d, d) matrix from a triangle accumulator (a new tensor)."""
-    upper = torch.triu(acc)
-    return upper + torch.triu(acc, diagonal=1).T
+def covariance_result(acc: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """Full symmetric (d, d) matrix from a triangle accumulator: a new tensor, or with
+    ``inplace=True`` the accumulator itself, mirrored (no second d×d result at once: a
+    collection finishing many layers would otherwise hold each matrix twice)."""
+    if not inplace:
+        upper = torch.triu(acc)
+        return upper + torch.triu(acc, diagonal=1).T
+    acc.triu_()  # below the diagonal, a diagonal tile's kernel leaves partial sums
+    return acc.add_(torch.tril(acc.T, diagonal=-1))
 
 
 def covariance_reference(x: torch.Tensor, mask=None, scale=None) -> torch.Tensor:
