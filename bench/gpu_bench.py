@@ -10,7 +10,13 @@
   (c) end to end on a Llama-shaped model built from a config (random weights):
       corda_kernels.collect_cov vs PEFT's CorDA covariance collection.
 
-CUDA events, warm-ups, medians; candidates interleaved. Each section runs in its
+CUDA events, warm-ups, medians; candidates interleaved. In (b) and (c) a
+"peak MiB" column: after the timing, each candidate runs once more between
+torch.cuda.reset_peak_memory_stats() and torch.cuda.max_memory_allocated(),
+and the column gives that peak minus torch.cuda.memory_allocated() just
+before the run (tensors the caching allocator hands out; its reserve is not
+counted). Gradients and PEFT's buffers are cleared before that run, so they
+count as part of it. "n/a" off CUDA (the CPU smoke test). Each section runs in its
 own try/except and prints an error row instead of aborting the script (and the
 exit code is then 1); gpu_check.sh also runs each section in its own process,
 so a CUDA fault or a hang in one loses only that section. After each section
@@ -61,6 +67,34 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 
 ERRORS: list[str] = []  # every error row of this run: main() exits 1 if any
+MIB = 2**20
+
+
+def cuda_peak_mib(fn) -> float | None:
+    """Peak CUDA memory allocated during one call of ``fn``, above what was allocated just before (MiB).
+
+    None when DEV is not a CUDA device (fn still runs once, so the CPU smoke test walks the same path)
+    or when reading the allocator's statistics failed (the traceback is printed; timings are kept)."""
+    on_cuda = torch.device(DEV).type == "cuda"
+    if not on_cuda:
+        fn()
+        return None
+    try:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del out
+    except Exception:  # noqa: BLE001 - a memory figure is not worth the section's timings
+        traceback.print_exc()
+        return None
+    return (peak - before) / MIB
+
+
+def mib_cell(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
 
 
 def error_row(ncols: int, where: str, exc: BaseException) -> list[str]:
@@ -180,6 +214,16 @@ def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
         "PEFT lora.Linear": step(lambda: peft_layer(x)),
     }
     med = cuda_medians(cands, iters)
+
+    def clear_grads():
+        x.grad = None
+        A.grad = B.grad = None
+
+    peaks = {}
+    for name, fn in cands.items():  # one run each, gradients from the timing runs freed first
+        clear_grads()
+        peaks[name] = cuda_peak_mib(fn)
+    clear_grads()
     with torch.no_grad():
         y_ours = ops.lora_linear(x, W, b, A, B, scaling, backend="triton").double()
         y_peft = peft_layer(x).double()
@@ -188,7 +232,8 @@ def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
     rows = []
     for name, ms in med.items():
         note = f"y vs PEFT rel diff {err:.1e}" if "triton" in name else ""
-        rows.append([M, D, r, name, f"{ms:.3f}", f"{ms / t_base:.3f}x", f"{t_peft / ms:.2f}x", note])
+        mem = mib_cell(peaks[name])
+        rows.append([M, D, r, name, f"{ms:.3f}", f"{ms / t_base:.3f}x", f"{t_peft / ms:.2f}x", mem, note])
 
     # The rank-sized backward products alone (u = dy·B, dB = dyᵀ·s): the fused one-read kernel
     # against two GEMMs over dy. This is the measurement that should set lora.MAX_FUSED_RANK.
@@ -201,16 +246,17 @@ def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
         "  dy products: two GEMMs over dy": lambda: (lora_mod._mm_f32(dy, Bd), lora_mod._mm_f32(dy.t(), s)),
     }
     pm = cuda_medians(pair, iters)
+    pair_peaks = {name: cuda_peak_mib(fn) for name, fn in pair.items()}
     two = pm["  dy products: two GEMMs over dy"]
     used = "fused" if r <= lora_mod.MAX_FUSED_RANK else "two GEMMs"
     for name, ms in pm.items():
         note = f"backward uses: {used} (MAX_FUSED_RANK={lora_mod.MAX_FUSED_RANK})" if "fused" in name else ""
-        rows.append([M, D, r, name, f"{ms:.3f}", "", f"{two / ms:.2f}x vs two GEMMs", note])
+        rows.append([M, D, r, name, f"{ms:.3f}", "", f"{two / ms:.2f}x vs two GEMMs", mib_cell(pair_peaks[name]), note])
     return rows
 
 
 def section_lora(args) -> str:
-    header = ["M", "K=N", "r", "candidate", "fwd+bwd ms", "time vs base Linear", "speed-up vs PEFT", "note"]
+    header = ["M", "K=N", "r", "candidate", "fwd+bwd ms", "time vs base Linear", "speed-up vs PEFT", "peak MiB", "note"]
     rows = []
     for r in args.lora_ranks:
         try:
@@ -219,7 +265,8 @@ def section_lora(args) -> str:
             rows.append(error_row(len(header), f"adapter r={r}", exc))
             traceback.print_exc()
         torch.cuda.empty_cache()
-    return table("(b) adapter linear forward + backward, bf16 (x requires grad, base frozen)", header, rows)
+    title = "(b) adapter linear forward + backward, bf16 (x requires grad, base frozen); peak MiB: one run"
+    return table(title, header, rows)
 
 
 # ----------------------------------------------------------------------------- (c) end to end
@@ -227,7 +274,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def section_collect(args) -> str:
-    header = ["stage", "seconds (median)", "ratio", "note"]
+    header = ["stage", "seconds (median)", "ratio", "peak MiB (one run)", "note"]
     rows = []
     try:
         from peft import LoraConfig
@@ -306,6 +353,13 @@ def section_collect(args) -> str:
             times["collect_cov"].append(wall(ours)[0])
         med = {k: statistics.median(v) for k, v in times.items()}
 
+        # Peak memory of one run each, above what is allocated before it (PEFT's buffers cleared first).
+        clear_peft()
+        peaks = {"plain forward (batched)": cuda_peak_mib(plain)}
+        peaks["PEFT collection (1 sequence at a time)"] = cuda_peak_mib(peft_collect)
+        clear_peft()
+        peaks["collect_cov"] = cuda_peak_mib(ours)
+
         # Agreement: our normalize="peft" against PEFT's own matrices, on a few targets.
         note = ""
         try:
@@ -323,11 +377,14 @@ def section_collect(args) -> str:
             note = f"agreement check failed: {type(exc).__name__}: {exc}"[:200]
         base = med["plain forward (batched)"]
         peft_t = med["PEFT collection (1 sequence at a time)"]
+        peft_peak = peaks["PEFT collection (1 sequence at a time)"]
         for name, t in med.items():
             extra = ""
             if name == "collect_cov":
                 extra = f"**{peft_t / t:.1f}x faster than PEFT**; {note}"
-            rows.append([name, f"{t:.3f}", f"{t / base:.2f}x forward", extra.replace("|", "/")])
+                if peaks[name] is not None and peft_peak:
+                    extra += f"; peak memory {peaks[name] / peft_peak:.2f}x PEFT's"
+            rows.append([name, f"{t:.3f}", f"{t / base:.2f}x forward", mib_cell(peaks[name]), extra.replace("|", "/")])
     except Exception as exc:  # noqa: BLE001
         rows.append(error_row(len(header), "collect_cov end to end", exc))
         traceback.print_exc()
