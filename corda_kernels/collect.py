@@ -5,8 +5,8 @@ Pipeline stage 1: model + loader -> :class:`Covariances`.
 Why pre-hooks and grouping by tensor identity: q/k/v (and gate/up) receive the
 *same* input tensor object, so one accumulator serves them all. The tensor is
 identified by the object (its ``id``, whose entry is dropped the moment the
-tensor dies, see :func:`_hold_inputs`), never by ``data_ptr()``: a freed
-activation's storage is reused by the next layer.
+tensor dies), never by ``data_ptr()``: a freed activation's storage is reused
+by the next layer.
 """
 
 from __future__ import annotations
@@ -99,11 +99,10 @@ class Collector:
         self._stop_armed = False
         self._after_target = False
         self._watch_handles: list = []
-        self._held_bytes = 0
         self._masks: dict[str, torch.Tensor | None] = {}
         self._tokens_only = False
         self._kept: dict[tuple[str, torch.device], tuple[ops.KeptRows, torch.Tensor]] = {}
-        self._seen: dict[tuple[int, int], tuple[weakref.ref | torch.Tensor, set[int]]] = {}
+        self._seen: dict[tuple[int, int], tuple[weakref.ref, set[int]]] = {}
         self._member_log: dict[str, list[tuple[int, int]]] = {}
         self._handles: list = []
 
@@ -173,14 +172,11 @@ class Collector:
         key = _input_key(x)
         entry = self._seen.get(key)
         if entry is None:
-            if _hold_inputs(x) and self._held_bytes + x.nbytes <= HOLD_BYTES:
-                ref = x  # kept alive to the batch's end, so its id stays unique until then
-                self._held_bytes += x.nbytes
-            else:
-                # A weak reference whose callback drops the entry the moment x dies, before its id can be
-                # reused: peak memory stays that of a plain no-grad forward, and a later tensor with the
-                # same id starts a fresh entry.
-                ref = weakref.ref(x, lambda _, k=key, seen=self._seen: seen.pop(k, None))
+            # A weak reference whose callback drops the entry the moment x dies, before its id can be
+            # reused: peak memory stays that of a plain no-grad forward, and a later tensor with the
+            # same id starts a fresh entry. (Holding a batch's inputs to its end measured no faster on
+            # the CPU, bench_collect config, 2026-11-29 12:30 UTC: 2.760 s vs 2.764 s, medians of 7.)
+            ref = weakref.ref(x, lambda _, k=key, seen=self._seen: seen.pop(k, None))
             entry = self._seen[key] = (ref, set())
         self._member_log.setdefault(name, []).append(key)
         gi = self.group_of.get(name)
@@ -273,7 +269,6 @@ class Collector:
             and all(c == 1 for c in self.first_counts.values())
         )
         self._stop_armed = self._after_target = False
-        self._held_bytes = 0
         self._pending = len(self.first_counts) if self.stop_early else 0
         self._masks = {k: None if m is None else (m != 0) for k, m in (("input", mask), ("decoder", decoder_mask))}
         self._tokens_only = tokens_only
@@ -407,23 +402,6 @@ def _peft_scale(x: torch.Tensor, mask: torch.Tensor | None):
     if x.dim() < 3:
         scale = scale.expand(x.shape[:-1]) if x.dim() == 2 else scale.reshape(())
     return scale, nseq
-
-
-#: Per batch, at most this many bytes of CPU inputs are held (see :func:`_hold_inputs`); the rest
-#: get weak references, so a large model's batch never holds every layer's input.
-HOLD_BYTES = 256 << 20
-
-
-def _hold_inputs(x: torch.Tensor) -> bool:
-    """Whether a target's input may be kept alive until the batch ends (else: a weak reference).
-
-    On accelerators, never: activations would pile up to a training forward's
-    peak. On the CPU, up to :data:`HOLD_BYTES` a batch: freeing them mid-forward
-    makes glibc unmap and remap the large buffers, and collection measured ~10%
-    slower that way (bench_collect config, 2026-11-29, ~90 MiB held a batch; no
-    consistent difference with glibc's mmap disabled).
-    """
-    return x.device.type == "cpu"
 
 
 def _async_copy(dst) -> bool:
