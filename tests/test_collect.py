@@ -527,29 +527,14 @@ class _Loop(nn.Module):
         return h
 
 
-def test_no_early_stop_when_a_target_runs_several_times_per_forward():
+@pytest.mark.parametrize("steps", [(2, 6), (1, 3, 5), (2, 3, 5)])
+def test_a_cell_looped_over_time_is_collected_whole(steps):
+    # Several calls per forward switch early stop off. One call in the first batch allows it: then a
+    # later, longer loop must still be collected whole, not cut off at the first batch's count.
     model = _Loop().eval()
-    batches = [torch.randn(4, 2, 8), torch.randn(4, 6, 8)]  # the later batch loops three times longer
+    batches = [torch.randn(4, t, 8) for t in steps]
     covs = ck.collect_cov(model, batches, progress=False)
-    assert covs.token_counts["cell"] == 4 * (2 + 6)
-    seen = []
-    hook = model.cell.register_forward_pre_hook(lambda m, a: seen.append(a[0].double()))
-    with torch.no_grad():
-        for b in batches:
-            model(b)
-    hook.remove()
-    x = torch.cat(seen)
-    assert rel(covs["cell"], x.T @ x / x.shape[0]) < 1e-6
-
-
-@pytest.mark.parametrize("first", [1, 2])
-def test_a_loop_longer_than_in_the_first_batch_is_collected_whole(first):
-    # With one time step the first batch calls every target once, which allows early stop; the
-    # later batch's extra steps must still be collected, not cut off at the first batch's count.
-    model = _Loop().eval()
-    batches = [torch.randn(4, first, 8), torch.randn(4, 3, 8), torch.randn(4, 5, 8)]
-    covs = ck.collect_cov(model, batches, progress=False)
-    assert covs.token_counts["cell"] == 4 * (first + 3 + 5)
+    assert covs.token_counts["cell"] == 4 * sum(steps)
     seen = []
     hook = model.cell.register_forward_pre_hook(lambda m, a: seen.append(a[0].double()) and None)
     with torch.no_grad():
