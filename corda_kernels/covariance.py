@@ -41,22 +41,25 @@ def _signs(n: int) -> torch.Tensor:
 def weight_signatures(modules: Mapping[str, nn.Module]) -> dict[str, tuple[float, float]]:
     """name -> (‖W‖_F, uᵀWv) with fixed ±1 vectors u, v: which weights a covariance was collected on.
 
-    One matrix-vector product per layer and one host read for all; the projection tells apart
+    One matrix-vector product per layer and one host read per device; the projection tells apart
     weights of equal norm (two random initializations of one architecture).
     """
     from ._targets import linear_weight
 
     if not modules:
         return {}
-    out = []
-    for module in modules.values():
+    sigs, by_device = [], {}
+    for i, module in enumerate(modules.values()):
         w = linear_weight(module).detach().float()  # also float8 and other storage types
         v, u = _signs(w.shape[1]).to(w.device), _signs(w.shape[0]).to(w.device, torch.float64)
         norm = torch.linalg.vector_norm(w, dtype=torch.float64)
-        proj = (torch.mv(w, v).double() * u).sum()
-        out.append(torch.stack([norm, proj]).cpu())
-    values = torch.stack(out).tolist()
-    return {name: (a, b) for name, (a, b) in zip(modules, values)}
+        sigs.append(torch.stack([norm, (torch.mv(w, v).double() * u).sum()]))
+        by_device.setdefault(w.device, []).append(i)
+    values: list = [None] * len(sigs)
+    for idx in by_device.values():  # one host read per device (a device_map model spans several)
+        for i, row in zip(idx, torch.stack([sigs[i] for i in idx]).tolist()):
+            values[i] = tuple(row)
+    return dict(zip(modules, values))
 
 
 class Covariances(Mapping[str, torch.Tensor]):
