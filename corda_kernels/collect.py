@@ -100,7 +100,6 @@ class Collector:
         self._after_target = False
         self._watch_handles: list = []
         self._masks: dict[str, torch.Tensor | None] = {}
-        self._tokens_only = False
         self._kept: dict[tuple[str, torch.device], tuple[ops.KeptRows, torch.Tensor]] = {}
         self._seen: dict[tuple[int, int], tuple[weakref.ref, set[int]]] = {}
         self._member_log: dict[str, list[tuple[int, int]]] = {}
@@ -208,7 +207,7 @@ class Collector:
         if which == "decoder" and mask is None and self._masks.get("input") is not None:
             self.decoder_unmasked.update(g.names)
         # Asked before any copy to the accumulator's device: a copy of a flattened view has no _base.
-        applies = mask is not None and _mask_applies(mask, x, self._tokens_only)
+        applies = mask is not None and _mask_applies(mask, x)
         if x.device != g.acc.device:
             x = x.to(g.acc.device, non_blocking=_async_copy(g.acc.device))
         kept = n_kept = None
@@ -250,12 +249,10 @@ class Collector:
         *,
         decoder_mask: torch.Tensor | None = None,
         early_stop: bool = False,
-        tokens_only: bool = False,
     ) -> None:
         """Start a batch. ``decoder_mask``: an encoder-decoder batch's ``decoder_attention_mask``.
         ``early_stop``: stop the forward once every target has run as often as in the first batch
-        (ignored for the first batch itself, and once the call pattern changed). ``tokens_only``:
-        the batch holds no float input other than token-shaped ones (see :func:`_mask_applies`)."""
+        (ignored for the first batch itself, and once the call pattern changed)."""
         self.batch += 1
         self._counts = {}
         # Only when every target ran once in the first batch: a module called several times per
@@ -271,7 +268,6 @@ class Collector:
         self._stop_armed = self._after_target = False
         self._pending = len(self.first_counts) if self.stop_early else 0
         self._masks = {k: None if m is None else (m != 0) for k, m in (("input", mask), ("decoder", decoder_mask))}
-        self._tokens_only = tokens_only
         self._encoder_out = None
         self._kept = {}
         self._seen.clear()
@@ -469,45 +465,22 @@ def split_batch(batch, params: list[str] | None = None):
     raise TypeError(f"a batch must be a tensor, a dict/BatchEncoding, or a tuple/list; got {type(batch).__name__}")
 
 
-def _mask_applies(mask: torch.Tensor, x: torch.Tensor, tokens_only: bool) -> bool:
+def _mask_applies(mask: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the (batch, seq) attention mask describes x's rows.
 
     Yes when x's leading dims are (batch, seq); also when x is a flattened view
     of a (batch, seq, ...) tensor (an MoE router's ``hidden.view(-1, d)``): same
-    tokens, same order. A 2-D x with batch·seq rows that is not such a view (OPT
-    flattens, then normalizes, before its MLP) counts as tokens only when the
-    batch carries nothing but token-shaped inputs (``tokens_only``): with images
-    in the batch, a vision tower's patch rows can match batch·seq by coincidence.
+    tokens, same order. A mere equal row count is not enough: a vision tower's
+    patch rows can match batch·seq by coincidence, and rows of a text-only model
+    can too in another order (seq-first, or every token routed to an MoE expert
+    in routing order). OPT's MLP, which reads a normalized copy of flattened
+    tokens, is therefore counted whole, and warned about.
     """
     lead = x.shape[:-1]
     if lead == mask.shape:
         return True
-    if lead.numel() != mask.numel():
-        return False
     base = x._base
-    if base is not None and tuple(base.shape[: mask.dim()]) == tuple(mask.shape):
-        return True
-    return tokens_only and x.dim() == 2
-
-
-def _tokens_only(batch_parts, masks) -> bool:
-    """Whether every floating-point tensor of the batch is laid out as (batch, seq, ...) of one of ``masks``.
-
-    Integer inputs (ids, labels, positions) cannot feed a layer rows of their own; a float
-    input that is not token-shaped (``pixel_values``, audio features) can.
-    """
-    shapes = {tuple(m.shape) for m in masks if m is not None}
-    stack = list(batch_parts)
-    while stack:
-        t = stack.pop()
-        if isinstance(t, torch.Tensor):
-            if t.is_floating_point() and tuple(t.shape[:2]) not in shapes:
-                return False
-        elif isinstance(t, (list, tuple)):
-            stack.extend(t)
-        elif isinstance(t, Mapping):
-            stack.extend(t.values())
-    return True
+    return lead.numel() == mask.numel() and base is not None and tuple(base.shape[: mask.dim()]) == tuple(mask.shape)
 
 
 def _encoder_decoder(model: nn.Module, collector: Collector) -> nn.Module | None:
@@ -538,9 +511,20 @@ def _loader_len(loader) -> int | None:
 
 
 def run_batches(
-    model, loader, collector: Collector, *, max_batches=None, progress=True, desc="collecting", on_batch=None
+    model,
+    loader,
+    collector: Collector,
+    *,
+    max_batches=None,
+    progress=True,
+    desc="collecting",
+    on_batch=None,
+    early_stop=False,
 ):
-    """Feed ``loader`` through ``model`` with the collector's hooks attached. Returns the number of batches."""
+    """Feed ``loader`` through ``model`` with the collector's hooks attached. Returns the number of batches.
+
+    The output head (when not a target) always ends the forward; ``early_stop`` also ends it, from
+    the second batch on, where the first batch's last target call was followed (see :class:`Collector`)."""
     dev = _input_device(model)
     params = _positional_params(model)
     no_cache = "use_cache" in params
@@ -580,8 +564,7 @@ def run_batches(
                 collector.begin_batch(
                     _to(mask, dev),
                     decoder_mask=dec_mask,
-                    early_stop=n > 0,
-                    tokens_only=_tokens_only((args, kwargs), (mask, dec_mask)),
+                    early_stop=early_stop and n > 0,
                 )
                 completed = True
                 try:
@@ -625,6 +608,7 @@ def collect_cov(
     progress: bool = True,
     backend: str = "auto",
     distributed: bool | str | None = None,
+    early_stop: bool = False,
     candidates: int | None = None,
     **candidate_options,
 ) -> Covariances | CovarianceCandidates:
@@ -640,7 +624,14 @@ def collect_cov(
     ``distributed`` (default: on when a torch.distributed group is initialized):
     see :mod:`corda_kernels.distributed`; ``"presharded"`` for loaders that
     already shard, ``False`` to collect locally only.
+    The forward always stops at the output head when it is not a target. ``early_stop=True`` also
+    skips, from the second batch on, whatever the first batch ran after its last target call (for
+    targets in the first layers only): only for models whose modules run the same number of times
+    in every batch. A loop whose length depends on the batch, around a target and a module (BERT's
+    chunked feed-forward), would lose its later rounds.
     """
+    if candidates is not None and early_stop:
+        raise NotImplementedError("collect_cov(candidates=N) does not support early_stop=True")
     if candidates is not None and distributed:
         raise NotImplementedError("collect_cov(candidates=N) does not support distributed=; collect on one process")
     if candidates is not None:
@@ -674,7 +665,7 @@ def collect_cov(
         loader, max_batches = shard.split(loader, max_batches)
         progress = progress and shard.rank == 0
     try:
-        n = run_batches(model, loader, collector, max_batches=max_batches, progress=progress)
+        n = run_batches(model, loader, collector, max_batches=max_batches, progress=progress, early_stop=early_stop)
     except Exception as error:
         if shard is None:
             raise

@@ -197,7 +197,7 @@ def test_early_stop_keeps_every_layer():
     # Batches after the first stop at the last target; the covariances must still include every layer.
     model = tiny_llama(layers=3)
     batches = padded_batches(128, n_batches=4)
-    covs = ck.collect_cov(model, batches, progress=False)
+    covs = ck.collect_cov(model, batches, progress=False, early_stop=True)
     ref, _ = reference_covariances(model, batches, list(covs))
     last = "model.layers.2.mlp.down_proj"
     assert rel(covs[last], ref[last]) < 1e-5
@@ -237,7 +237,7 @@ def test_early_stop_survives_batches_that_call_different_modules(order):
     x, p = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     text, image = {"x": x}, {"x": x, "pixel": p}
     batches = [text, image, image, text] if order == "text_first" else [image, text, image, text]
-    covs = ck.collect_cov(model, batches, progress=False, normalize="sum")
+    covs = ck.collect_cov(model, batches, progress=False, normalize="sum", early_stop=True)
     assert covs.token_counts == {"vision": 20, "l1": 40, "l2": 40}
     h = x + model.vision(p)
     l1_in = torch.cat([x, h, h, x] if order == "text_first" else [h, x, h, x]).reshape(-1, 8).double()
@@ -278,14 +278,16 @@ def test_iterable_dataset_loader_with_progress_and_exact_max_batches():
 
 
 class _Router(nn.Module):
-    """A router reading hidden.view(-1, d) (same tokens, flattened), a layer reading a flattened and
-    normalized copy of them (OPT's MLP), and one reading image patches whose row count equals batch·seq."""
+    """A router reading hidden.view(-1, d) (same tokens, flattened), a layer reading a flattened
+    copy of them that is not a view (OPT's MLP reads a normalized one), a layer reading every token
+    in another order (seq-first), and one reading image patches whose row count equals batch·seq."""
 
     def __init__(self, d=8):
         super().__init__()
         self.emb = nn.Embedding(50, d)
         self.router = nn.Linear(d, 4)
         self.flat = nn.Linear(d, d)
+        self.seq_first = nn.Linear(d, d)
         self.patches = nn.Linear(d, d)
         self.tokens = nn.Linear(d, 2)
 
@@ -293,51 +295,49 @@ class _Router(nn.Module):
         h = self.emb(input_ids)
         self.tokens(h)  # the same tokens, unflattened
         self.router(h.view(-1, h.shape[-1]))
-        self.flat(h.reshape(-1, h.shape[-1]) * 1.0)  # the tokens' rows, not a view
+        self.flat(h.reshape(-1, h.shape[-1]) * 1.0)
+        self.seq_first(h.transpose(0, 1).reshape(-1, h.shape[-1]))
         if pixel_values is not None:
             self.patches(pixel_values.reshape(-1, pixel_values.shape[-1]))
 
 
-def test_mask_applies_to_flattened_tokens_but_not_to_patches():
-    TEXT = ["router", "tokens", "flat"]
+@pytest.mark.parametrize("image", [False, True])
+def test_mask_applies_to_flattened_views_only(image):
+    # Equal row counts are not enough: patches, or the same tokens in another order, would have the
+    # mask applied to the wrong rows. Such inputs count every row, and a warning names them.
     torch.manual_seed(0)
     model = _Router()
     ids = torch.randint(0, 50, (3, 6))
     mask = torch.ones(3, 6, dtype=torch.long)
     mask[0, 4:] = 0
     mask[2, 1:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
     pixels = torch.randn(2, 9, 8)  # 18 patch rows, as many as the batch has token positions
-    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
-    with pytest.warns(UserWarning, match="patches"):
-        covs = ck.collect_cov(model, [batch], progress=False, normalize="sum")
+    if image:
+        batch["pixel_values"] = pixels
+    targets = None if image else ["router", "tokens", "flat", "seq_first"]
+    with pytest.warns(UserWarning, match="'flat', .*'seq_first'"):
+        covs = ck.collect_cov(model, [batch], targets=targets, progress=False, normalize="sum")
     h = model.emb(ids).detach().double()
     kept = h[mask.bool()]
     for name in ("router", "tokens"):
         assert covs.token_counts[name] == int(mask.sum())
         assert rel(covs[name], kept.T @ kept) < 1e-6
-    every = pixels.double().reshape(-1, 8)
-    assert covs.token_counts["patches"] == 18
-    assert rel(covs["patches"], every.T @ every) < 1e-6
-    # With an image in the batch a flattened copy could be patches: every row counts (and is warned about).
-    assert covs.token_counts["flat"] == 18
+    every = h.reshape(-1, 8)
+    for name in ("flat", "seq_first"):
+        assert covs.token_counts[name] == 18
+        assert rel(covs[name], every.T @ every) < 1e-6
+    if image:
+        assert covs.token_counts["patches"] == 18
+        assert rel(covs["patches"], pixels.double().reshape(-1, 8).T @ pixels.double().reshape(-1, 8)) < 1e-6
 
-    # A text-only batch has no rows but its tokens: the flattened copy is masked, without a warning.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        text = ck.collect_cov(
-            model, [{"input_ids": ids, "attention_mask": mask}], targets=TEXT, progress=False, normalize="sum"
-        )
-    assert text.token_counts["flat"] == int(mask.sum())
-    assert rel(text["flat"], kept.T @ kept) < 1e-6
-
-    # normalize="peft" scales each sequence by its own max: a flattened input must get the same
-    # per-sequence treatment as the (batch, seq, d) tensor it holds.
-    peft = ck.collect_cov(
-        model, [{"input_ids": ids, "attention_mask": mask}], targets=TEXT, progress=False, normalize="peft"
-    )
+    # normalize="peft" scales each sequence by its own max: a flattened view must get the same
+    # per-sequence treatment as the (batch, seq, d) tensor it views.
+    with pytest.warns(UserWarning, match="flat"):
+        peft = ck.collect_cov(model, [batch], targets=["router", "tokens", "flat"], progress=False, normalize="peft")
     seqs = [h[b][mask[b].bool()] for b in range(3)]
     ref = sum(x.T @ x / x.max().abs() ** 2 for x in seqs) / 3
-    for name in ("tokens", "router", "flat"):
+    for name in ("tokens", "router"):
         assert rel(peft[name], ref) < 1e-5
 
 
@@ -527,13 +527,14 @@ class _Loop(nn.Module):
         return h
 
 
+@pytest.mark.parametrize("early_stop", [False, True])
 @pytest.mark.parametrize("steps", [(2, 6), (1, 3, 5), (2, 3, 5)])
-def test_a_cell_looped_over_time_is_collected_whole(steps):
+def test_a_cell_looped_over_time_is_collected_whole(steps, early_stop):
     # Several calls per forward switch early stop off. One call in the first batch allows it: then a
     # later, longer loop must still be collected whole, not cut off at the first batch's count.
     model = _Loop().eval()
     batches = [torch.randn(4, t, 8) for t in steps]
-    covs = ck.collect_cov(model, batches, progress=False)
+    covs = ck.collect_cov(model, batches, progress=False, early_stop=early_stop)
     assert covs.token_counts["cell"] == 4 * sum(steps)
     seen = []
     hook = model.cell.register_forward_pre_hook(lambda m, a: seen.append(a[0].double()) and None)
@@ -551,9 +552,11 @@ def test_early_stop_skips_what_follows_the_last_target():
     calls = []
     hook = model.model.layers[1].self_attn.register_forward_pre_hook(lambda m, a: calls.append(1))
     batches = padded_batches(128, n_batches=3)
-    covs = ck.collect_cov(model, batches, targets=["model.layers.0.*"], progress=False)
-    hook.remove()
+    covs = ck.collect_cov(model, batches, targets=["model.layers.0.*"], progress=False, early_stop=True)
     assert len(calls) == 1  # the first batch only
+    ck.collect_cov(model, batches, targets=["model.layers.0.*"], progress=False)
+    hook.remove()
+    assert len(calls) == 1 + 3  # off by default: every batch runs to the head
     ref, _ = reference_covariances(model, batches, list(covs))
     assert all(rel(covs[n], ref[n]) < 1e-5 for n in covs)
 
