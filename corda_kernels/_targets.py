@@ -24,9 +24,10 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def _head_ids(model: nn.Module) -> set[int]:
-    """The output head, and for a transformers model every module outside its backbone
-    (``model.base_model``): task heads such as a classifier or a QA span layer, which are
-    trained from scratch, not initialized from a decomposition."""
+    """The output head, and a transformers task head's output layer: a linear outside the
+    backbone (``model.base_model``) that produces ``config.num_labels`` logits (a classifier, a
+    QA span layer), trained from scratch rather than initialized from a decomposition. Pretrained
+    head layers (an MLM head's transform) stay targets."""
     ids = set()
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
@@ -37,9 +38,14 @@ def _head_ids(model: nn.Module) -> set[int]:
         if head is not None:
             ids.add(id(head))
     base = getattr(model, "base_model", None)
-    if isinstance(base, nn.Module) and base is not model:
+    labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if isinstance(base, nn.Module) and base is not model and isinstance(labels, int):
         inside = {id(m) for m in base.modules()}
-        ids.update(id(m) for m in model.modules() if id(m) not in inside)
+        ids.update(
+            id(m)
+            for m in model.modules()
+            if id(m) not in inside and is_linear_like(m) and weight_shape(m)[0] == labels
+        )
     return ids
 
 
@@ -62,7 +68,7 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
     """Map name -> module for every target, in ``named_modules`` order.
 
     Default: every ``nn.Linear`` and transformers ``Conv1D`` except the output
-    head, a transformers model's task heads (whatever lies outside ``base_model``) and
+    head, a transformers task head's output layer (see :func:`_head_ids`) and
     one-output layers (scalar gates). ``targets`` is a list of names/globs/"re:" regexes, or a predicate
     ``(name, module) -> bool``; only linear-like modules are ever returned.
     """

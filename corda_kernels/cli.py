@@ -404,7 +404,8 @@ def cmd_build(args) -> int:
             out, real = os.path.realpath(args.output), os.path.realpath(src)
             if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
                 raise CliError(f"-o {args.output!r} holds the {what} {src!r}: replacing it would delete that input")
-    check_not_source(args.output, args.model, inside_ok=True)
+    if os.path.isdir(args.model):  # a local model directory must survive; anything else fails to load later
+        check_not_source(args.output, args.model, inside_ok=True)
     with _distributed(args.device) as (rank_, world):
         covs = ck.Covariances.load(args.covariances)
         if args.other_weights:

@@ -99,6 +99,7 @@ class Collector:
         self._stop_armed = False
         self._after_target = False
         self._watch_handles: list = []
+        self._finished = False
         self._masks: dict[str, torch.Tensor | None] = {}
         self._kept: dict[tuple[str, torch.device], tuple[ops.KeptRows, torch.Tensor]] = {}
         self._seen: dict[tuple[int, int], tuple[weakref.ref, set[int]]] = {}
@@ -315,6 +316,9 @@ class Collector:
             )
 
     def finish(self, meta: Mapping[str, str] | None = None) -> Covariances:
+        """The normalized covariances. Once only: the results are the accumulators, mirrored in place."""
+        if self._finished:
+            raise RuntimeError("Collector.finish() was already called: its accumulators became that result")
         if not self.groups:
             raise ValueError("no target module was called during collection: is the loader feeding this model?")
         # One host read of (finite, count, sequences) for every group, not three per group.
@@ -349,6 +353,7 @@ class Collector:
         self.warn_unmasked(stacklevel=4)
         mats = []
         for g, n, s in zip(self.groups, counts, seqs):
+            self._finished = True
             c = ops.covariance_result(g.acc, inplace=True)  # the collector is done with its accumulators
             if self.normalize == "mean" and n > 0:
                 c /= n

@@ -48,18 +48,27 @@ def weight_signatures(modules: Mapping[str, nn.Module]) -> dict[str, tuple[float
 
     if not modules:
         return {}
-    sigs, by_device = [], {}
-    for i, module in enumerate(modules.values()):
-        w = linear_weight(module).detach().float()  # also float8 and other storage types
-        v, u = _signs(w.shape[1]).to(w.device), _signs(w.shape[0]).to(w.device, torch.float64)
-        norm = torch.linalg.vector_norm(w, dtype=torch.float64)
-        sigs.append(torch.stack([norm, (torch.mv(w, v).double() * u).sum()]))
-        by_device.setdefault(w.device, []).append(i)
+    names, sigs, by_device = [], [], {}
+    for name, module in modules.items():
+        w = linear_weight(module).detach()
+        if w.device.type == "meta":  # offloaded (accelerate): no values to sign; left unchecked
+            continue
+        d_out, d_in = w.shape
+        v, u = _signs(d_in).to(w.device), _signs(d_out).to(w.device, torch.float64)
+        sq = proj = torch.zeros((), dtype=torch.float64, device=w.device)
+        step = max(1, (1 << 22) // max(d_in, 1))  # rows a chunk: a few MiB in fp32, never a full copy
+        for r in range(0, d_out, step):
+            chunk = w[r : r + step].float()  # also float8 and other storage types
+            sq = sq + chunk.square().sum(dtype=torch.float64)
+            proj = proj + (torch.mv(chunk, v).double() * u[r : r + step]).sum()
+        by_device.setdefault(w.device, []).append(len(sigs))
+        names.append(name)
+        sigs.append(torch.stack([sq.sqrt(), proj]))
     values: list = [None] * len(sigs)
     for idx in by_device.values():  # one host read per device (a device_map model spans several)
         for i, row in zip(idx, torch.stack([sigs[i] for i in idx]).tolist()):
             values[i] = tuple(row)
-    return dict(zip(modules, values))
+    return dict(zip(names, values))
 
 
 class Covariances(Mapping[str, torch.Tensor]):
@@ -277,8 +286,8 @@ class Covariances(Mapping[str, torch.Tensor]):
         if not isinstance(self.meta, dict) or not isinstance(self.signatures, dict):
             return "meta and signatures must be JSON objects"
         for g, m in zip(self.groups, self._mats):
-            if m.dtype not in (torch.float32, torch.float64):
-                return f"group {list(g)} is {m.dtype} (covariances are float32 or float64)"
+            if m.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                return f"group {list(g)} is {m.dtype} (covariances are floating point)"
             if m.dim() != 2 or m.shape[0] != m.shape[1]:
                 return f"group {list(g)} has shape {tuple(m.shape)}, not a square matrix"
             lo, hi = m.aminmax() if m.numel() else (torch.zeros(()), torch.zeros(()))

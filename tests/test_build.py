@@ -152,6 +152,13 @@ def test_default_targets_leave_task_heads_out():
         assert rel(a, b) < 1e-5
     # Named explicitly, a head is a target like any other layer.
     assert set(ck.collect_cov(model, batches, targets=["classifier"], progress=False)) == {"classifier"}
+    # A pretrained head layer (the MLM transform) stays a default target; only its decoder, the output
+    # embeddings, is left out.
+    from transformers import BertForMaskedLM
+
+    mlm = BertForMaskedLM(cfg).eval()
+    names = set(ck.collect_cov(mlm, batches, progress=False))
+    assert "cls.predictions.transform.dense" in names and "cls.predictions.decoder" not in names
 
 
 def test_covariances_from_another_model_are_rejected(tmp_path):
@@ -203,7 +210,7 @@ def test_covariances_from_other_weights_of_the_same_shapes_are_rejected(tmp_path
         (lambda t, m: m.update(token_counts="[1.5, 3, 3, 3, 3, 3, 3, 3]"), "token counts"),
         (lambda t, m: m.update(format="corda_kernels.covariances/2"), "format 'corda_kernels.covariances/2'"),
         (lambda t, m: t.update(extra=torch.zeros(2)), "tensors for"),
-        (lambda t, m: t.update({"group.0": t["group.0"].half()}), "float16"),
+        (lambda t, m: t.update({"group.0": t["group.0"].to(torch.int32)}), "torch.int32"),
         (lambda t, m: t.update({"group.0": t["group.0"] + torch.triu(torch.ones_like(t["group.0"]))}), "symmetric"),
         (lambda t, m: t["group.1"].__setitem__((0, 0), float("nan")), "non-finite"),
     ],
@@ -221,6 +228,14 @@ def test_a_tampered_covariance_file_is_refused(tmp_path, tamper, message):
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match=f"{re.escape(str(path))}.*{re.escape(message)}"):
         ck.Covariances.load(path)
+
+
+def test_half_precision_covariances_round_trip(tmp_path):
+    covs = ck.collect_cov(tiny_llama(), padded_batches(128, n_batches=1), progress=False)
+    for dtype in (torch.float16, torch.bfloat16):
+        covs.to(dtype).save(tmp_path / "c.safetensors")
+        back = ck.Covariances.load(tmp_path / "c.safetensors")
+        assert all(torch.equal(back[n], covs[n].to(dtype)) for n in covs)
 
 
 def test_unsupported_dtype_named():

@@ -358,6 +358,17 @@ class _Watch(nn.Module):
         return self.b(y)
 
 
+def test_a_collector_finishes_once():
+    from corda_kernels.collect import Collector, run_batches
+
+    model = nn.Sequential(nn.Linear(6, 5))
+    collector = Collector({"0": model[0]})
+    run_batches(model, [torch.randn(4, 6)], collector, progress=False)
+    collector.finish()
+    with pytest.raises(RuntimeError, match="already called"):
+        collector.finish()  # its accumulators are the first result, mirrored and scaled in place
+
+
 def test_collection_never_keeps_an_input_alive():
     # The hooks hold activations by weak reference: peak memory stays that of a plain no-grad forward.
     model = _Watch()

@@ -67,7 +67,7 @@ ARCHS = {
         shared_expert_intermediate_size=48,
     ),
     "starcoder2": _llama_like("Starcoder2ForCausalLM", "Starcoder2Config", num_key_value_heads=2),
-    "roberta_cls": (  # the classification head lies outside base_model: not a default target
+    "roberta_cls": (  # the classifier's output layer (num_labels logits, outside base_model): not a target
         "RobertaForSequenceClassification",
         "RobertaConfig",
         {**BASE, "intermediate_size": 96, "max_position_embeddings": 80, "num_labels": 3},
@@ -109,7 +109,8 @@ def _reference(model, batches, names, whole=()):
             if x.shape[:-1].numel() == mask.numel() and not name.endswith(whole):
                 kept = x.reshape(*mask.shape, x.shape[-1])[mask]
             else:
-                routed.add(name)
+                if x.shape[:-1] != mask.shape[:1]:  # one row per sequence (a pooler, a [CLS] head) is no surprise
+                    routed.add(name)
                 kept = x.reshape(-1, x.shape[-1])
             sums[name] = sums.get(name, 0) + kept.T @ kept
             counts[name] = counts.get(name, 0) + kept.shape[0]
@@ -139,8 +140,9 @@ def test_architecture_end_to_end(arch):
     assert covs, arch
     linears = {n: m for n, m in model.named_modules() if n in covs}
     assert all(m.weight.shape[0] > 1 for m in linears.values())  # no scalar gate among the defaults
-    heads = [model.get_output_embeddings(), getattr(model, "classifier", None)]
-    heads = {id(m) for h in heads if h is not None for m in h.modules()}
+    # The LM head, or a classification head's output layer (its dense layer stays a target).
+    heads = [model.get_output_embeddings(), getattr(getattr(model, "classifier", None), "out_proj", None)]
+    heads = {id(h) for h in heads if h is not None}
     assert heads and not any(id(m) in heads for m in linears.values())
     ref, routed = _reference(model, batches, list(covs), WHOLE.get(arch, ()))
     for name in covs:
