@@ -42,9 +42,7 @@ def _head_ids(model: nn.Module) -> set[int]:
     if isinstance(base, nn.Module) and base is not model and isinstance(labels, int):
         inside = {id(m) for m in base.modules()}
         ids.update(
-            id(m)
-            for m in model.modules()
-            if id(m) not in inside and is_linear_like(m) and weight_shape(m)[0] == labels
+            id(m) for m in model.modules() if id(m) not in inside and is_linear_like(m) and weight_shape(m)[0] == labels
         )
     return ids
 
