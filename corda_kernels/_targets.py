@@ -24,10 +24,10 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def _head_ids(model: nn.Module) -> set[int]:
-    """The output head, and a transformers task head's output layer: a linear outside the
-    backbone (``model.base_model``) that produces ``config.num_labels`` logits (a classifier, a
-    QA span layer), trained from scratch rather than initialized from a decomposition. Pretrained
-    head layers (an MLM head's transform) stay targets."""
+    """The output head, and for a transformers model the output layer of each task head: the last
+    linear of each top-level module outside the backbone (``model.base_model``), such as a
+    classifier, a QA span layer or a CTC head, which start from scratch rather than from a
+    decomposition. The heads' other layers (an MLM transform) stay targets."""
     ids = set()
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
@@ -37,13 +37,14 @@ def _head_ids(model: nn.Module) -> set[int]:
             head = None
         if head is not None:
             ids.add(id(head))
+    model = unwrap_model(model)
     base = getattr(model, "base_model", None)
-    labels = getattr(getattr(model, "config", None), "num_labels", None)
-    if isinstance(base, nn.Module) and base is not model and isinstance(labels, int):
+    if isinstance(base, nn.Module) and base is not model:
         inside = {id(m) for m in base.modules()}
-        ids.update(
-            id(m) for m in model.modules() if id(m) not in inside and is_linear_like(m) and weight_shape(m)[0] == labels
-        )
+        for child in model.children():
+            if id(child) not in inside:
+                last = [m for m in child.modules() if is_linear_like(m)][-1:]
+                ids.update(id(m) for m in last)
     return ids
 
 

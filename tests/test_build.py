@@ -156,9 +156,19 @@ def test_default_targets_leave_task_heads_out():
     # embeddings, is left out.
     from transformers import BertForMaskedLM
 
-    mlm = BertForMaskedLM(cfg).eval()
+    mlm = BertForMaskedLM(BertConfig(**{**cfg.to_dict(), "num_labels": 32})).eval()  # num_labels = hidden
     names = set(ck.collect_cov(mlm, batches, progress=False))
     assert "cls.predictions.transform.dense" in names and "cls.predictions.decoder" not in names
+    # A head's output layer is found by place, not by size: a QA span layer of 2 outputs whatever
+    # num_labels says.
+    from transformers import LlamaConfig, LlamaForQuestionAnswering
+
+    lcfg = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_labels=3
+    )
+    qa = LlamaForQuestionAnswering(lcfg).eval()
+    names = set(ck.collect_cov(qa, batches, progress=False))
+    assert "qa_outputs" not in names and "transformer.layers.0.mlp.down_proj" in names
 
 
 def test_covariances_from_another_model_are_rejected(tmp_path):
