@@ -548,7 +548,7 @@ def run_batches(
     n = 0
     tokens = 0
     model.eval()
-    collector.attach(stop_at=stop_at, encoder=encoder, model=model)
+    collector.attach(stop_at=stop_at, encoder=encoder, model=model if early_stop else None)
     try:
         with torch.no_grad():
             # islice: with max_batches, never pull one batch more than is used (a generator may tokenize).
