@@ -50,8 +50,9 @@ class _Group:
 class Collector:
     """Accumulates input covariances of ``modules`` while the model runs.
 
-    Use :func:`collect_cov`; this class is the reusable engine underneath, so
-    later stages (candidate rounds, distributed reduction) can drive it.
+    Use :func:`collect_cov`; this class is the engine underneath, so later stages
+    (candidate rounds, distributed reduction) can drive it. One collection per
+    instance: :meth:`finish` turns the accumulators themselves into the result.
     """
 
     def __init__(
@@ -84,8 +85,8 @@ class Collector:
         self._encoder_out: tuple[int, int] | None = None
         self.batch = -1
         self.stop_early = False
-        # Early stop: every target's call count in the first batch; a later batch may stop once each
-        # of them has been called that often again (only if each was called once). A module the first
+        # Early stop (opt-in: collect_cov(early_stop=True)): every target's call count in the first
+        # batch; a later batch may stop once each of them has been called that often again (only if each was called once). A module the first
         # batch never called means the call pattern depends on the data (e.g. image and text-only
         # batches): then it never stops early. The stop itself waits for the module the first batch
         # called right after its last target call (``stop_module``), so that a target the batch calls
