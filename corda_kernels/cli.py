@@ -305,6 +305,15 @@ def cmd_collect(args) -> int:
     with _distributed(args.device) as (rank, world):
         if args.candidates and world > 1:
             raise CliError("--candidates (CorDA++ selection) runs on one process: run collect without torchrun")
+        rule = {k: getattr(args, k) for k in ("sum_over", "rank", "mode", "group_score", "pi_from", "pi_normalize")}
+        rule = {k: v for k, v in rule.items() if v is not None}
+        if rule and not args.candidates:
+            flags = ", ".join("--" + k.replace("_", "-") for k in rule)
+            raise CliError(f"{flags}: these score CorDA++ candidates and apply only with --candidates N")
+        if rule.get("sum_over") != "adapter" and ("rank" in rule or "mode" in rule):
+            raise CliError("--rank/--mode change the CorDA++ score only with --sum-over adapter")
+        if rule.get("sum_over") == "adapter" and "rank" not in rule:
+            raise CliError("--sum-over adapter needs --rank (the adapter rank the build will use)")
         for path in args.data:
             if os.path.isfile(path) and os.path.exists(args.output) and os.path.samefile(path, args.output):
                 raise CliError(f"-o {args.output!r} is one of the calibration files: it would be overwritten")
@@ -319,8 +328,8 @@ def cmd_collect(args) -> int:
         if args.candidates:
             if not hasattr(ck, "select_covariances"):
                 raise CliError("--candidates needs CorDA++ (corda_kernels.select_covariances), which is not installed")
-            cands = ck.collect_cov(model, loader, candidates=args.candidates, rank=args.rank, mode=args.mode, **kw)
-            covs = ck.select_covariances(model, cands, rank=args.rank, mode=args.mode)
+            cands = ck.collect_cov(model, loader, candidates=args.candidates, **rule, **kw)
+            covs = ck.select_covariances(model, cands)
             _log(f"CorDA++ selection over {cands.rounds} rounds (* = chosen):\n{cands.table()}", rank)
         else:
             covs = ck.collect_cov(model, loader, **kw)
@@ -432,8 +441,11 @@ def cmd_build(args) -> int:
                 max_rank=args.max_rank,
                 multiple=args.multiple,
                 rank=args.rank,
+                targets=args.targets,
                 damping=args.damping,
                 ipm_score=args.ipm_score,
+                pi_from=args.pi_from,
+                pi_normalize=args.pi_normalize,
                 progress=not args.no_progress and rank_ == 0,
                 distributed=world > 1,
             )
@@ -565,8 +577,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--candidates", type=_positive, default=None, help="CorDA++: N candidate rounds, keep the best per group"
     )
-    p.add_argument("--rank", type=int, default=None, help="CorDA++ scoring rank (with --candidates)")
-    p.add_argument("--mode", choices=("kpm", "ipm"), default="kpm", help="CorDA++ scoring mode (with --candidates)")
+    p.add_argument(
+        "--sum-over",
+        choices=("all", "adapter"),
+        default=None,
+        help="CorDA++ selection score over all singular values (default) or the adapter's r (needs --rank)",
+    )
+    p.add_argument("--rank", type=_positive, default=None, help="CorDA++ adapter rank (with --sum-over adapter)")
+    p.add_argument("--mode", choices=("kpm", "ipm"), default=None, help="CorDA++ adapter mode (with --sum-over adapter)")
+    p.add_argument("--group-score", choices=("sum", "max"), default=None, help="CorDA++: how q/k/v-like groups combine")
+    p.add_argument("--pi-from", choices=("cov", "wc"), default=None, help="CorDA++ π from C's eigenvalues or W·C's σ")
+    p.add_argument("--pi-normalize", choices=("mean", "none"), default=None, help="CorDA++ π normalization")
     _model_options(p)
 
     p = sub.add_parser("build", help="model + covariances -> CorDA model (residual + PEFT adapter)")
@@ -584,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ipm-score", choices=("captured", "boundary"), default="captured", help="CorDA++ IPM allocation score"
     )
+    p.add_argument("--pi-from", choices=("cov", "wc"), default="cov", help="CorDA++ allocation: π from C or W·C")
+    p.add_argument("--pi-normalize", choices=("mean", "none"), default="mean", help="CorDA++ allocation: π normalization")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: each layer's rank)")
     p.add_argument("--damping", type=float, default=0.01)
     p.add_argument("--dropout", type=float, default=0.0)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._targets import Targets, find_targets, unwrap_model, weight_shape
+from ._targets import Conv1D, Targets, find_targets, unwrap_model, weight_shape
 from .covariance import Covariances, weight_signatures
 
 if TYPE_CHECKING:
@@ -104,21 +104,35 @@ class Collector:
         self._masks: dict[str, torch.Tensor | None] = {}
         self._kept: dict[tuple[str, torch.device], tuple[ops.KeptRows, torch.Tensor]] = {}
         self._seen: dict[tuple[int, int], tuple[weakref.ref, set[int]]] = {}
+        # Flattened (batch·seq, d) tensors that a row-wise module (norm, activation, linear) made from
+        # the batch's tokens in token order, and which masks ("input"/"decoder") describe them.
+        self._token_rows: dict[tuple[int, int], tuple[weakref.ref, frozenset[str]]] = {}
         self._member_log: dict[str, list[tuple[int, int]]] = {}
         self._handles: list = []
 
     # ------------------------------------------------------------------ hooks
     def attach(
-        self, stop_at: nn.Module | None = None, encoder: nn.Module | None = None, model: nn.Module | None = None
+        self,
+        stop_at: nn.Module | None = None,
+        encoder: nn.Module | None = None,
+        model: nn.Module | None = None,
+        row_root: nn.Module | None = None,
     ) -> None:
         """Hook the targets; ``stop_at`` (the output head) ends every forward; ``model``'s other modules
-        are watched during the first batch to find :attr:`stop_module`."""
+        are watched during the first batch to find :attr:`stop_module`. The row-wise modules of ``model``
+        (or of ``row_root``) pass token order on, so that a layer reading a normalized copy of flattened
+        tokens still gets the attention mask."""
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))
         if stop_at is not None:
             self._handles.append(stop_at.register_forward_pre_hook(self._stop_hook))
         if encoder is not None:
             self._handles.append(encoder.register_forward_hook(self._encoder_hook))
+        root = model if model is not None else row_root
+        if root is not None:
+            for m in root.modules():
+                if _row_wise(m):
+                    self._handles.append(m.register_forward_hook(self._rows_hook))
         if model is not None:
             targets = {id(m) for m in self.modules.values()}
             for m in model.modules():
@@ -130,6 +144,22 @@ class Collector:
         if self._after_target:
             self._after_target = False
             self.stop_module = module
+
+    def _rows_hook(self, module, args, out):
+        # Only flattened rows need this: a (batch, seq, ...) input matches the mask by its shape.
+        if not self._masks or not args or not isinstance(out, torch.Tensor):
+            return
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or out.dim() != 2 or out.shape[0] != x.shape[0]:
+            return
+        entry = self._token_rows.get(_input_key(x))
+        which = entry[1] if entry is not None and entry[0]() is x else None
+        if which is None:
+            which = frozenset(k for k, m in self._masks.items() if m is not None and _mask_applies(m, x))
+        if which:
+            key = _input_key(out)
+            ref = weakref.ref(out, lambda _, k=key, rows=self._token_rows: rows.pop(k, None))
+            self._token_rows[key] = (ref, which)
 
     def _stop_module_hook(self, module, args):
         if self._stop_armed:
@@ -209,7 +239,7 @@ class Collector:
         if which == "decoder" and mask is None and self._masks.get("input") is not None:
             self.decoder_unmasked.update(g.names)
         # Asked before any copy to the accumulator's device: a copy of a flattened view has no _base.
-        applies = mask is not None and _mask_applies(mask, x)
+        applies = mask is not None and (_mask_applies(mask, x) or self._in_token_order(which, x, mask))
         if x.device != g.acc.device:
             x = x.to(g.acc.device, non_blocking=_async_copy(g.acc.device))
         kept = n_kept = None
@@ -234,6 +264,12 @@ class Collector:
             g.seqs += nseq
         ops.covariance_update(g.acc, x, kept, scale=scale, backend=self.backend)
         g.count += n_kept if kept is not None else x.shape[:-1].numel()
+
+    def _in_token_order(self, which: str, x: torch.Tensor, mask: torch.Tensor) -> bool:
+        entry = self._token_rows.get(_input_key(x))
+        return (
+            entry is not None and entry[0]() is x and which in entry[1] and x.shape[:-1].numel() == mask.numel()
+        )
 
     def _batch_mask(self, which: str, device: torch.device) -> tuple[ops.KeptRows, torch.Tensor]:
         # Once per batch, mask and device, not once per accumulator: the kernel's list of kept
@@ -273,6 +309,7 @@ class Collector:
         self._encoder_out = None
         self._kept = {}
         self._seen.clear()
+        self._token_rows.clear()
         self._member_log.clear()
         for g in self.groups:
             g.batch_log.clear()
@@ -296,6 +333,7 @@ class Collector:
             if self.stop_module is not None:
                 self._handles.append(self.stop_module.register_forward_pre_hook(self._stop_module_hook))
         self._seen.clear()
+        self._token_rows.clear()
         self._masks = {}
         self._encoder_out = None
         self._kept = {}
@@ -489,6 +527,41 @@ def _mask_applies(mask: torch.Tensor, x: torch.Tensor) -> bool:
     return lead.numel() == mask.numel() and base is not None and tuple(base.shape[: mask.dim()]) == tuple(mask.shape)
 
 
+# Elementwise modules: output row i is a function of input row i alone.
+_ELEMENTWISE = (
+    nn.Identity,
+    nn.Dropout,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.Hardswish,
+    nn.Softplus,
+)
+
+
+def _row_wise(m: nn.Module) -> bool:
+    """Whether ``m`` maps each row of a 2-D input to the same row of its output (so token order
+    survives it): linear layers, norms over the last dim, elementwise activations."""
+    from .layer import CordaLinear
+
+    if isinstance(m, (nn.Linear, CordaLinear, _ELEMENTWISE)) or (Conv1D and isinstance(m, Conv1D)):
+        return True
+    if isinstance(m, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        return len(m.normalized_shape) == 1
+    cls = type(m)
+    # transformers' activations are all elementwise; its RMSNorm/LayerNorm variants (LlamaRMSNorm,
+    # T5LayerNorm, ...) normalize each row over the hidden size.
+    return cls.__module__ == "transformers.activations" or (
+        cls.__module__.startswith("transformers.models.") and cls.__name__.endswith(("RMSNorm", "LayerNorm"))
+    )
+
+
 def _encoder_decoder(model: nn.Module, collector: Collector) -> nn.Module | None:
     """For an encoder-decoder model: mark the targets inside its decoder and return its encoder."""
     model = unwrap_model(model)
@@ -549,7 +622,7 @@ def run_batches(
     n = 0
     tokens = 0
     model.eval()
-    collector.attach(stop_at=stop_at, encoder=encoder, model=model if early_stop else None)
+    collector.attach(stop_at=stop_at, encoder=encoder, model=model if early_stop else None, row_root=model)
     try:
         with torch.no_grad():
             # islice: with max_batches, never pull one batch more than is used (a generator may tokenize).

@@ -103,7 +103,18 @@ def plan(
     by_cov: dict[int, list[str]] = {}
     for name in modules:
         by_cov.setdefault(id(covs[name]), []).append(name)
-    return modules, BuildPlan(per_rank, per_alpha, list(by_cov.values()))
+    groups = list(by_cov.values())
+    # Before any decomposition, and all of them named: a layer no token reached (an MoE expert no token
+    # was routed to) has a zero covariance and nothing to decompose.
+    traces = torch.stack([covs[g[0]].diagonal().sum().double().cpu() for g in groups]).tolist()
+    empty = [n for g, t in zip(groups, traces) if t <= 0 for n in g]  # NaN fails later, named as such
+    if empty:
+        raise ValueError(
+            f"the covariance of {len(empty)} module(s) is zero or has a non-positive trace (no token reached them? "
+            f"e.g. an MoE expert no token was routed to): {empty[:5]}{' ...' if len(empty) > 5 else ''}; leave "
+            "them out (targets=) or collect on more data"
+        )
+    return modules, BuildPlan(per_rank, per_alpha, groups)
 
 
 def decompose_all(
@@ -125,6 +136,7 @@ def decompose_all(
         bar = tqdm(total=len(modules), desc="decomposing", unit="layer", leave=False)
     out = {}
     dead: dict[str, tuple[int, int]] = {}
+    raised: dict[str, float] = {}
     try:
         for group in p.groups:
             first = modules[group[0]]
@@ -138,8 +150,12 @@ def decompose_all(
                     raise ValueError(f"weight of module {name!r} contains NaN or Inf")
                 if w.device != damped.matrix.device:  # device_map split this group: work on the member's device
                     damped = damp_covariance(covs[name].to(w.device), damping, dtype=compute_dtype, name=name)
+                if damped.damping != damping:
+                    raised[name] = damped.damping
                 spec = spectra.get(name) if spectra is not None else None
-                if spec is None:
+                if spec is not None:
+                    _check_spectrum(spec, w, damped, name)
+                else:
                     # Building needs only the adapter's r components, not the whole spectrum.
                     spec = selected_spectrum(w, damped, p.ranks[name], mode, name=name)
                 scaling = p.alphas[name] / p.ranks[name]
@@ -154,6 +170,14 @@ def decompose_all(
     finally:
         if bar is not None:
             bar.close()
+    if raised:
+        first, used = next(iter(raised.items()))
+        warnings.warn(
+            f"the damping of {len(raised)} layer(s) was raised above {damping:g} to make C_d positive definite "
+            f"(e.g. {first!r}: {used:g}); their covariance is (nearly) singular, e.g. from fewer tokens than "
+            "features",
+            stacklevel=3,
+        )
     if dead:
         first, (k, r) = next(iter(dead.items()))
         warnings.warn(
@@ -163,6 +187,19 @@ def decompose_all(
             stacklevel=3,
         )
     return out
+
+
+def _check_spectrum(spec: Spectrum, w: torch.Tensor, damped: DampedCovariance, name: str) -> None:
+    """A spectrum given to the build must be of this weight and this damped covariance."""
+    d_out, d_in = w.shape
+    side = "left" if d_out <= d_in else "right"
+    rows = d_out if side == "left" else d_in
+    if spec.damping != damped.damping or spec.side != side or spec.vectors.shape[0] != rows:
+        raise ValueError(
+            f"spectra[{name!r}] does not belong to this build: it was computed with damping {spec.damping:g} "
+            f"({spec.side} side, {spec.vectors.shape[0]} rows), this build uses damping {damped.damping:g} on a "
+            f"{tuple(w.shape)} weight; pass the same damping, or leave spectra out"
+        )
 
 
 #: σ at or below this fraction of ‖W·C_d‖_F is zero to the float64 Gram solver's accuracy

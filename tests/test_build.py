@@ -123,7 +123,7 @@ def test_bad_inputs_leave_model_untouched():
 
     # A decomposition failure late in the list still leaves nothing half-applied.
     late = dict(covs)
-    late["model.layers.1.mlp.down_proj"] = -torch.eye(96)
+    late["model.layers.1.mlp.down_proj"] = torch.full((96, 96), float("nan"))
     with pytest.raises(ValueError, match="'model.layers.1.mlp.down_proj'"):
         ck.build_corda(model, late, rank=4)
     _assert_untouched(model, state)
@@ -307,3 +307,57 @@ def test_zero_singular_values_in_the_adapter_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ck.build_corda(model, covs, rank=4, mode="ipm")  # the top components are alive: no warning
+
+
+class _Experts(nn.Module):
+    """An MoE layer whose router sends every token to expert 0: experts 1 and 2 run on no row."""
+
+    def __init__(self, d=12):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.experts = nn.ModuleList(nn.Linear(d, d) for _ in range(3))
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.experts[0](h) + sum(e(h[:0]).sum() for e in self.experts[1:])
+
+
+def test_zero_covariances_are_all_named_before_any_decomposition(monkeypatch):
+    torch.manual_seed(0)
+    model = _Experts()
+    covs = ck.collect_cov(model, [torch.randn(20, 12)], progress=False)  # no mask: zero rows is no error here
+    assert covs.token_counts["experts.1"] == 0
+    state = _state(model)
+    import corda_kernels.rewrite as rewrite
+
+    def never(*a, **k):
+        raise AssertionError("decomposed before the check")
+
+    monkeypatch.setattr(rewrite, "selected_spectrum", never)
+    with pytest.raises(ValueError, match=r"2 module\(s\) is zero .*\['experts.1', 'experts.2'\].*targets="):
+        ck.build_corda(model, covs, rank=2)
+    assert not ck.corda_layers(model) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    monkeypatch.undo()
+    ck.build_corda(model, covs, rank=2, targets=["inp", "experts.0"])
+    assert set(ck.corda_layers(model)) == {"inp", "experts.0"}
+
+
+def test_spectra_from_another_damping_are_refused_and_raised_damping_is_warned():
+    from corda_kernels.decompose import compute_spectrum, damp_covariance
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    covs = ck.collect_cov(model, [torch.randn(64, 16)], progress=False)
+    other = compute_spectrum(model[0].weight.detach(), damp_covariance(covs["0"], 1.0))
+    with pytest.raises(ValueError, match=r"spectra\['0'\] .* damping 1 .* damping 0.01"):
+        ck.build_corda(copy.deepcopy(model), covs, rank=2, spectra={"0": other})
+    same = compute_spectrum(model[0].weight.detach(), damp_covariance(covs["0"], 0.01))
+    ck.build_corda(copy.deepcopy(model), covs, rank=2, spectra={"0": same})
+
+    # 4 tokens for 16 features: singular C; from damping 0 it must be raised, and the user told.
+    few = ck.collect_cov(model, [torch.randn(4, 16)], progress=False)
+    with pytest.warns(UserWarning, match=r"damping of 1 layer\(s\) was raised above 0 .*'0': 1e-06"):
+        ck.build_corda(copy.deepcopy(model), few, rank=2, damping=0.0, mode="ipm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck.build_corda(model, few, rank=2, mode="ipm")  # the default damping needs no raise

@@ -144,6 +144,32 @@ def test_cordapp_and_merged_export_in_process(workdir, tmp_path, capsys):
         torch.testing.assert_close(merged(ids).logits, corda(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_cordapp_scoring_options_and_targets_reach_the_api(workdir, tmp_path, capsys):
+    d, covs_path = workdir, tmp_path / "c.safetensors"
+    rc = cli.main(
+        ["collect", str(d / "model"), str(d / "data.txt"), "-o", str(covs_path), "--batch-size", "1"]
+        + ["--candidates", "2", "--sum-over", "adapter", "--rank", "2", "--mode", "ipm", "--pi-from", "wc"]
+        + ["--group-score", "max", "--no-progress"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    rule = json.loads(ck.Covariances.load(covs_path).meta["selection"])
+    assert (rule["sum_over"], rule["rank"], rule["mode"], rule["pi_from"], rule["group_score"]) == (
+        "adapter",
+        2,
+        "ipm",
+        "wc",
+        "max",
+    )
+    # --targets restricts the CorDA++ allocation as it restricts the build.
+    rc = cli.main(
+        ["build", str(d / "model"), str(covs_path), "-o", str(tmp_path / "pp"), "--cordapp", "--budget", "0.5"]
+        + ["--rank", "4", "--targets", "*q_proj", "*v_proj", "--pi-normalize", "none", "--no-progress"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    cfg = json.loads((tmp_path / "pp" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] and all(n.endswith(("q_proj", "v_proj")) for n in cfg["target_modules"])
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -161,6 +187,9 @@ def test_cordapp_and_merged_export_in_process(workdir, tmp_path, capsys):
         (["collect", "{m}", "{t}/missing.txt", "-o", "{d}/data.txt"], "not a corda_kernels covariance file"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}"], "is a directory"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--targets", "re:("], "missing )"),
+        (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--rank", "4"], "--rank: these score CorDA++ candidates"),
+        (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--candidates", "2", "--mode", "ipm"], "--sum-over adapter"),
+        (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--candidates", "2", "--sum-over", "adapter"], "needs --rank"),
     ],
 )
 def test_errors_are_one_clear_line(workdir, tmp_path, capsys, argv, message):

@@ -341,6 +341,51 @@ def test_mask_applies_to_flattened_views_only(image):
         assert rel(peft[name], ref) < 1e-5
 
 
+class _Flip(nn.Module):
+    def forward(self, x):
+        return x.flip(0)
+
+
+class _NormedMLP(nn.Module):
+    """OPT's MLP: flattened tokens, normalized (a new tensor, no longer a view), then fc1 -> act -> fc2.
+    Token order survives the norm, fc1 and the activation module, but not a module that reorders rows,
+    nor a seq-first flattening."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(50, d)
+        self.norm, self.norm_sf = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.fc1, self.fc2, self.act = nn.Linear(d, 12), nn.Linear(12, d), nn.GELU()
+        self.flipped, self.seq_first = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        x = self.norm(h.reshape(-1, h.shape[-1]))
+        self.fc2(self.act(self.fc1(x)))
+        self.flipped(_Flip()(x))
+        self.seq_first(self.norm_sf(h.transpose(0, 1).contiguous().view(-1, h.shape[-1])))
+
+
+def test_token_order_follows_through_row_wise_modules():
+    torch.manual_seed(0)
+    model = _NormedMLP()
+    ids = torch.randint(0, 50, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[2, 1:] = 0
+    with pytest.warns(UserWarning, match=r"\['flipped', 'seq_first'\]"):
+        covs = ck.collect_cov(model, [{"input_ids": ids, "attention_mask": mask}], progress=False, normalize="sum")
+    with torch.no_grad():
+        h = model.emb(ids).double()
+        x = torch.nn.functional.layer_norm(h.reshape(-1, 8), (8,), model.norm.weight.double(), model.norm.bias.double())
+        y = model.act(torch.nn.functional.linear(x, model.fc1.weight.double(), model.fc1.bias.double()))
+        sf = model.norm_sf(h.transpose(0, 1).reshape(-1, 8).float()).double()
+    keep = mask.reshape(-1).bool()
+    for name, rows in (("fc1", x[keep]), ("fc2", y[keep]), ("flipped", x), ("seq_first", sf)):
+        assert covs.token_counts[name] == rows.shape[0], name
+        assert rel(covs[name], rows.T @ rows) < 1e-5, name
+
+
 class _Watch(nn.Module):
     """Llama-free probe: the second linear checks that the first one's input was already freed."""
 

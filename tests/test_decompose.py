@@ -202,3 +202,17 @@ def _check_tf32_is_off_inside(monkeypatch):
     assert {kind for kind, _ in seen} == {"addmm", "matmul"}
     assert not any(tf32 for _, tf32 in seen), seen
     assert tf32_matmul()
+
+
+def test_tall_ipm_layer_on_an_ill_conditioned_covariance():
+    # d_out > d_in and C from 20 tokens at damping 0 (raised to 1e-6): cond(C_d) ~ 1e6. IPM's leading
+    # components must not go through a solve with C_d, which would amplify V's rounding by that much
+    # (it was 19% off). KPM's tail there is limited by the Gram's resolution, whatever the route.
+    torch.manual_seed(0)
+    w = torch.randn(96, 64) / 8
+    x = torch.randn(20, 64)
+    c = x.T @ x / 20
+    dec = ck.context_svd(w, c, 4, "ipm", damping=0.0)
+    assert dec.damping == 1e-6
+    A_ref, B_ref, _ = context_svd_reference(w, c, 4, "ipm", damping=dec.damping)
+    assert rel(dec.B.double() @ dec.A.double(), B_ref @ A_ref) < 1e-6

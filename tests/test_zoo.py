@@ -36,7 +36,7 @@ ARCHS = {
         "FalconConfig",
         dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4),
     ),
-    "opt": (  # flattens, then normalizes, before fc1: counted whole, with a warning (see WHOLE)
+    "opt": (  # flattens, then normalizes, before fc1: token order follows through the norm
         "OPTForCausalLM",
         "OPTConfig",
         dict(
@@ -77,7 +77,7 @@ ARCHS = {
 
 # Layers whose input has batch·seq rows without being a view of the tokens: the mask cannot be trusted
 # there (another order would look the same), so every row counts and a warning names them.
-WHOLE = {"opt": (".fc1", ".fc2"), "qwen2_moe": ("shared_expert.down_proj",)}
+WHOLE = {"qwen2_moe": ("shared_expert.down_proj",)}
 
 
 def _build(arch):
