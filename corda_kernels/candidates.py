@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -246,8 +247,10 @@ def plan_rounds(loader, candidates: int, max_batches: int | None, round_batches:
         if max_batches is not None:
             raise ValueError("pass either max_batches= or round_batches=, not both")
         return [(k + 1) * round_batches for k in range(candidates)]
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1
+    ):
+        raise ValueError(f"max_batches must be an int >= 1, got {max_batches!r}")
     try:
         n = len(loader)
     except TypeError:

@@ -584,7 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="CorDA++ selection score over all singular values (default) or the adapter's r (needs --rank)",
     )
     p.add_argument("--rank", type=_positive, default=None, help="CorDA++ adapter rank (with --sum-over adapter)")
-    p.add_argument("--mode", choices=("kpm", "ipm"), default=None, help="CorDA++ adapter mode (with --sum-over adapter)")
+    p.add_argument(
+        "--mode", choices=("kpm", "ipm"), default=None, help="CorDA++ adapter mode (with --sum-over adapter)"
+    )
     p.add_argument("--group-score", choices=("sum", "max"), default=None, help="CorDA++: how q/k/v-like groups combine")
     p.add_argument("--pi-from", choices=("cov", "wc"), default=None, help="CorDA++ π from C's eigenvalues or W·C's σ")
     p.add_argument("--pi-normalize", choices=("mean", "none"), default=None, help="CorDA++ π normalization")
@@ -606,7 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ipm-score", choices=("captured", "boundary"), default="captured", help="CorDA++ IPM allocation score"
     )
     p.add_argument("--pi-from", choices=("cov", "wc"), default="cov", help="CorDA++ allocation: π from C or W·C")
-    p.add_argument("--pi-normalize", choices=("mean", "none"), default="mean", help="CorDA++ allocation: π normalization")
+    p.add_argument(
+        "--pi-normalize", choices=("mean", "none"), default="mean", help="CorDA++ allocation: π normalization"
+    )
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: each layer's rank)")
     p.add_argument("--damping", type=float, default=0.01)
     p.add_argument("--dropout", type=float, default=0.0)

@@ -11,8 +11,10 @@ by the next layer.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
+import numbers
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
@@ -176,6 +178,11 @@ class Collector:
         self._handles.clear()
         self._watch_handles.clear()
 
+    def encoder_output(self, hidden: torch.Tensor) -> None:
+        """This batch's encoder output, when the batch brings it precomputed (``encoder_outputs``):
+        the cross-attention keys and values that read it take the encoder's mask."""
+        self._encoder_out = _input_key(hidden)
+
     def _stop_hook(self, module, args):
         raise _StopForward
 
@@ -267,9 +274,7 @@ class Collector:
 
     def _in_token_order(self, which: str, x: torch.Tensor, mask: torch.Tensor) -> bool:
         entry = self._token_rows.get(_input_key(x))
-        return (
-            entry is not None and entry[0]() is x and which in entry[1] and x.shape[:-1].numel() == mask.numel()
-        )
+        return entry is not None and entry[0]() is x and which in entry[1] and x.shape[:-1].numel() == mask.numel()
 
     def _batch_mask(self, which: str, device: torch.device) -> tuple[ops.KeptRows, torch.Tensor]:
         # Once per batch, mask and device, not once per accumulator: the kernel's list of kept
@@ -452,34 +457,77 @@ def _async_copy(dst) -> bool:
 
 # ---------------------------------------------------------------------- driving the model
 def _input_device(model: nn.Module) -> torch.device | None:
+    """Where the batches go: the input embedding's device. With accelerate's offload the weights sit on
+    ``meta`` and its hook names the execution device; with none known, batches stay where they are."""
     get = getattr(model, "get_input_embeddings", None)
-    try:
+    emb = None
+    with contextlib.suppress(NotImplementedError, AttributeError):
         emb = get() if callable(get) else None
-        if emb is not None and getattr(emb, "weight", None) is not None:
-            return emb.weight.device
-    except (NotImplementedError, AttributeError):
-        pass
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        dev = emb.weight.device
+    else:
+        p = next(iter(model.parameters()), None)
+        dev = p.device if p is not None else None
+    if dev is not None and dev.type == "meta":
+        hooked = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+        return torch.device(hooked) if hooked is not None else None
+    return dev
 
 
 def _to(obj, device):
+    """``obj`` with its tensors on ``device``, containers keeping their types (a ModelOutput given as
+    ``encoder_outputs`` must stay one); tensors already there are not copied."""
     if device is None:
         return obj
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=_async_copy(device))
+        return obj if obj.device == device else obj.to(device, non_blocking=_async_copy(device))
     if isinstance(obj, Mapping):
-        return {k: _to(v, device) for k, v in obj.items()}
+        items = {k: _to(v, device) for k, v in obj.items()}
+        if type(obj) is not dict:
+            with contextlib.suppress(Exception):  # a mapping whose constructor takes its fields (ModelOutput)
+                return type(obj)(**items)
+        return items
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(_to(v, device) for v in obj))
     if isinstance(obj, (tuple, list)):
         return type(obj)(_to(v, device) for v in obj)
     return obj
 
 
-def _positional_params(model: nn.Module) -> list[str]:
+def _forward_owner(model: nn.Module) -> nn.Module:
+    """The module whose forward signature names the batch's fields: inside torch.compile, DDP,
+    DataParallel and PEFT wrappers, whose own forwards take (*args, **kwargs)."""
+    for _ in range(8):
+        inner = unwrap_model(model)
+        if isinstance(inner, nn.DataParallel):
+            inner = inner.module
+        elif callable(getattr(inner, "get_base_model", None)) and isinstance(
+            getattr(inner, "base_model", None), nn.Module
+        ):
+            inner = inner.get_base_model()
+        if inner is model:
+            break
+        model = inner
+    return model
+
+
+def _forward_params(model: nn.Module) -> tuple[list[str], set[str], bool]:
+    """The forward's positional parameter names (those a tuple batch's elements map to), all its
+    parameter names, and whether it takes *args before any named one."""
     try:
-        return list(inspect.signature(unwrap_model(model).forward).parameters)
+        params = inspect.signature(_forward_owner(model).forward).parameters
     except (TypeError, ValueError):
-        return []
+        return [], set(), False
+    var = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    positional = list(itertools.takewhile(lambda n: params[n].kind not in var, params))
+    star = any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params.values()) and not positional
+    return positional, set(params), star
+
+
+def _once(said: set[str], message: str) -> None:
+    if message not in said:
+        said.add(message)
+        warnings.warn(message, stacklevel=4)
 
 
 def split_batch(batch, params: list[str] | None = None):
@@ -517,8 +565,8 @@ def _mask_applies(mask: torch.Tensor, x: torch.Tensor) -> bool:
     tokens, same order. A mere equal row count is not enough: a vision tower's
     patch rows can match batch·seq by coincidence, and rows of a text-only model
     can too in another order (seq-first, or every token routed to an MoE expert
-    in routing order). OPT's MLP, which reads a normalized copy of flattened
-    tokens, is therefore counted whole, and warned about.
+    in routing order). A normalized copy of flattened tokens (OPT's MLP) is
+    recognized through the row-wise modules that made it (``_rows_hook``).
     """
     lead = x.shape[:-1]
     if lead == mask.shape:
@@ -562,6 +610,13 @@ def _row_wise(m: nn.Module) -> bool:
     )
 
 
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    with contextlib.suppress(NotImplementedError, AttributeError):
+        return get() if callable(get) else None
+    return None
+
+
 def _encoder_decoder(model: nn.Module, collector: Collector) -> nn.Module | None:
     """For an encoder-decoder model: mark the targets inside its decoder and return its encoder."""
     model = unwrap_model(model)
@@ -575,7 +630,7 @@ def _encoder_decoder(model: nn.Module, collector: Collector) -> nn.Module | None
     if not isinstance(encoder, nn.Module) or not isinstance(decoder, nn.Module):
         return None
     inside = {id(m) for m in decoder.modules()}
-    head = getattr(model, "get_output_embeddings", lambda: None)()
+    head = _output_head(model)
     if isinstance(head, nn.Module):  # the head reads decoder states
         inside.add(id(head))
     collector.decoder_names = {name for name, m in collector.modules.items() if id(m) in inside}
@@ -605,9 +660,14 @@ def run_batches(
     The output head (when not a target) always ends the forward; ``early_stop`` also ends it, from
     the second batch on, where the first batch's last target call was followed (see :class:`Collector`)."""
     dev = _input_device(model)
-    params = _positional_params(model)
-    no_cache = "use_cache" in params
-    head = getattr(model, "get_output_embeddings", lambda: None)()
+    params, named, star_args = _forward_params(model)
+    no_cache = "use_cache" in named
+    # A forward that takes use_cache only through **kwargs (LLaVA, PEFT) reads it from its config:
+    # with it on, every layer's keys and values would be kept for nothing until the forward ends.
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    caching = [c for c in configs.values() if getattr(c, "use_cache", None) is True]
+    said: set[str] = set()
+    head = _output_head(model)
     stop_at = head if isinstance(head, nn.Module) and head not in collector.modules.values() else None
     encoder = _encoder_decoder(model, collector)
     states = {m: m.training for m in model.modules()}
@@ -622,6 +682,8 @@ def run_batches(
     n = 0
     tokens = 0
     model.eval()
+    for c in caching:
+        c.use_cache = False
     collector.attach(stop_at=stop_at, encoder=encoder, model=model if early_stop else None, row_root=model)
     try:
         with torch.no_grad():
@@ -629,7 +691,19 @@ def run_batches(
             for batch in loader if max_batches is None else itertools.islice(loader, max_batches):
                 args, kwargs, mask = split_batch(batch, params)
                 if mask is not None and mask.dim() != 2:
-                    mask = None  # 4-D additive masks carry no per-token padding flag we can trust
+                    # A 4-D additive mask carries no per-token padding flag we can trust.
+                    _once(
+                        said,
+                        f"attention_mask is {mask.dim()}-D, not (batch, seq): every position was counted, "
+                        "padding included; give the 2-D padding mask to exclude padding",
+                    )
+                    mask = None
+                if mask is None and star_args and len(args) > 1:
+                    _once(
+                        said,
+                        "the model's forward takes *args, so a tuple batch cannot say which element is the "
+                        "attention_mask: every position was counted; use dict batches",
+                    )
                 args, kwargs = _to(args, dev), _to(kwargs, dev)
                 if no_cache and kwargs is not None and "use_cache" not in kwargs:
                     kwargs["use_cache"] = False
@@ -645,6 +719,9 @@ def run_batches(
                     decoder_mask=dec_mask,
                     early_stop=early_stop and n > 0,
                 )
+                enc = kwargs.get("encoder_outputs") if encoder is not None else None
+                if enc is not None:  # precomputed: the encoder will not run, and its hook cannot see them
+                    collector.encoder_output(enc if isinstance(enc, torch.Tensor) else enc[0])
                 completed = True
                 try:
                     model(*args, **kwargs)
@@ -668,8 +745,12 @@ def run_batches(
                     on_batch(n)
     finally:
         collector.detach()
-        for m, t in states.items():
-            m.training = t
+        for c in caching:
+            c.use_cache = True
+        # train(), not .training =: a module may act on the switch (a LoRA layer merging on eval()).
+        for m, t in states.items():  # parents first: a parent's train() also sets its children
+            if m.training != t:
+                m.train(t)
         if bar is not None:
             bar.close()
     return n
@@ -734,8 +815,10 @@ def collect_cov(
     modules = find_targets(model, targets)
     if not modules:
         raise ValueError("the model has no nn.Linear or Conv1D target to collect covariances for")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1
+    ):
+        raise ValueError(f"max_batches must be an int >= 1, got {max_batches!r}")
     collector = Collector(modules, normalize=normalize, accum_dtype=accum_dtype, device=device, backend=backend)
     from .distributed import Shard
 

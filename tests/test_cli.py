@@ -189,7 +189,10 @@ def test_cordapp_scoring_options_and_targets_reach_the_api(workdir, tmp_path, ca
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--targets", "re:("], "missing )"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--rank", "4"], "--rank: these score CorDA++ candidates"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--candidates", "2", "--mode", "ipm"], "--sum-over adapter"),
-        (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--candidates", "2", "--sum-over", "adapter"], "needs --rank"),
+        (
+            ["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--candidates", "2", "--sum-over", "adapter"],
+            "needs --rank",
+        ),
     ],
 )
 def test_errors_are_one_clear_line(workdir, tmp_path, capsys, argv, message):

@@ -549,11 +549,11 @@ def test_encoder_decoder_decoder_layers_take_the_decoder_mask(make):
 
 
 def test_tuple_batches_find_the_mask_through_a_compiled_model():
-    from corda_kernels.collect import _positional_params, split_batch
+    from corda_kernels.collect import _forward_params, split_batch
 
     model = tiny_llama()
     compiled = torch.compile(model)  # nothing compiles until it is called
-    params = _positional_params(compiled)
+    params = _forward_params(compiled)[0]
     assert params[:2] == ["input_ids", "attention_mask"]
     ids, mask = torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
     assert split_batch((ids, mask), params)[2] is mask
