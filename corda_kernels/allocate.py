@@ -17,10 +17,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ._targets import Targets
+from ._targets import Targets, linear_weight
 from .compactness import IPM_SCORES, PI_FROM, PI_NORMALIZE, RankScorer, ScoreRule, analyse_layers, layer_log_pi
 from .covariance import Covariances
-from .decompose import MODES
+from .decompose import MODES, validate
 from .rewrite import resolve_targets
 
 
@@ -49,9 +49,9 @@ class RankAllocation(dict):
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def allocate_ranks(
@@ -98,11 +98,11 @@ def allocate_ranks(
         raise ValueError(f"pi_normalize must be one of {PI_NORMALIZE}, got {pi_normalize!r}")
     if ipm_score not in IPM_SCORES:
         raise ValueError(f"ipm_score must be one of {IPM_SCORES}, got {ipm_score!r}")
-    _positive_int("min_rank", min_rank)
-    _positive_int("multiple", multiple)
-    _positive_int("rank", rank)
+    min_rank = _positive_int("min_rank", min_rank)
+    multiple = _positive_int("multiple", multiple)
+    rank = _positive_int("rank", rank)
     if max_rank is not None:
-        _positive_int("max_rank", max_rank)
+        max_rank = _positive_int("max_rank", max_rank)
         if max_rank < min_rank:
             raise ValueError(f"max_rank ({max_rank}) must be >= min_rank ({min_rank})")
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
@@ -121,6 +121,10 @@ def allocate_ranks(
         raise ValueError("no target module to allocate ranks to")
     if isinstance(covs, Covariances):
         covs.check_model(modules)
+    for name, module in modules.items():  # a plain dict gets the same named checks as build_corda's
+        if name not in covs:
+            raise ValueError(f"no covariance for module {name!r}")
+        validate(linear_weight(module), covs[name], 1, mode, name=name)
     infos = analyse_layers(
         modules,
         covs,

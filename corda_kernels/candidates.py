@@ -160,7 +160,7 @@ class _Rounds:
         if self.round < len(self.ends) and n == self.ends[self.round]:
             self.close(n)
 
-    def _candidate(self, g) -> tuple[torch.Tensor | None, int, int]:
+    def _candidate(self, g, k: int) -> tuple[torch.Tensor | None, int, int]:
         count, seqs = int(g.count.item()), int(g.seqs.item())
         if count == 0:
             return None, 0, 0
@@ -172,9 +172,11 @@ class _Rounds:
             c /= seqs
         if not torch.isfinite(c).all():
             raise ValueError(
-                f"non-finite activations (NaN/Inf) reached module(s) {g.names} in round {self.round}; check the "
+                f"non-finite activations (NaN/Inf) reached module(s) {g.names} in candidate round {k}; check the "
                 "model's dtype and the calibration data"
             )
+        if not float(c.diagonal().sum()) > 0:
+            return None, 0, 0  # rows that were all zero: no candidate, as if no row had come (plain collection agrees)
         return c, count, seqs
 
     def close(self, n: int) -> None:
@@ -190,11 +192,14 @@ class _Rounds:
             for name in g.names:
                 self.values.setdefault(name, [None] * k)
                 self.module_scores.setdefault(name, [None] * k)
-            c, count, seqs = self._candidate(g)
+            c, count, seqs = self._candidate(g, k)
             if c is None:
                 self._record_missing(gi, g.names)
             else:
-                self._score(gi, g.names, c, count, seqs, k)
+                try:
+                    self._score(gi, g.names, c, count, seqs, k)
+                except ValueError as e:
+                    raise ValueError(f"candidate round {k}: {e}") from e
             g.acc.zero_()
             g.count.zero_()
             g.seqs.zero_()

@@ -677,3 +677,46 @@ def test_cache_sees_writes_through_data():
     ck.build_corda(fresh, covs.to("cpu"), rank=4, mode="ipm")  # .to() drops the cache
     got, ref = ck.corda_layers(model)[name], ck.corda_layers(fresh)[name]
     assert rel(got.lora_B @ got.lora_A, ref.lora_B @ ref.lora_A) < 1e-4
+
+
+def test_an_all_zero_round_is_no_candidate_and_errors_name_the_round():
+    # The 4th batch is all zeros: layer 0 has rows but a zero covariance there. Plain collection
+    # accepts this loader; candidate collection must skip that round for that layer, not abort.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    batches = [torch.randn(4, 8) for _ in range(3)] + [torch.zeros(4, 8)]
+    cands = ck.collect_cov(model, batches, candidates=4, progress=False)
+    assert cands.group_scores[0][3] is None and cands.chosen[0] != 3
+    assert all(s is not None for s in cands.group_scores[0][:3])
+    # A candidate that cannot be decomposed says which round it came from.
+    bad = [torch.randn(4, 8), torch.full((4, 8), float("inf"))]
+    with pytest.raises(ValueError, match="round 1"):
+        ck.collect_cov(nn.Sequential(nn.Linear(8, 8)), bad, candidates=2, progress=False)
+
+
+def test_allocation_checks_plain_dict_covariances_by_name_and_takes_numpy_ints():
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6))
+    good = {"0": torch.eye(8), "1": torch.eye(8)}
+    with pytest.raises(ValueError, match=r"cov of module '1' must be \(8, 8\)"):
+        ck.allocate_ranks(model, {"0": torch.eye(8), "1": torch.eye(7)}, budget=60)
+    with pytest.raises(ValueError, match="no covariance for module '1'"):
+        ck.allocate_ranks(model, {"0": torch.eye(8)}, budget=60, targets=["0", "1"])
+    ranks = ck.allocate_ranks(model, good, budget=np.int64(60), min_rank=np.int64(2), multiple=np.int32(1))
+    assert min(ranks.values()) >= 2 and ranks.used <= 60
+
+
+def test_plot_keeps_blocks_and_experts_apart():
+    from corda_kernels.plot import _block_labels, _split
+
+    # The expert index is not the block: expert 0 of block 1 is not added to expert 0 of block 0.
+    assert _split("model.layers.1.mlp.experts.0.w1") == ("model.layers", "1", "w1[0]")
+    assert _split("model.layers.0.mlp.experts.0.w1") == ("model.layers", "0", "w1[0]")
+    assert _split("decoder.block.0.layer.1.EncDecAttention.q") == ("decoder.block", "0", "q[1]")
+    assert _split("lm_head") == ("", "", "lm_head")
+    # A vision tower's layer 0 and a language model's layer 0 are two blocks.
+    keys = [("model.vision_tower.encoder.layers", "0"), ("model.language_model.layers", "0")]
+    assert _block_labels(keys) == ["vision_tower.encoder.layers.0", "language_model.layers.0"]
+    assert _block_labels([("model.layers", "0"), ("model.layers", "1")]) == ["0", "1"]
