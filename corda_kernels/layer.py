@@ -53,10 +53,14 @@ class CordaLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(rank, in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **kw))
         self.alpha = float(rank if alpha is None else alpha)
-        self.scaling = self.alpha / rank
         self.dropout = float(dropout)
         self.base_type = base_type
         self.mode = mode
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank, derived so that setting ``alpha`` cannot leave it stale."""
+        return self.alpha / self.rank
 
     @classmethod
     def from_linear(
@@ -90,7 +94,9 @@ class CordaLinear(nn.Module):
         dropout: float = 0.0,
         mode: str = "kpm",
     ) -> CordaLinear:
-        """Build from an existing decomposition; bias and device come from ``linear``."""
+        """Build from an existing decomposition: dtype and device are the residual's (A and B must share
+        them), the bias is ``linear``'s, cast to them. The layer holds ``residual`` itself (no copy of a
+        large frozen weight) and copies of A and B, which training will change."""
         rank = A.shape[0]
         d_out, d_in = residual.shape
         if A.dim() != 2 or B.dim() != 2 or rank < 1 or A.shape[1] != d_in or tuple(B.shape) != (d_out, rank):
@@ -98,6 +104,12 @@ class CordaLinear(nn.Module):
                 f"factors do not fit a ({d_out}, {d_in}) weight: A must be (r, {d_in}) and B ({d_out}, r) with "
                 f"r >= 1, got {tuple(A.shape)} and {tuple(B.shape)}"
             )
+        for label, t in (("A", A), ("B", B)):
+            if t.dtype != residual.dtype or t.device != residual.device:
+                raise ValueError(
+                    f"{label} is {t.dtype} on {t.device} but the residual is {residual.dtype} on {residual.device}: "
+                    "give the factors in the residual's dtype and device"
+                )
         layer = cls(
             d_in,
             d_out,
@@ -113,9 +125,9 @@ class CordaLinear(nn.Module):
         with torch.no_grad():
             layer.weight.data = residual.contiguous()
             if linear.bias is not None:
-                layer.bias.data = linear.bias.detach().clone()
-            layer.lora_A.data = A.contiguous()
-            layer.lora_B.data = B.contiguous()
+                layer.bias.copy_(linear.bias.detach())
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
         # A new module starts in training mode; an eval model must not start running adapter dropout.
         return layer.train(linear.training)
 

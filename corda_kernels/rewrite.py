@@ -6,6 +6,7 @@ layer, and only then swaps modules, so an error leaves the model untouched.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -225,11 +226,54 @@ def apply_factors(
         if not torch.isfinite(residual).all():
             raise ValueError(f"the residual weight of module {name!r} overflows {residual.dtype}")
         new[name] = CordaLinear.from_factors(module, residual, A, B, alpha=p.alphas[name], dropout=dropout, mode=mode)
+    _untie_targets(model, modules)
     swap_modules(model, new)
     no_fused_transformer_paths(model)
     for n, param in model.named_parameters():
         param.requires_grad_(n.endswith(".lora_A") or n.endswith(".lora_B"))
     return model
+
+
+def _untie_targets(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+    """A target whose weight is tied to another parameter (an LM head tied to the input embedding) gets
+    its own residual weight; the other keeps W. transformers' ``tie_weights()`` (called by
+    ``resize_token_embeddings``, among others) would tie the residual back to W and silently change
+    the outputs, so the config stops asking for the tie, and the user is told."""
+    targets = {id(m.weight): name for name, m in modules.items()}
+    tied = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owner = targets.get(id(param))
+        if owner is not None and pname.rpartition(".")[0] != owner and not pname.startswith(owner + "."):
+            tied.setdefault(owner, pname)
+    if not tied:
+        return
+    untied = False
+    for m in model.modules():
+        configs = [getattr(m, "config", None)]
+        text = getattr(configs[0], "get_text_config", None)
+        if callable(text):
+            with contextlib.suppress(Exception):
+                configs.append(text())
+        for cfg in configs:
+            if getattr(cfg, "tie_word_embeddings", False) is True:
+                cfg.tie_word_embeddings = False
+                untied = True
+        keys = getattr(m, "all_tied_weights_keys", None)
+        if isinstance(keys, dict):  # transformers 5 keeps the mapping it ties by
+            for k, v in list(keys.items()):
+                if any(k.startswith(t + ".") or v.startswith(t + ".") for t in tied):
+                    del keys[k]
+    owner, other = next(iter(tied.items()))
+    warnings.warn(
+        f"{len(tied)} target(s) shared their weight with another parameter (e.g. {owner!r} with {other!r}: tied "
+        "embeddings); the target now holds its residual and the other keeps W"
+        + (
+            ", and config.tie_word_embeddings was set to False so that tie_weights() cannot re-tie them"
+            if untied
+            else ""
+        ),
+        stacklevel=4,
+    )
 
 
 def _no_fused_fast_path(module, args):

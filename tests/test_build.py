@@ -361,3 +361,37 @@ def test_spectra_from_another_damping_are_refused_and_raised_damping_is_warned()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ck.build_corda(model, few, rank=2, mode="ipm")  # the default damping needs no raise
+
+
+def test_a_tied_output_layer_stays_untied_through_tie_weights(tmp_path):
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    batches = padded_batches(100, n_batches=2)
+    before = _logits(model, batches)
+    covs = ck.collect_cov(model, batches, targets=["lm_head"], progress=False)
+    with pytest.warns(UserWarning, match=r"'lm_head' with 'transformer.wte.weight'.*tie_word_embeddings was set"):
+        ck.build_corda(model, covs, rank=4)
+    assert model.config.tie_word_embeddings is False
+    model.tie_weights()  # also what resize_token_embeddings calls
+    model.resize_token_embeddings(100)
+    for a, b in zip(_logits(model, batches), before):
+        assert rel(a, b) < 1e-5
+    ck.save_pretrained(model, tmp_path / "out")
+    from corda_kernels.export import load_pretrained
+
+    for a, b in zip(_logits(load_pretrained(tmp_path / "out"), batches), before):
+        assert rel(a, b) < 1e-5
+
+
+def test_from_factors_owns_its_adapters_and_checks_their_dtype():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6)
+    dec = ck.context_svd(lin.weight.detach(), torch.eye(8), 2)
+    layer = ck.CordaLinear.from_factors(lin, dec.residual, dec.A, dec.B)
+    with torch.no_grad():
+        layer.lora_A.add_(1.0)
+    assert not torch.equal(layer.lora_A, dec.A)  # an optimizer step must not write into the caller's factors
+    with pytest.raises(ValueError, match="A is torch.float64 on cpu but the residual is torch.float32"):
+        ck.CordaLinear.from_factors(lin, dec.residual, dec.A.double(), dec.B)
+    layer.alpha = 4.0
+    assert layer.scaling == 2.0  # derived, never stale

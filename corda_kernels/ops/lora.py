@@ -660,7 +660,9 @@ def lora_linear(
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
         if t.dtype != x.dtype:
-            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: all operands must share one dtype")
+            raise TypeError(
+                f"{name} is {t.dtype} but x is {x.dtype}: all operands must share one dtype (for fp32 adapters over a 16-bit base, run under torch.autocast)"
+            )
     which = resolve(backend, x, weight, lora_A, lora_B, supported=x.dtype in TRITON_DTYPES)
     if which == "triton" and x.dtype not in TRITON_DTYPES:
         raise TypeError(f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype}: use backend='torch'")
