@@ -46,6 +46,15 @@ class BuildPlan:
 
 def resolve_targets(model: nn.Module, covs: Mapping[str, torch.Tensor], targets: Targets) -> dict[str, nn.Module]:
     """Target modules: those named in ``covs`` by default; every one must exist and be linear-like."""
+    if not isinstance(covs, Mapping):
+        hint = (
+            ": CorDA++ candidates need select_covariances(model, cands) first"
+            if type(covs).__name__ == "CovarianceCandidates"
+            else ""
+        )
+        raise TypeError(
+            f"covs must be the Covariances from collect_cov (a name -> matrix mapping), got {type(covs).__name__}{hint}"
+        )
     if targets is not None:
         return find_targets(model, targets)
     named = dict(model.named_modules())

@@ -720,3 +720,12 @@ def test_plot_keeps_blocks_and_experts_apart():
     keys = [("model.vision_tower.encoder.layers", "0"), ("model.language_model.layers", "0")]
     assert _block_labels(keys) == ["vision_tower.encoder.layers.0", "language_model.layers.0"]
     assert _block_labels([("model.layers", "0"), ("model.layers", "1")]) == ["0", "1"]
+
+
+def test_candidates_passed_where_covariances_belong_get_a_hint():
+    model = nn.Sequential(nn.Linear(8, 8))
+    cands = ck.collect_cov(model, [torch.randn(4, 8)] * 2, candidates=2, progress=False)
+    for call in (lambda: ck.build_corda(model, cands, rank=2), lambda: ck.allocate_ranks(model, cands, budget=0.5)):
+        with pytest.raises(TypeError, match=r"select_covariances\(model, cands\) first"):
+            call()
+    assert not ck.corda_layers(model)
