@@ -252,7 +252,8 @@ def _untie_targets(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
     tied = {}
     for pname, param in model.named_parameters(remove_duplicate=False):
         owner = targets.get(id(param))
-        if owner is not None and pname.rpartition(".")[0] != owner and not pname.startswith(owner + "."):
+        # The same module registered in two slots (self.b = self.a) is swapped in both: not a tie.
+        if owner is not None and model.get_submodule(pname.rpartition(".")[0]) is not modules[owner]:
             tied.setdefault(owner, pname)
     if not tied:
         return

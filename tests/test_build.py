@@ -395,3 +395,26 @@ def test_from_factors_owns_its_adapters_and_checks_their_dtype():
         ck.CordaLinear.from_factors(lin, dec.residual, dec.A.double(), dec.B)
     layer.alpha = 4.0
     assert layer.scaling == 2.0  # derived, never stale
+
+
+class _Alias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a  # one module in two slots: both are swapped, nothing is untied
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_one_module_in_two_slots_is_no_tie():
+    torch.manual_seed(0)
+    model = _Alias()
+    x = torch.randn(16, 8)
+    ref = model(x).detach()
+    covs = ck.collect_cov(model, [x], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck.build_corda(model, covs, rank=2)
+    assert isinstance(model.a, ck.CordaLinear) and model.a is model.b
+    assert rel(model(x).detach(), ref) < 1e-5
