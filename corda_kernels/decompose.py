@@ -8,8 +8,9 @@ VᵣᵀC_d⁻¹ = UᵣᵀW/σᵣ exactly (because Vᵣ = C_dWᵀUᵣ/σᵣ). So 
 eigendecompose the small Gram matrix (W·C_d)(W·C_d)ᵀ in float64 and never
 solve with C_d at all; when d_out > d_in we eigendecompose (W·C_d)ᵀ(W·C_d)
 and get Uᵣ = W·C_d·Vᵣ/σᵣ; IPM's leading components then use the same
-identity, while KPM's tail components solve for VᵣᵀC_d⁻¹ with the Cholesky
-factor of C_d (each route is the more accurate one for its components).
+identity, while KPM's tail components (and IPM's at the rounding floor) solve
+for VᵣᵀC_d⁻¹ with the Cholesky factor of C_d: each route is the more accurate
+one for its components.
 There is no explicit inverse anywhere. Forming the Gram matrix squares the condition
 number, which is why it is formed and decomposed in float64: its absolute
 eigenvalue error (~1e-16·σ_max²) is below what an fp32 SVD achieves on the
@@ -227,15 +228,22 @@ def adapter_factors(
     reference = spectrum.scale or float(spectrum.singular_values.max())
     sig = sig.clamp_min(max(reference, 1e-300) * 1e-12)
     w = weight.double()
-    u = vec if spectrum.side == "left" else (w @ damped.matrix.double() @ vec) / sig
-    if spectrum.side == "right" and mode == "kpm":
-        # Tail components: Uᵣ = W·C_d·Vᵣ/σᵣ divides V's rounding by a small σ, so solving with C_d's
-        # factor is the more accurate route (it errs by cond(C_d) instead; 40 of 40 random cases).
-        a = torch.cholesky_solve(vec, damped.cholesky.double()).T * (sig / scaling).sqrt().unsqueeze(1)
-    else:
-        # VᵣᵀC_d⁻¹ = UᵣᵀW/σᵣ: for the leading components this is exact to rounding, where a solve with C_d
-        # would amplify V's rounding by cond(C_d) (IPM on a 96x64 layer: 19% off, now 3e-8).
+    if spectrum.side == "left":
+        u = vec
         a = (u.T @ w) / (sig * scaling).sqrt().unsqueeze(1)
+    else:
+        u = (w @ damped.matrix.double() @ vec) / sig
+        # VᵣᵀC_d⁻¹ two ways. Solving with C_d's factor amplifies V's rounding by cond(C_d) (IPM on a
+        # 96x64 layer: 19% off); the identity UᵣᵀW/σᵣ divides W·C_d's rounding by σᵣ instead, which is
+        # exact to rounding for IPM's leading components but not for KPM's tail, nor for σ at the
+        # rounding floor of W·C_d (an IPM rank above W's numerical rank), where the solve stays better.
+        solved = torch.cholesky_solve(vec, damped.cholesky.double()).T * (sig / scaling).sqrt().unsqueeze(1)
+        if mode == "ipm":
+            floor = math.sqrt(torch.finfo(damped.matrix.dtype).eps) * float(spectrum.singular_values.max())
+            exact = (u.T @ w) / (sig * scaling).sqrt().unsqueeze(1)
+            a = torch.where((sig >= floor).unsqueeze(1), exact, solved)
+        else:
+            a = solved
     b = u * (sig / scaling).sqrt()
     out = dtype or weight.dtype
     if out != torch.float64:

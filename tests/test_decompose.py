@@ -216,3 +216,17 @@ def test_tall_ipm_layer_on_an_ill_conditioned_covariance():
     assert dec.damping == 1e-6
     A_ref, B_ref, _ = context_svd_reference(w, c, 4, "ipm", damping=dec.damping)
     assert rel(dec.B.double() @ dec.A.double(), B_ref @ A_ref) < 1e-6
+
+
+def test_tall_ipm_rank_above_the_numerical_rank():
+    # A 200x50 weight of rank 40, IPM r=45: five components at W·C_d's rounding floor. They must go
+    # through the solve (the identity would divide rounding by a noise-level σ: A blew up to ~4e3).
+    torch.manual_seed(0)
+    w = torch.randn(200, 50, dtype=torch.float64)
+    w[:, 40:] = 0
+    x = torch.randn(400, 50, dtype=torch.float64)
+    c = x.T @ x / 400
+    A_ref, B_ref, _ = context_svd_reference(w, c, 45, "ipm")
+    dec = ck.context_svd(w.float(), c.float(), 45, "ipm")
+    err = (dec.B.double() @ dec.A.double() - B_ref @ A_ref).norm() / w.norm()
+    assert err < 1e-6 and float(dec.A.abs().max()) < 10
