@@ -494,34 +494,43 @@ def _to(obj, device):
     return obj
 
 
-def _forward_owner(model: nn.Module) -> nn.Module:
-    """The module whose forward signature names the batch's fields: inside torch.compile, DDP,
-    DataParallel and PEFT wrappers, whose own forwards take (*args, **kwargs)."""
-    for _ in range(8):
-        inner = unwrap_model(model)
-        if isinstance(inner, nn.DataParallel):
-            inner = inner.module
-        elif callable(getattr(inner, "get_base_model", None)) and isinstance(
-            getattr(inner, "base_model", None), nn.Module
-        ):
-            inner = inner.get_base_model()
-        if inner is model:
-            break
-        model = inner
+def _unwrap_once(model: nn.Module) -> nn.Module:
+    """One level inside torch.compile, DDP, DataParallel or PEFT (``model`` itself if none)."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    if callable(getattr(model, "get_base_model", None)) and isinstance(getattr(model, "base_model", None), nn.Module):
+        return model.get_base_model()
     return model
 
 
 def _forward_params(model: nn.Module) -> tuple[list[str], set[str], bool]:
-    """The forward's positional parameter names (those a tuple batch's elements map to), all its
-    parameter names, and whether it takes *args before any named one."""
-    try:
-        params = inspect.signature(_forward_owner(model).forward).parameters
-    except (TypeError, ValueError):
-        return [], set(), False
+    """The positional parameter names a tuple batch's elements map to, every parameter name seen, and
+    whether the forward takes only *args.
+
+    The tuple goes to ``model``'s own forward, so its named parameters decide (PEFT's seq2seq forward
+    has its own order); only a forward taking just (*args, **kwargs), as the wrappers' do, defers to
+    the model inside it."""
+    names: set[str] = set()
+    star = False
     var = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    positional = list(itertools.takewhile(lambda n: params[n].kind not in var, params))
-    star = any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params.values()) and not positional
-    return positional, set(params), star
+    for _ in range(8):
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        names.update(params)
+        positional = list(itertools.takewhile(lambda p: p.kind not in var, params.values()))
+        if positional:
+            return [p.name for p in positional], names, False
+        star = any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params.values())
+        inner = _unwrap_once(model)
+        if inner is model:
+            break
+        model = inner
+    return [], names, star
 
 
 def _once(said: set[str], message: str) -> None:
@@ -751,6 +760,8 @@ def run_batches(
         for m, t in states.items():  # parents first: a parent's train() also sets its children
             if m.training != t:
                 m.train(t)
+        for m, t in states.items():  # a child shared by two parents was set by both: the flag as it was
+            m.training = t
         if bar is not None:
             bar.close()
     return n

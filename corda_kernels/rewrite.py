@@ -257,8 +257,17 @@ def _untie_targets(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
             tied.setdefault(owner, pname)
     if not tied:
         return
+    embeddings = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        with contextlib.suppress(Exception):
+            emb = getattr(model, getter)()
+            if emb is not None and getattr(emb, "weight", None) is not None:
+                embeddings.add(id(emb.weight))
+    # Only a tie to the word embeddings is the config's to make again; other shared weights (an
+    # encoder-decoder tie between two targets) just stop being shared.
+    word = {owner for owner in tied if id(modules[owner].weight) in embeddings}
     untied = False
-    for m in model.modules():
+    for m in model.modules() if word else ():
         configs = [getattr(m, "config", None)]
         text = getattr(configs[0], "get_text_config", None)
         if callable(text):
@@ -271,14 +280,14 @@ def _untie_targets(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
         keys = getattr(m, "all_tied_weights_keys", None)
         if isinstance(keys, dict):  # transformers 5 keeps the mapping it ties by
             for k, v in list(keys.items()):
-                if any(k.startswith(t + ".") or v.startswith(t + ".") for t in tied):
+                if any(k.startswith(t + ".") or v.startswith(t + ".") for t in word):
                     del keys[k]
     owner, other = next(iter(tied.items()))
     warnings.warn(
-        f"{len(tied)} target(s) shared their weight with another parameter (e.g. {owner!r} with {other!r}: tied "
-        "embeddings); the target now holds its residual and the other keeps W"
+        f"{len(tied)} target(s) shared their weight with another parameter (e.g. {owner!r} with {other!r}); "
+        "each target now holds its own residual, and the weights are no longer shared"
         + (
-            ", and config.tie_word_embeddings was set to False so that tie_weights() cannot re-tie them"
+            "; config.tie_word_embeddings was set to False so that tie_weights() cannot re-tie the embeddings"
             if untied
             else ""
         ),

@@ -1,4 +1,5 @@
 import copy
+import types
 import re
 import warnings
 
@@ -418,3 +419,35 @@ def test_one_module_in_two_slots_is_no_tie():
         ck.build_corda(model, covs, rank=2)
     assert isinstance(model.a, ck.CordaLinear) and model.a is model.b
     assert rel(model(x).detach(), ref) < 1e-5
+
+
+class _SharedNotEmbedding(nn.Module):
+    """Two targets share one Parameter (an encoder-decoder tie); the word-embedding tie is not a target."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(tie_word_embeddings=True)
+        self.emb = nn.Embedding(10, 16)
+        self.enc, self.dec = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.dec.weight = self.enc.weight
+        self.head = nn.Linear(16, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, ids):
+        return self.head(self.dec(self.enc(self.emb(ids))))
+
+
+def test_a_shared_weight_that_is_no_embedding_tie_leaves_the_config_alone():
+    torch.manual_seed(0)
+    model = _SharedNotEmbedding()
+    ids = torch.randint(0, 10, (4, 8))
+    ref = model(ids).detach()
+    covs = ck.collect_cov(model, [ids], targets=["enc", "dec"], progress=False)
+    with pytest.warns(UserWarning, match="no longer shared") as caught:
+        ck.build_corda(model, covs, rank=4)
+    assert "tie_word_embeddings" not in str(caught[0].message)
+    assert model.config.tie_word_embeddings is True and model.head.weight is model.emb.weight
+    assert rel(model(ids).detach(), ref) < 1e-5

@@ -193,3 +193,34 @@ def test_modes_are_restored_through_train_and_a_headless_model_collects():
 def test_max_batches_must_be_an_int(bad):
     with pytest.raises(ValueError, match="max_batches must be an int"):
         ck.collect_cov(tiny_llama(), padded_batches(128, n_batches=1), progress=False, max_batches=bad)
+
+
+def test_a_tuple_batch_follows_the_outer_forward_when_it_names_its_parameters():
+    # PEFT's seq2seq forward has its own order (inputs_embeds before decoder_input_ids): the tuple goes
+    # to that forward, so its positions decide, not T5's.
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_t5(), LoraConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
+    b = _seq2seq_batches(64, n=1)[0]
+    names = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+    tup = (b["input_ids"], b["attention_mask"], None, b["decoder_input_ids"], b["decoder_attention_mask"])
+    decoder = lambda n, m: ".decoder." in n and "lora" not in n and "lm_head" not in n  # noqa: E731
+    ref = ck.collect_cov(model, [{k: b[k] for k in names}], progress=False, targets=decoder)
+    _assert_same(ck.collect_cov(model, [tup], progress=False, targets=decoder), ref)
+
+
+def test_a_submodule_shared_by_two_parents_gets_its_own_mode_back():
+    class Run(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Sequential(nn.Dropout(0.1), nn.Linear(4, 4)), nn.Sequential(nn.Linear(4, 4))
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    run = Run().eval()
+    run.b.train()
+    run.b.append(run.a[0])  # the dropout stays off; its second parent b is in training mode
+    before = {n: m.training for n, m in run.named_modules(remove_duplicate=False)}
+    ck.collect_cov(run, [torch.randn(5, 4)], progress=False)
+    assert {n: m.training for n, m in run.named_modules(remove_duplicate=False)} == before
