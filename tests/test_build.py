@@ -1,6 +1,6 @@
 import copy
-import types
 import re
+import types
 import warnings
 
 import pytest
