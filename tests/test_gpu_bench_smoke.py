@@ -48,7 +48,7 @@ def gpu_bench(monkeypatch):
 
 def tiny_args():
     return argparse.Namespace(
-        iters=1, cov_dims=[40], cov_rows=[33], lora_m=40, lora_d=48, lora_ranks=[3, 16],
+        iters=1, cov_dims=[40], cov_rows=[33], peak_n=64, lora_m=40, lora_d=48, lora_ranks=[3, 16],
         hidden=128, intermediate=344, layers=2, seqs=4, seq=16, batch=2, repeats=1,
     )  # fmt: skip
 
@@ -132,3 +132,15 @@ def test_autotune_picks_are_reported(gpu_bench, monkeypatch):
     row = next(line for line in text.splitlines() if line.startswith("| adapter GEMM"))
     assert "M_BUCKET=8192" in row and "BLOCK_RANK=16" in row and "stride_wk=1" in row
     assert "BLOCK_M=128, BLOCK_N=256, BLOCK_K=64" in row and "warps=8, stages=3" in row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_refuses_to_pass_without_cuda(tmp_path):
+    # Without this, every test would pass through the interpreter and the one device run read as green.
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.sh")
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
+    done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "FATAL: torch sees no CUDA device" in done.stdout
+    assert not (tmp_path / "gpu_pytest.log").exists()
