@@ -342,3 +342,35 @@ def test_every_row_dropped_leaves_acc_unchanged(backend, dtype):
     x[0, 3] = float("nan")  # a dropped row's contents never matter
     ops.covariance_update(acc, x, torch.zeros(2, 30, dtype=torch.bool, device=DEV), backend=backend)
     assert torch.equal(acc, before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_x_that_requires_grad_builds_no_graph(backend):
+    acc = torch.zeros(9, 9, device=DEV)
+    for _ in range(2):
+        x = torch.randn(13, 9, device=DEV, requires_grad=True)
+        ops.covariance_update(acc, x, backend=backend)
+    assert not acc.requires_grad and acc.grad_fn is None
+
+
+def test_a_mask_of_another_shape_is_refused():
+    x = torch.randn(2, 3, 5, device=DEV)
+    acc = torch.zeros(5, 5, device=DEV)
+    with pytest.raises(ValueError, match=r"mask has shape \(3, 2\) but x's leading dims are \(2, 3\)"):
+        ops.covariance_update(acc, x, torch.ones(3, 2, dtype=torch.bool, device=DEV), backend="torch")
+    flat = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=DEV)  # flat, in row order: fine
+    ops.covariance_update(acc, x, flat, backend="torch")
+    kept = x.reshape(6, 5)[flat].double()
+    assert torch.allclose(ops.covariance_result(acc).double(), kept.T @ kept, atol=1e-5)
+
+
+def test_fp16_with_a_large_scale_stays_finite_under_auto(monkeypatch):
+    # s·x beyond fp16's range: the kernel would round it to inf; "auto" (even with the env asking for
+    # the kernels) keeps fp16 with a scale on the fp32 torch path.
+    monkeypatch.setenv("CORDA_KERNELS_BACKEND", "triton")
+    x = torch.full((4, 6), 200.0, device=DEV).half()
+    s = torch.full((4,), 400.0, device=DEV)
+    acc = torch.zeros(6, 6, device=DEV)
+    ops.covariance_update(acc, x, scale=s)
+    ref = (x.double() * s.double()[:, None]).T @ (x.double() * s.double()[:, None])
+    assert rel_err(acc, ref) < 1e-6

@@ -397,3 +397,53 @@ def test_output_may_be_modified_in_place(backend, lead, p):
         grads.append([t.grad for t in leaves])
     for got, ref in zip(*grads):
         assert rel(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_a_bias_that_is_not_contiguous(backend, layout):
+    # The kernel reads the bias with unit stride: a strided or stride-0 bias must be made contiguous
+    # first (it read every other element, or past the end of a one-element allocation).
+    x, W, _, A, B = make(50, 29, 31, 3, torch.float32)
+    b = torch.randn(58, device=DEV)[::2] if layout == "strided" else torch.randn(1, device=DEV).expand(29)
+    y = ops.lora_linear(x, W, b, A, B, 1.5, backend=backend)
+    assert rel(y, lora_linear_reference(x, W, b, A, B, 1.5)) < TOL[torch.float32]
+
+
+def test_env_triton_leaves_an_explicit_torch_and_unsupported_dtypes_alone(monkeypatch):
+    monkeypatch.setenv("CORDA_KERNELS_BACKEND", "triton")
+    x, W, b, A, B = make(20, 9, 11, 2, torch.float64)
+    assert rel(ops.lora_linear(x, W, b, A, B, 1.0), lora_linear_reference(x, W, b, A, B, 1.0)) < 1e-12  # auto
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, W, b, A, B = (t.float() for t in (x, W, b, A, B))
+    if not CUDA:  # on CPU tensors, only an explicit backend="torch" can run without the interpreter
+        assert (
+            rel(ops.lora_linear(x, W, b, A, B, 1.0, backend="torch"), lora_linear_reference(x, W, b, A, B, 1.0)) < 1e-5
+        )
+    acc = torch.zeros(11, 11, device=DEV)
+    ops.covariance_update(acc, x, backend="torch")
+    assert rel(ops.covariance_result(acc), x.double().T @ x.double()) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M,N,K", [(6, 5, 0), (6, 0, 4), (0, 5, 4)])
+def test_zero_sized_dimensions(backend, M, N, K):
+    x, W, b, A, B = make(M, N, K, 2, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, A, B)]
+    y = ops.lora_linear(x, W, b, A, B, 1.0, backend=backend)
+    ref = torch.nn.functional.linear(x.detach(), W, b) + (x.detach() @ A.detach().T) @ B.detach().T
+    assert y.shape == (M, N) and torch.allclose(y, ref)
+    y.sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in leaves)
+
+
+def test_backward_saves_only_what_the_asked_gradients_read():
+    x, W, b, A, B = make(40, 24, 28, 3, torch.float32)
+    A.requires_grad_()  # only dA: the mask (for dx) and s (for dB) are not needed
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = ops.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.3, backend="torch")
+    assert not any(t.dtype == torch.bool for t in saved)  # the dropout mask
+    assert not any(tuple(t.shape) == (40, 3) for t in saved)  # s = x·Aᵀ
+    y.sum().backward()
+    assert A.grad is not None

@@ -32,7 +32,9 @@ def resolve(backend: str, *tensors: torch.Tensor, supported: bool = True) -> str
     picks Triton when it holds and every tensor lives on a CUDA device.
 
     ``CORDA_KERNELS_BACKEND=torch`` wins over everything, so a user can rule out
-    the kernels when chasing a numerical difference.
+    the kernels when chasing a numerical difference; ``=triton`` makes "auto" pick
+    the kernels wherever they support the dtype (on CPU tensors only under
+    ``TRITON_INTERPRET=1``), and leaves an explicit ``backend="torch"`` alone.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -42,7 +44,9 @@ def resolve(backend: str, *tensors: torch.Tensor, supported: bool = True) -> str
             raise ValueError(f"{_ENV} must be one of {BACKENDS}, got {forced!r}")
         if forced == "torch":
             return "torch"
-        if forced == "triton":
+        if forced == "triton" and backend == "auto" and supported:
+            # Upgrades "auto" only: an explicit backend="torch", or a dtype the kernels do not take,
+            # stays on torch.
             backend = "triton"
     if backend == "torch":
         return "torch"

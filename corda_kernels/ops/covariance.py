@@ -300,8 +300,13 @@ def row_weights(x: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor 
             mask = mask.mask
     if mask is not None and keep is None:
         if mask.shape != lead:
-            if mask.numel() != lead.numel():
-                raise ValueError(f"mask has shape {tuple(mask.shape)} but x's leading dims are {tuple(lead)}")
+            # Flat (one entry per row, in x's row order) is fine; another shape of the same size, such as
+            # (seq, batch) for a (batch, seq, d) x, would silently drop the wrong rows.
+            if mask.dim() != 1 or mask.numel() != lead.numel():
+                raise ValueError(
+                    f"mask has shape {tuple(mask.shape)} but x's leading dims are {tuple(lead)}: give a mask of "
+                    f"that shape, or a flat one of {lead.numel()} entries"
+                )
             mask = mask.reshape(lead)
         keep = mask.reshape(-1).to(device=x.device) != 0
     s = None
@@ -416,16 +421,23 @@ def covariance_update(acc: torch.Tensor, x: torch.Tensor, mask=None, *, scale=No
 
     ``x`` is (..., d) in fp32/fp16/bf16 (fp64 on the torch path) with any strides; ``mask`` (bool or 0/1
     over x's leading dims, or a :class:`KeptRows` built once for several updates) drops rows;
-    ``scale`` is a per-row or per-sequence weight applied to x.
+    ``scale`` is a per-row or per-sequence weight applied to x (fp16 x with a scale stays on the torch
+    path under "auto": the kernel's fp16 rounding of s·x could overflow).
     Read the full matrix with :func:`covariance_result`.
     """
     _check(acc, x)
-    which = resolve(backend, acc, x, supported=x.dtype in TRITON_X_DTYPES)
+    # fp16 with a scale: the kernel rounds s·x back to fp16, which overflows past 65504 (normalize="peft"
+    # on a sequence whose |min| dwarfs its signed max). "auto" keeps that case on the fp32 torch path.
+    fp16_scaled = x.dtype == torch.float16 and scale is not None
+    which = resolve(backend, acc, x, supported=x.dtype in TRITON_X_DTYPES and not fp16_scaled)
     if which == "triton" and x.dtype not in TRITON_X_DTYPES:
         raise TypeError(f"the Triton kernel takes float32, float16 or bfloat16 x, got {x.dtype}: use backend='torch'")
-    if which == "triton":
-        return covariance_update_triton(acc, x, mask, scale)
-    return covariance_update_torch(acc, x, mask, scale)
+    # A statistic, not a differentiable op: an x that requires grad must not chain every update into
+    # one autograd graph (keeping every x alive), on either path.
+    with torch.no_grad():
+        if which == "triton":
+            return covariance_update_triton(acc, x, mask, scale)
+        return covariance_update_torch(acc, x, mask, scale)
 
 
 def covariance_result(acc: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:

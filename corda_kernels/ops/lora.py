@@ -362,7 +362,7 @@ def lora_backward_torch(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
     """Returns (dx, dW, db, dA, dB); entries not asked for by ``needs`` are None."""
     need_x, need_w, need_b, need_a, need_bb = needs
     wide = _wide(dy2)
-    ds = (dy2 @ B).to(wide).mul_(scaling)  # (M, r)
+    ds = (dy2 @ B).to(wide).mul_(scaling) if need_x or need_a else None  # (M, r)
     dx = dW = db = dA = dB = None
     if need_x:
         dx = dy2 @ weight
@@ -598,8 +598,18 @@ class LoraLinearFunction(torch.autograd.Function):
             xd2 = x2 * keep.to(x2.dtype) / (1.0 - dropout_p)
         fwd = lora_forward_triton if which == "triton" else lora_forward_torch
         y2, s = fwd(x2, weight, bias, A, B, scaling, xd2)
-        # x itself is only needed for dW (when W is trainable); otherwise xd2 is enough.
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, xd2, keep, s, weight, A, B)
+        # Only what the asked-for gradients read: x for dW, the dropped-out x for dA, the mask for dx,
+        # s for dB (weight, A and B are the parameters themselves, no copies).
+        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+        ctx.save_for_backward(
+            x2 if need_w else None,
+            xd2 if need_a else None,
+            keep if need_x else None,
+            s if need_b else None,
+            weight,
+            A,
+            B,
+        )
         ctx.scaling, ctx.p, ctx.which = scaling, dropout_p, which
         return y2
 
@@ -607,7 +617,7 @@ class LoraLinearFunction(torch.autograd.Function):
     @once_differentiable  # s = x·Aᵀ is saved detached: a second derivative would be silently wrong
     def backward(ctx, dy):
         x2, xd2, keep, s, weight, A, B = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = dy  # the Function's output is 2-D
         if not dy2.is_contiguous():
             dy2 = dy2.contiguous()
         needs = ctx.needs_input_grad[:5]
@@ -663,14 +673,17 @@ def lora_linear(
             raise TypeError(
                 f"{name} is {t.dtype} but x is {x.dtype}: all operands must share one dtype (for fp32 adapters over a 16-bit base, run under torch.autocast)"
             )
-    which = resolve(backend, x, weight, lora_A, lora_B, supported=x.dtype in TRITON_DTYPES)
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()  # the kernel reads it with unit stride
+    tensors = (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())
+    which = resolve(backend, *tensors, supported=x.dtype in TRITON_DTYPES)
     if which == "triton" and x.dtype not in TRITON_DTYPES:
         raise TypeError(f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype}: use backend='torch'")
     # The Function sees 2-D operands and returns a fresh tensor; the reshapes stay outside it, as
     # ordinary autograd views. A view returned from inside a Function may not be modified in place,
     # and models do that to linear outputs (Falcon's attention adds to them).
     y2 = LoraLinearFunction.apply(
-        x.reshape(-1, K), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), which
+        x.reshape(x.shape[:-1].numel(), K), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), which
     )
     return y2.reshape(*x.shape[:-1], N)
 
