@@ -312,6 +312,14 @@ def collect_candidates(
     modules = find_targets(model, targets)
     if not modules:
         raise ValueError("the model has no nn.Linear or Conv1D target to collect covariances for")
+    if rule.sum_over == "adapter":  # a rank no layer can have would score every layer as sum_over="all", silently
+        for name, module in modules.items():
+            width = min(weight_shape(module))
+            if rule.rank > width:
+                raise ValueError(
+                    f"rank {rule.rank} (sum_over='adapter') exceeds min(d_out, d_in) = {width} of module {name!r}: "
+                    "give the rank the build will use, or leave that module out (targets=)"
+                )
     collector = Collector(modules, normalize=normalize, accum_dtype=accum_dtype, device=device, backend=backend)
     rounds = _Rounds(collector, rule, damping, compute_dtype, keep_spectra, ends)
     n = run_batches(

@@ -335,8 +335,11 @@ def cmd_collect(args) -> int:
             covs = ck.collect_cov(model, loader, **kw)
     if rank == 0:
         covs.save(args.output)
+    counts = sorted(set(covs.token_counts.values()))
+    # CorDA++ keeps one round per group, so groups hold different token counts.
+    tokens = f"{counts[0]} tokens" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} tokens per group"
     _log(
-        f"collected {len(covs)} layers in {len(covs.groups)} groups from {covs.tokens} tokens "
+        f"collected {len(covs)} layers in {len(covs.groups)} groups from {tokens} "
         f"({len(batches)} batches) in {time.perf_counter() - t0:.1f}s -> {args.output}",
         rank,
     )
@@ -364,6 +367,13 @@ def _check_covariance_output(path: str) -> None:
             f"-o {path!r} exists and is not a corda_kernels covariance file: refusing to replace it "
             "(remove it or choose another name)"
         )
+
+
+def _check_out_dir(check, path: str) -> None:
+    try:
+        check(path)
+    except FileExistsError as e:
+        raise CliError(f"-o: {e}") from None
 
 
 def _check_report_path(path: str | None) -> None:
@@ -405,7 +415,9 @@ def cmd_build(args) -> int:
     if not os.path.isfile(args.covariances):
         raise CliError(f"covariances file {args.covariances!r} does not exist")
     _check_report_path(args.report)
-    from .export import check_not_source
+    from .export import check_not_source, check_out_dir
+
+    _check_out_dir(check_out_dir, args.output)  # before loading and decomposing, not at save time
 
     # -o replaces an earlier export wholesale: it must not hold this run's own inputs.
     for what, src in (("covariances file", args.covariances), ("--tokenizer", args.tokenizer)):
@@ -488,10 +500,11 @@ def cmd_build(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import atomic_dir, check_not_source, load_pretrained, to_lora
+    from .export import atomic_dir, check_not_source, check_out_dir, load_pretrained, to_lora
     from .rewrite import merge_corda
 
     _local_dir(args.source, "source")
+    _check_out_dir(check_out_dir, args.output)
     # An earlier export at --output is replaced, and the source is one: `export SRC -o SRC` would delete it.
     check_not_source(args.output, args.source)
     if args.base and not args.merged:  # nor may -o replace the original model the LoRA is meant for
@@ -628,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="the original model directory: write a rank-2r PEFT LoRA for it")
     p.add_argument("--merged", action="store_true", help="write one merged transformers model instead")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no loading or saving bars")
 
     p = sub.add_parser("demo", help="the README's end-to-end demo (options: corda-kernels demo --help)", add_help=False)
     p = sub.add_parser("bench", help="run the benchmarks in bench/ (extra arguments go to the scripts)")

@@ -36,7 +36,7 @@ from torch import nn
 from ._io import current_umask
 from ._targets import Conv1D, get_submodule_parent, linear_weight, swap_modules, unwrap_model
 from .layer import CordaLinear
-from .rewrite import corda_layers, no_fused_transformer_paths
+from .rewrite import _untie_targets, corda_layers, no_fused_transformer_paths
 
 EXPORT_FORMAT = "corda_kernels.export/1"
 #: Written last into every export directory; an existing directory is only ever replaced if it holds this file.
@@ -48,6 +48,20 @@ PEFT_PREFIX = "base_model.model."
 
 
 # ---------------------------------------------------------------------- atomic directories
+def check_out_dir(path: str | os.PathLike, *, replace: bool = True) -> None:
+    """Raise ``FileExistsError`` unless ``path`` is absent, empty, or (with ``replace``) an earlier export.
+    :func:`atomic_dir` checks this itself; the CLI asks first, before any long work."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise FileExistsError(f"out_dir {path!r} exists and is not a directory")
+        if os.listdir(path) and not (replace and os.path.exists(os.path.join(path, MARKER))):
+            raise FileExistsError(
+                f"out_dir {path!r} exists and is not an earlier corda_kernels export (no {MARKER}): "
+                "refusing to replace it; remove it or choose another directory"
+            )
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[str]:
     """Yield a fresh hidden temporary directory next to ``path``; rename it to ``path`` on success.
@@ -58,14 +72,7 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[str
     """
     path = os.path.abspath(os.fspath(path))
     parent, base = os.path.split(path)
-    if os.path.lexists(path):
-        if not os.path.isdir(path):
-            raise FileExistsError(f"out_dir {path!r} exists and is not a directory")
-        if os.listdir(path) and not (replace and os.path.exists(os.path.join(path, MARKER))):
-            raise FileExistsError(
-                f"out_dir {path!r} exists and is not an earlier corda_kernels export (no {MARKER}): "
-                "refusing to replace it; remove it or choose another directory"
-            )
+    check_out_dir(path, replace=replace)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
     try:
@@ -446,6 +453,11 @@ def _swap_in(model: nn.Module, name: str, base: nn.Module, A, B, *, alpha: float
     if not isinstance(base, (nn.Linear, Conv1D)):
         raise TypeError(f"module {name!r}: a LoRA on a {type(base).__name__} cannot become a CordaLinear")
     w = linear_weight(base).detach()
+    # A tied head (PEFT's LoRA on lm_head over tied embeddings) stops being tied, as build_corda does:
+    # else tie_weights() after a merge would put the embedding back over the merged head. Its weight
+    # becomes its own copy: storage shared with the embedding would be saved once, as a tie.
+    if _untie_targets(model, {name: base}):
+        w = w.clone()
     # PEFT keeps adapters in fp32 over a 16-bit base (autocast_adapter_dtype); a CordaLinear holds one dtype.
     A, B = A.detach().to(w.dtype), B.detach().to(w.dtype)
     layer = CordaLinear.from_factors(base, w, A, B, alpha=alpha, dropout=dropout, mode=mode)

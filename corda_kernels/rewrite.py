@@ -192,7 +192,8 @@ def decompose_all(
         first, (k, r) = next(iter(dead.items()))
         warnings.warn(
             f"{sum(k for k, _ in dead.values())} adapter component(s) in {len(dead)} layer(s) (e.g. {first!r}: "
-            f"{k} of {r}) have a singular value of W·C of zero (W is rank-deficient there): they start with "
+            f"{k} of {r}) have a singular value of W·C_d of zero to the solver's accuracy (at most 1e-7 of its "
+            "norm: W or C is (nearly) rank-deficient there): they start with "
             "B ≈ 0 and will hardly train; give those layers a smaller rank, or use mode='ipm'",
             stacklevel=3,
         )
@@ -243,11 +244,11 @@ def apply_factors(
     return model
 
 
-def _untie_targets(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+def _untie_targets(model: nn.Module, modules: Mapping[str, nn.Module]) -> set[str]:
     """A target whose weight is tied to another parameter (an LM head tied to the input embedding) gets
     its own residual weight; the other keeps W. transformers' ``tie_weights()`` (called by
     ``resize_token_embeddings``, among others) would tie the residual back to W and silently change
-    the outputs, so the config stops asking for the tie, and the user is told."""
+    the outputs, so the config stops asking for the tie, and the user is told. Returns the tied targets."""
     targets = {id(m.weight): name for name, m in modules.items()}
     tied = {}
     for pname, param in model.named_parameters(remove_duplicate=False):
@@ -256,7 +257,7 @@ def _untie_targets(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
         if owner is not None and model.get_submodule(pname.rpartition(".")[0]) is not modules[owner]:
             tied.setdefault(owner, pname)
     if not tied:
-        return
+        return set()
     embeddings = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         with contextlib.suppress(Exception):
@@ -293,6 +294,7 @@ def _untie_targets(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
         ),
         stacklevel=4,
     )
+    return set(tied)
 
 
 def _no_fused_fast_path(module, args):

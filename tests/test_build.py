@@ -303,7 +303,7 @@ def test_zero_singular_values_in_the_adapter_are_warned_about():
     with torch.no_grad():
         model[1].weight[8:] = 0
     covs = ck.collect_cov(model, [torch.randn(64, 16)], progress=False)
-    with pytest.warns(UserWarning, match=r"'1': 4 of 4\) have a singular value of W·C of zero"):
+    with pytest.warns(UserWarning, match=r"'1': 4 of 4\) have a singular value of W·C_d of zero"):
         ck.build_corda(copy.deepcopy(model), covs, rank=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

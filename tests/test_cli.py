@@ -188,6 +188,8 @@ def test_cordapp_scoring_options_and_targets_reach_the_api(workdir, tmp_path, ca
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}"], "is a directory"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--targets", "re:("], "missing )"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--rank", "4"], "--rank: these score CorDA++ candidates"),
+        (["build", "{m}", "{t}/c.safetensors", "-o", "{t}/keep"], "is not an earlier corda_kernels export"),
+        (["export", "{m}", "-o", "{t}/keep", "--no-progress"], "is not an earlier corda_kernels export"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--candidates", "2", "--mode", "ipm"], "--sum-over adapter"),
         (
             ["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--candidates", "2", "--sum-over", "adapter"],
@@ -197,6 +199,9 @@ def test_cordapp_scoring_options_and_targets_reach_the_api(workdir, tmp_path, ca
 )
 def test_errors_are_one_clear_line(workdir, tmp_path, capsys, argv, message):
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.txt").write_text("mine")
+    (tmp_path / "c.safetensors").write_bytes(b"")  # build's -o check comes before reading it
     torch.save({"input_ids": torch.tensor([[3, 5, 1000]])}, tmp_path / "oov.pt")
     torch.save({"input_ids": torch.tensor([[3, 5, 7]]), "attention_mask": torch.zeros(1, 3)}, tmp_path / "masked.pt")
     torch.save({"input_ids": torch.tensor([[3, 5, 7]]), "attention_mask": torch.ones(1, 2)}, tmp_path / "halfmask.pt")

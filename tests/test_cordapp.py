@@ -729,3 +729,9 @@ def test_candidates_passed_where_covariances_belong_get_a_hint():
         with pytest.raises(TypeError, match=r"select_covariances\(model, cands\) first"):
             call()
     assert not ck.corda_layers(model)
+
+
+def test_an_adapter_rank_wider_than_a_layer_is_refused_before_collecting():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"rank 6 \(sum_over='adapter'\) exceeds min\(d_out, d_in\) = 4 of module '1'"):
+        ck.collect_cov(model, [torch.randn(4, 8)] * 2, candidates=2, sum_over="adapter", rank=6, progress=False)

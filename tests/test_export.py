@@ -324,3 +324,23 @@ def test_exports_of_a_wrapped_model_use_the_inner_names(tmp_path, wrap):
     torch.testing.assert_close(_logits(back, batches[0]), want, rtol=1e-6, atol=1e-6)
     got = _logits(PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora").eval(), batches[0])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_from_peft_of_a_tied_head_unties_it_and_every_route_keeps_the_outputs(tmp_path):
+    # PEFT's LoRA on lm_head over tied embeddings: the head gets its own weight and the config drops the
+    # tie, so that save/reload (the residual must hold lm_head) and merge + tie_weights() keep the outputs.
+    batch = padded_batches(100, n_batches=1)[0]
+    pm = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        ref = pm.eval()(**batch).logits
+    with pytest.warns(UserWarning, match="'lm_head' with 'transformer.wte.weight'.*tie_word_embeddings"):
+        model = ck.from_peft(pm).eval()
+    assert model.config.tie_word_embeddings is False
+    ck.save_pretrained(model, tmp_path / "out")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "residual"),
+                                         tmp_path / "out" / "adapter").eval()  # fmt: skip
+    merged = ck.merge_corda(export.load_pretrained(tmp_path / "out")).eval()
+    merged.tie_weights()
+    with torch.no_grad():
+        for got in (model(**batch).logits, reloaded(**batch).logits, merged(**batch).logits):
+            assert rel(got, ref) < 1e-5
