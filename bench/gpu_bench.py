@@ -169,10 +169,14 @@ def section_covariance(args) -> str:
                     full = torch.mm(x.t(), x, out_dtype=torch.float32).double()
                     errs["torch mm bf16, out_dtype=fp32 (+ add)"] = (full - ref).norm() / ref.norm()
                 if has_addmm_out_dtype:
-                    acc3 = torch.zeros(d, d, device=DEV)
+                    # From a non-zero accumulator: an out= that overwrote its input before reading it would
+                    # look right from zeros.
+                    start = torch.randn(d, d, device=DEV)
+                    acc3 = start.clone()
                     torch.addmm(acc3, x.t(), x, out_dtype=torch.float32, out=acc3)
-                    errs["torch addmm bf16, out_dtype=fp32, out=acc"] = (acc3.double() - ref).norm() / ref.norm()
-                    del acc3
+                    got = acc3.double() - start.double()
+                    errs["torch addmm bf16, out_dtype=fp32, out=acc"] = (got - ref).norm() / ref.norm()
+                    del acc3, start, got
                 xk = x[keep].double()
                 ref_kept = xk.t() @ xk
                 acc2.zero_()
@@ -457,7 +461,7 @@ def main(argv=None):
     ap.add_argument("--peak-n", type=int, default=8192, help="size of the bf16 mm that measures the peak")
     ap.add_argument("--lora-m", type=int, default=8192)
     ap.add_argument("--lora-d", type=int, default=4096)
-    ap.add_argument("--lora-ranks", type=int, nargs="+", default=[16, 64, 128])
+    ap.add_argument("--lora-ranks", type=int, nargs="+", default=None, help="default 16 64 128 (--quick: 16)")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--layers", type=int, default=8)
@@ -469,12 +473,15 @@ def main(argv=None):
     ap.add_argument("--markdown", default=None, help="also write the report, dated, to this markdown file")
     ap.add_argument("--append", action="store_true", help="append to --markdown (header only if it is new)")
     args = ap.parse_args(argv)
+    if args.lora_ranks is None and not args.quick:
+        args.lora_ranks = [16, 64, 128]
     if not torch.cuda.is_available():
         print("gpu_bench.py: no CUDA device here; nothing to measure (run it on a GPU machine, see bench/gpu_check.sh)")
         return 0
     if args.quick:
         args.iters, args.cov_dims, args.cov_rows, args.peak_n = 3, [1024], [1024], 1024
-        args.lora_m, args.lora_d, args.lora_ranks = 1024, 1024, [16]
+        args.lora_m, args.lora_d = 1024, 1024
+        args.lora_ranks = args.lora_ranks or [16]  # gpu_check.sh gives each process its rank
         args.hidden, args.intermediate, args.layers, args.seqs, args.seq, args.batch, args.repeats = (
             512, 1376, 2, 8, 256, 4, 1)  # fmt: skip
 

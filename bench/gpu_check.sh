@@ -73,18 +73,22 @@ rm -f "$LOG_DIR/RESULTS-gpu.md"
 # one (autotuning compiles ~8 GEMM configs per rank tile) loses only that rank. Compiled kernels are
 # cached on disk, so a later process reuses what an earlier one built.
 for part in a:90 b16:60 b64:50 b128:50 c:80; do
-    sec=${part%%:*}; limit=${part##*:}
+    name=${part%%:*}; limit=${part##*:}
+    sec=$name
     extra=()
-    case $sec in b*) extra=(--lora-ranks "${sec#b}"); sec=b ;; esac
-    timeout -k 10 "$limit" "$PY" bench/gpu_bench.py --sections "$sec" ${extra[@]+"${extra[@]}"} \
-        --markdown "$LOG_DIR/RESULTS-gpu.md" --append "$@" 2>&1 \
+    case $name in b*) extra=(--lora-ranks "${name#b}"); sec=b ;; esac
+    # The user's arguments first: the per-process section and rank come last and win.
+    timeout -k 10 "$limit" "$PY" bench/gpu_bench.py "$@" --sections "$sec" ${extra[@]+"${extra[@]}"} \
+        --markdown "$LOG_DIR/RESULTS-gpu.md" --append 2>&1 \
         | tee -a "$LOG_DIR/gpu_bench.log"
     rc=${PIPESTATUS[0]}
     if [ "$rc" -ne 0 ]; then
         bench_rc=1
-        [ "$rc" -eq 124 ] && printf '\n(section %s: killed after its %s s limit)\n\n' "$sec" "$limit" >> "$LOG_DIR/RESULTS-gpu.md"
+        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+            printf '\n(section %s: killed after its %s s limit)\n\n' "$name" "$limit" >> "$LOG_DIR/RESULTS-gpu.md"
+        fi
     fi
-    echo "gpu_bench section $sec: exit $rc ($(( $(date +%s) - start )) s so far)"
+    echo "gpu_bench section $name: exit $rc ($(( $(date +%s) - start )) s so far)"
 done
 rm -rf "$WORK"
 # Printed again last, so the summary is inside the tail of the output that comes back.

@@ -312,14 +312,24 @@ def collect_candidates(
     modules = find_targets(model, targets)
     if not modules:
         raise ValueError("the model has no nn.Linear or Conv1D target to collect covariances for")
-    if rule.sum_over == "adapter":  # a rank no layer can have would score every layer as sum_over="all", silently
-        for name, module in modules.items():
-            width = min(weight_shape(module))
-            if rule.rank > width:
-                raise ValueError(
-                    f"rank {rule.rank} (sum_over='adapter') exceeds min(d_out, d_in) = {width} of module {name!r}: "
-                    "give the rank the build will use, or leave that module out (targets=)"
-                )
+    if rule.sum_over == "adapter":
+        # A layer narrower than the rank (an MoE router) is scored over all its components, which is what
+        # the full-width adapter its build will need (ranks={name: width}) takes; a rank no layer can
+        # have is a typo, and would turn every score into sum_over="all" without a word.
+        widths = {name: min(weight_shape(module)) for name, module in modules.items()}
+        narrow = sorted(n for n, w in widths.items() if rule.rank > w)
+        if len(narrow) == len(widths):
+            raise ValueError(
+                f"rank {rule.rank} (sum_over='adapter') exceeds min(d_out, d_in) of every target "
+                f"(the widest allows {max(widths.values())}): give the rank the build will use"
+            )
+        if narrow:
+            warnings.warn(
+                f"rank {rule.rank} (sum_over='adapter') exceeds min(d_out, d_in) of {len(narrow)} module(s) "
+                f"(e.g. {narrow[0]!r}: {widths[narrow[0]]}): they are scored over all their components, as a "
+                "full-width adapter (ranks={name: width} at build) would take",
+                stacklevel=3,
+            )
     collector = Collector(modules, normalize=normalize, accum_dtype=accum_dtype, device=device, backend=backend)
     rounds = _Rounds(collector, rule, damping, compute_dtype, keep_spectra, ends)
     n = run_batches(

@@ -731,7 +731,15 @@ def test_candidates_passed_where_covariances_belong_get_a_hint():
     assert not ck.corda_layers(model)
 
 
-def test_an_adapter_rank_wider_than_a_layer_is_refused_before_collecting():
+def test_an_adapter_rank_wider_than_layers():
+    # Wider than one narrow layer (a router): scored over all its components, with a warning; wider
+    # than every layer: a typo, refused before collecting.
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
-    with pytest.raises(ValueError, match=r"rank 6 \(sum_over='adapter'\) exceeds min\(d_out, d_in\) = 4 of module '1'"):
-        ck.collect_cov(model, [torch.randn(4, 8)] * 2, candidates=2, sum_over="adapter", rank=6, progress=False)
+    batches = [torch.randn(4, 8) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"exceeds min\(d_out, d_in\) of 1 module\(s\) \(e.g. '1': 4\)"):
+        cands = ck.collect_cov(model, batches, candidates=2, sum_over="adapter", rank=6, progress=False)
+    full = ck.collect_cov(model, batches, candidates=2, progress=False)  # sum_over="all"
+    assert cands.group_scores[1] == full.group_scores[1]
+    with pytest.raises(ValueError, match=r"rank 9 \(sum_over='adapter'\) exceeds min\(d_out, d_in\) of every"):
+        ck.collect_cov(model, batches, candidates=2, sum_over="adapter", rank=9, progress=False)

@@ -328,7 +328,7 @@ def test_kept_rows_serve_several_updates_and_layouts(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kept_rows_of_another_size_is_an_error(backend):
     kept = ops.KeptRows(torch.ones(5, 6, dtype=torch.bool, device=DEV))
-    with pytest.raises(ValueError, match="KeptRows covers 30 rows"):
+    with pytest.raises(ValueError, match=r"KeptRows' mask has shape \(5, 6\) but x's leading dims are \(4, 6\)"):
         ops.covariance_update(torch.zeros(7, 7, device=DEV), rand(4, 6, 7), kept, backend=backend)
 
 
@@ -358,10 +358,23 @@ def test_a_mask_of_another_shape_is_refused():
     acc = torch.zeros(5, 5, device=DEV)
     with pytest.raises(ValueError, match=r"mask has shape \(3, 2\) but x's leading dims are \(2, 3\)"):
         ops.covariance_update(acc, x, torch.ones(3, 2, dtype=torch.bool, device=DEV), backend="torch")
+    with pytest.raises(ValueError, match=r"KeptRows' mask has shape \(3, 2\)"):
+        ops.covariance_update(acc, x, ops.KeptRows(torch.ones(3, 2, device=DEV)), backend="torch")
     flat = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=DEV)  # flat, in row order: fine
     ops.covariance_update(acc, x, flat, backend="torch")
     kept = x.reshape(6, 5)[flat].double()
     assert torch.allclose(ops.covariance_result(acc).double(), kept.T @ kept, atol=1e-5)
+    # A (batch, seq) mask for the same rows already flattened: also in row order.
+    acc.zero_()
+    ops.covariance_update(acc, x.reshape(6, 5), flat.reshape(2, 3), backend="torch")
+    assert torch.allclose(ops.covariance_result(acc).double(), kept.T @ kept, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_features(backend):
+    acc = torch.zeros(0, 0, device=DEV)
+    ops.covariance_update(acc, torch.randn(3, 0, device=DEV), backend=backend)
+    assert ops.covariance_result(acc).shape == (0, 0)
 
 
 def test_fp16_with_a_large_scale_stays_finite_under_auto(monkeypatch):

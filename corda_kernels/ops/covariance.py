@@ -266,6 +266,7 @@ class KeptRows:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"KeptRows takes a bool or 0/1 tensor over x's leading dims, got {type(mask).__name__}")
         self.mask = mask.reshape(-1) != 0 if mask.dtype != torch.bool else mask.reshape(-1)
+        self.shape = mask.shape  # the layout it was given in, checked against x's leading dims
         self._index = None
 
     def index_and_count(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,6 +283,18 @@ class KeptRows:
         return self._index
 
 
+def _check_mask_shape(shape: torch.Size, lead: torch.Size, what: str) -> None:
+    """A mask describes x's rows in x's row order: shaped as x's leading dims, or either of them flat.
+    Another shape of the same size, such as (seq, batch) for a (batch, seq, d) x, would silently drop
+    the wrong rows."""
+    if shape.numel() == lead.numel() and (shape == lead or len(shape) == 1 or len(lead) == 1):
+        return
+    raise ValueError(
+        f"{what} has shape {tuple(shape)} but x's leading dims are {tuple(lead)}: give a mask of that shape, "
+        f"or a flat one of {lead.numel()} entries"
+    )
+
+
 def row_weights(x: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor | None):
     """Flatten ``mask`` and ``scale`` to per-row vectors over x's leading dims.
 
@@ -292,22 +305,13 @@ def row_weights(x: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor 
     lead = x.shape[:-1]
     keep = None
     if isinstance(mask, KeptRows):
-        if mask.mask.numel() != lead.numel():
-            raise ValueError(f"KeptRows covers {mask.mask.numel()} rows but x's leading dims are {tuple(lead)}")
+        _check_mask_shape(mask.shape, lead, "KeptRows' mask")
         if mask.mask.device == x.device:
             keep = mask.mask
         else:
             mask = mask.mask
     if mask is not None and keep is None:
-        if mask.shape != lead:
-            # Flat (one entry per row, in x's row order) is fine; another shape of the same size, such as
-            # (seq, batch) for a (batch, seq, d) x, would silently drop the wrong rows.
-            if mask.dim() != 1 or mask.numel() != lead.numel():
-                raise ValueError(
-                    f"mask has shape {tuple(mask.shape)} but x's leading dims are {tuple(lead)}: give a mask of "
-                    f"that shape, or a flat one of {lead.numel()} entries"
-                )
-            mask = mask.reshape(lead)
+        _check_mask_shape(mask.shape, lead, "mask")
         keep = mask.reshape(-1).to(device=x.device) != 0
     s = None
     if scale is not None:
@@ -334,7 +338,7 @@ def covariance_update_torch(
     """
     d = acc.shape[0]
     keep, s = row_weights(x, mask, scale)
-    xf = x.reshape(-1, d)
+    xf = x.reshape(x.shape[:-1].numel(), d)
     if keep is not None and keep.device.type == "cpu":
         idx = keep.nonzero().squeeze(1)
         if idx.numel() < keep.numel():
@@ -454,7 +458,7 @@ def covariance_result(acc: torch.Tensor, *, inplace: bool = False) -> torch.Tens
 def covariance_reference(x: torch.Tensor, mask=None, scale=None) -> torch.Tensor:
     """Float64 ground truth: Σ over kept rows of scale²·xxᵀ, plain and slow."""
     keep, s = row_weights(x, mask, scale)
-    xf = x.reshape(-1, x.shape[-1]).double()
+    xf = x.reshape(x.shape[:-1].numel(), x.shape[-1]).double()
     if s is not None:
         xf = xf * s.double().unsqueeze(1)
     if keep is not None:
