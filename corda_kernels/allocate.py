@@ -73,6 +73,7 @@ def allocate_ranks(
     ipm_score: str = "captured",
     progress: bool = False,
     distributed: bool = False,
+    keep_spectra: bool = True,
 ) -> RankAllocation:
     """Per-layer ranks whose total cost Σ r·(d_in + d_out) stays within ``budget``.
 
@@ -88,7 +89,10 @@ def allocate_ranks(
     valid, else are computed once and cached there for ``build_corda``.
     ``distributed=True`` (under torch.distributed) splits that spectrum work
     across ranks as ``build_corda(distributed=True)`` splits the decompositions;
-    every rank gets the same allocation.
+    every rank gets the same allocation. ``keep_spectra=False`` keeps only the
+    singular values (the allocation needs no more; ``build_corda`` then computes
+    each adapter's r components itself, instead of holding a d×d float64 matrix
+    of vectors per layer on the weights' device until the build).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -133,6 +137,7 @@ def allocate_ranks(
         need_stats=pi_from == "cov",
         progress=progress,
         distributed=distributed,
+        keep_vectors=keep_spectra,
     )
     rule = ScoreRule(mode=mode, pi_from=pi_from, pi_normalize=pi_normalize)
 

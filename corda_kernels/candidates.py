@@ -378,7 +378,7 @@ def _assemble(collector, rounds: _Rounds, rule, damping, compute_dtype, n, candi
         normalize=collector.normalize,
         shapes=shapes,
         signatures=weight_signatures({name: collector.modules[name] for name in shapes}),
-        sequences=best[0].seqs,
+        sequences=best[0].seqs if collector.normalize == "peft" else None,
         meta={
             "batches": str(n),
             "candidates": str(candidates),

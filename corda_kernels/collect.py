@@ -411,7 +411,7 @@ class Collector:
             token_counts=counts,
             normalize=self.normalize,
             shapes=shapes,
-            sequences=seqs[0],
+            sequences=seqs[0] if self.normalize == "peft" else None,  # counted only for "peft"
             meta=meta,
             signatures=weight_signatures({name: self.modules[name] for name in shapes}),
         )

@@ -308,6 +308,11 @@ class SpectrumCache:
     def __repr__(self) -> str:
         return f"SpectrumCache({len(self._values)} layers, {len(self._spectra)} with vectors)"
 
+    def drop_vectors(self, names=None) -> None:
+        """Free the singular vectors of ``names`` (default: all); their singular values stay."""
+        for name in list(self._spectra) if names is None else names:
+            self._spectra.pop(name, None)
+
     @staticmethod
     def key(weight: torch.Tensor, cov: torch.Tensor, damping: float, compute_dtype: torch.dtype) -> tuple:
         return (float(damping), compute_dtype, _tensor_key(weight), _tensor_key(cov))

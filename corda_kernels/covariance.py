@@ -128,6 +128,25 @@ class Covariances(Mapping[str, torch.Tensor]):
     def __repr__(self) -> str:
         return f"Covariances({len(self)} modules in {len(self.groups)} groups, tokens={self.tokens})"
 
+    def __eq__(self, other) -> bool:
+        """Same groups, counts, normalization and matrices (exactly, wherever they live)."""
+        if not isinstance(other, Covariances):
+            return NotImplemented
+        return (
+            self.groups == other.groups
+            and self._group_tokens == other._group_tokens
+            and self.normalize == other.normalize
+            and all(a.shape == b.shape and torch.equal(a.cpu(), b.cpu()) for a, b in zip(self._mats, other._mats))
+        )
+
+    __hash__ = None  # a mutable mapping of tensors, like a dict
+
+    def __getstate__(self):
+        # A spectrum cache is keyed by the weights' storage: it can never match after unpickling.
+        state = dict(self.__dict__)
+        state.pop("spectrum_cache", None)
+        return state
+
     @property
     def tokens(self) -> int:
         return self._group_tokens[0] if self._group_tokens else 0

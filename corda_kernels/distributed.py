@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .covariance import SIGNATURE_TOLERANCE, weight_signatures
+
 Distributed = bool | str | None
 _MODES = (None, True, False, "presharded")
 
@@ -69,6 +71,19 @@ def _broadcast_(t: torch.Tensor, src: int) -> None:
     t.copy_(buf)
 
 
+def _uneven(shard, dataset) -> bool:
+    """Whether accelerate's even_batches will repeat samples: batches that do not divide among the
+    processes, or a last batch short of the batch size (unknown sizes count as uneven)."""
+    inner = getattr(shard, "batch_sampler", None)
+    try:
+        batches = len(inner)
+        size = getattr(inner, "batch_size", None)
+        short = size is not None and not getattr(inner, "drop_last", False) and len(dataset) % size != 0
+    except TypeError:
+        return True
+    return batches % shard.num_processes != 0 or short
+
+
 def _presharded(loader) -> bool:
     sampler = getattr(loader, "sampler", None)
     batch_sampler = getattr(loader, "batch_sampler", None)
@@ -83,7 +98,23 @@ def _presharded(loader) -> bool:
             "use drop_last=True, or a dataset size divisible by the world size",
             stacklevel=4,
         )
-    return found is not None
+    if found is not None:
+        return True
+    # accelerate (Accelerator.prepare, the HF Trainer) shards through its own classes, which carry
+    # num_processes/process_index; its dispatcher hands each process its slice of every batch.
+    if type(loader).__name__ == "DataLoaderDispatcher":
+        return True
+    dataset = getattr(loader, "dataset", None)
+    for x in (batch_sampler, sampler, inner, getattr(batch_sampler, "batch_sampler", None), dataset):
+        if isinstance(getattr(x, "num_processes", None), int) and x.num_processes > 1 and hasattr(x, "process_index"):
+            if getattr(x, "even_batches", False) and not getattr(x, "drop_last", False) and _uneven(x, dataset):
+                warnings.warn(
+                    "accelerate's even_batches=True repeats samples so that every process gets as many batches; "
+                    "the repeated ones count twice in the covariances (Accelerator(even_batches=False) avoids it)",
+                    stacklevel=4,
+                )
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------- collection
@@ -142,6 +173,9 @@ class Shard:
             "batches": n_batches,
             "error": None if error is None else f"{type(error).__name__}: {error}",
         }
+        if error is None:
+            # Summing covariances of different models is meaningless: every rank must hold the same weights.
+            local["signatures"] = weight_signatures(collector.modules)
         gathered: list = [None] * self.world
         dist.all_gather_object(gathered, local)
         failed = [(r, info["error"]) for r, info in enumerate(gathered) if info.get("error")]
@@ -150,6 +184,16 @@ class Shard:
                 return 0  # the caller re-raises its own exception
             r, msg = failed[0]
             raise RuntimeError(f"collection failed on rank {r} ({msg}); stopping on rank {self.rank} too")
+        ref = gathered[0]["signatures"]
+        for r, info in enumerate(gathered[1:], 1):
+            for name, (norm, proj) in info["signatures"].items():
+                norm0, proj0 = ref.get(name, (norm, proj))
+                tol = SIGNATURE_TOLERANCE * max(abs(norm0), abs(norm), 1e-30)
+                if abs(norm - norm0) > tol or abs(proj - proj0) > tol:
+                    raise RuntimeError(
+                        f"rank {r} holds other weights than rank 0 for module {name!r} (‖W‖ {norm:.6g} vs "
+                        f"{norm0:.6g}): every rank must load the same model before collecting"
+                    )
 
         order: list[tuple[str, ...]] = []
         dims: dict[tuple[str, ...], int] = {}

@@ -359,7 +359,12 @@ def build_corda(
     factors = decompose(
         modules, covs, p, mode, damping=damping, compute_dtype=compute_dtype, spectra=spectra, progress=progress
     )
-    return apply_factors(model, modules, factors, p, mode, dropout=dropout)
+    model = apply_factors(model, modules, factors, p, mode, dropout=dropout)
+    if cache is not None:
+        # Their singular vectors (d×d float64 per layer, on the weights' device) served this build and are
+        # keyed to weights that were just replaced: free them. The singular values stay.
+        cache.drop_vectors(modules)
+    return model
 
 
 def merge_corda(model: nn.Module) -> nn.Module:

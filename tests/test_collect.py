@@ -681,3 +681,20 @@ def test_a_module_that_ran_on_zero_rows_without_a_mask_is_no_error():
 
     covs = ck.collect_cov(Routed(), [torch.randn(2, 5, 8)], progress=False)
     assert covs.token_counts["idle"] == 0 and covs.token_counts["inp"] == 10
+
+
+def test_covariances_compare_by_content_and_pickle_without_their_cache(tmp_path):
+    import pickle
+
+    model = tiny_llama()
+    covs = ck.collect_cov(model, padded_batches(128, n_batches=1), progress=False)
+    assert covs.sequences is None  # counted only for normalize="peft"
+    covs.save(tmp_path / "c.safetensors")
+    loaded = ck.Covariances.load(tmp_path / "c.safetensors")
+    assert loaded == covs and not (loaded != covs)
+    other = ck.collect_cov(model, padded_batches(128, n_batches=1, seed=3), progress=False)
+    assert other != covs
+    ck.allocate_ranks(model, covs, budget=0.5, rank=4)
+    assert covs.spectrum_cache._values
+    back = pickle.loads(pickle.dumps(covs))
+    assert back == covs and not hasattr(back, "spectrum_cache")

@@ -743,3 +743,23 @@ def test_an_adapter_rank_wider_than_layers():
     assert cands.group_scores[1] == full.group_scores[1]
     with pytest.raises(ValueError, match=r"rank 9 \(sum_over='adapter'\) exceeds min\(d_out, d_in\) of every"):
         ck.collect_cov(model, batches, candidates=2, sum_over="adapter", rank=9, progress=False)
+
+
+def test_spectra_vectors_are_freed_by_the_build_or_never_kept():
+    model = tiny_llama()
+    batches = padded_batches(128, n_batches=2)
+    covs = ck.collect_cov(model, batches, progress=False)
+    ranks = ck.allocate_ranks(model, covs, budget=0.5, rank=4)
+    cache = covs.spectrum_cache
+    assert len(cache._spectra) == len(covs)  # kept for the build to reuse
+    built = copy.deepcopy(model)
+    ck.build_corda(built, covs, ranks=ranks)
+    assert not cache._spectra and len(cache._values) == len(covs)  # the build freed them; the values stay
+
+    lean = ck.collect_cov(model, batches, progress=False)
+    assert ck.allocate_ranks(model, lean, budget=0.5, rank=4, keep_spectra=False) == ranks
+    assert not lean.spectrum_cache._spectra
+    ck.build_corda(model, lean, ranks=ranks)
+    for name, layer in ck.corda_layers(model).items():
+        other = ck.corda_layers(built)[name]
+        assert rel(layer.lora_B @ layer.lora_A, other.lora_B @ other.lora_A) < 1e-4, name

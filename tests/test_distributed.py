@@ -147,6 +147,10 @@ def _failing_worker(rank, world, init_file, out_dir):
             ck.collect_cov(model, batches, candidates=2, progress=False)
         except Exception as e:  # noqa: BLE001
             seen["candidates"] = (type(e).__name__, str(e))
+        try:  # each rank loaded another model: their sums must not be added up
+            ck.collect_cov(tiny_llama(seed=rank), batches, progress=False)
+        except Exception as e:  # noqa: BLE001
+            seen["weights"] = (type(e).__name__, str(e))
         torch.save(seen, os.path.join(out_dir, f"fail{rank}.pt"))
         dist.barrier()  # no rank drops its connections while a peer still finishes the last exchange
     except BaseException:
@@ -170,6 +174,8 @@ def test_a_failing_rank_stops_every_rank_and_candidates_refuse_a_group(tmp_path)
     for out in outs:
         kind, msg = out["candidates"]
         assert kind == "NotImplementedError" and "distributed=False" in msg
+        kind, msg = out["weights"]
+        assert kind == "RuntimeError" and "rank 1 holds other weights than rank 0" in msg
 
 
 def test_sharding_and_assignment_without_a_group():
@@ -221,3 +227,20 @@ def test_a_padding_distributed_sampler_is_warned_about(n, drop_last, warns):
         warnings.simplefilter("always")
         assert _presharded(loader)
     assert any("count twice" in str(w.message) for w in caught) == warns
+
+
+@pytest.mark.parametrize("n, warns", [(12, False), (13, True)])
+def test_an_accelerate_prepared_loader_counts_as_presharded(n, warns):
+    # Accelerator.prepare (and the HF Trainer) shard with accelerate's own classes: splitting their
+    # loader again would keep a third of a third of the data, silently.
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from corda_kernels.distributed import _presharded
+
+    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=2)
+    loader = prepare_data_loader(loader, num_processes=3, process_index=0, put_on_device=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _presharded(loader)
+    assert any("even_batches" in str(w.message) for w in caught) == warns
