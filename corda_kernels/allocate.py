@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from ._targets import Targets, linear_weight
-from .compactness import IPM_SCORES, PI_FROM, PI_NORMALIZE, RankScorer, ScoreRule, analyse_layers, layer_log_pi
+from .compactness import (
+    IPM_SCORES,
+    PI_FROM,
+    PI_NORMALIZE,
+    RankScorer,
+    ScoreRule,
+    analyse_layers,
+    attach_cache,
+    layer_log_pi,
+)
 from .covariance import Covariances
 from .decompose import MODES, validate
 from .rewrite import resolve_targets
@@ -139,6 +148,8 @@ def allocate_ranks(
         distributed=distributed,
         keep_vectors=keep_spectra,
     )
+    if not keep_spectra:  # also those an earlier step (CorDA++ selection) left in the cache
+        attach_cache(covs).drop_vectors(modules)
     rule = ScoreRule(mode=mode, pi_from=pi_from, pi_normalize=pi_normalize)
 
     names = list(modules)

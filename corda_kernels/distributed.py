@@ -72,16 +72,22 @@ def _broadcast_(t: torch.Tensor, src: int) -> None:
 
 
 def _uneven(shard, dataset) -> bool:
-    """Whether accelerate's even_batches will repeat samples: batches that do not divide among the
-    processes, or a last batch short of the batch size (unknown sizes count as uneven)."""
+    """Whether accelerate's padding to equal shards will repeat samples (unknown sizes count as yes).
+
+    A ``BatchSamplerShard`` repeats when the batches do not divide among the processes (unless each
+    batch is split across them) or the last batch is short; an ``IterableDatasetShard`` when the data
+    does not fill its last round of batch_size (times processes, unless split) samples."""
+    split = bool(getattr(shard, "split_batches", False))
     inner = getattr(shard, "batch_sampler", None)
     try:
-        batches = len(inner)
-        size = getattr(inner, "batch_size", None)
-        short = size is not None and not getattr(inner, "drop_last", False) and len(dataset) % size != 0
-    except TypeError:
+        if inner is not None:
+            size = getattr(inner, "batch_size", None)
+            short = size is not None and not getattr(inner, "drop_last", False) and len(dataset) % size != 0
+            return short or (not split and len(inner) % shard.num_processes != 0)
+        size = shard.batch_size
+        return len(shard.dataset) % (size if split else size * shard.num_processes) != 0
+    except (TypeError, AttributeError):
         return True
-    return batches % shard.num_processes != 0 or short
 
 
 def _presharded(loader) -> bool:
@@ -107,10 +113,13 @@ def _presharded(loader) -> bool:
     dataset = getattr(loader, "dataset", None)
     for x in (batch_sampler, sampler, inner, getattr(batch_sampler, "batch_sampler", None), dataset):
         if isinstance(getattr(x, "num_processes", None), int) and x.num_processes > 1 and hasattr(x, "process_index"):
-            if getattr(x, "even_batches", False) and not getattr(x, "drop_last", False) and _uneven(x, dataset):
+            # BatchSamplerShard pads only with even_batches; IterableDatasetShard always, unless drop_last.
+            pads = getattr(x, "even_batches", True) and not getattr(x, "drop_last", False)
+            if pads and _uneven(x, dataset):
                 warnings.warn(
-                    "accelerate's even_batches=True repeats samples so that every process gets as many batches; "
-                    "the repeated ones count twice in the covariances (Accelerator(even_batches=False) avoids it)",
+                    "accelerate pads the shards to equal size by repeating samples (even_batches, or an iterable "
+                    "dataset without drop_last); the repeated ones count twice in the covariances "
+                    "(Accelerator(even_batches=False), or drop_last=True, avoids it)",
                     stacklevel=4,
                 )
             return True

@@ -350,9 +350,10 @@ def build_corda(
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     modules, p = plan(model, covs, rank, mode, ranks=ranks, alpha=alpha, targets=targets)
     cache = getattr(covs, "spectrum_cache", None)
+    served = None
     if spectra is None and cache is not None:
         # CorDA++ selection/allocation decomposed these layers already; stale entries are skipped by the cache.
-        spectra = cache.lookup(modules, covs, damping, compute_dtype)
+        spectra = served = cache.lookup(modules, covs, damping, compute_dtype)
     decompose = decompose_all
     if distributed:
         from .distributed import decompose_all_distributed as decompose
@@ -360,10 +361,10 @@ def build_corda(
         modules, covs, p, mode, damping=damping, compute_dtype=compute_dtype, spectra=spectra, progress=progress
     )
     model = apply_factors(model, modules, factors, p, mode, dropout=dropout)
-    if cache is not None:
-        # Their singular vectors (d×d float64 per layer, on the weights' device) served this build and are
+    if served:
+        # The singular vectors that served this build (d×d float64 per layer, on the weights' device) are
         # keyed to weights that were just replaced: free them. The singular values stay.
-        cache.drop_vectors(modules)
+        cache.drop_vectors(served)
     return model
 
 

@@ -745,21 +745,29 @@ def test_an_adapter_rank_wider_than_layers():
         ck.collect_cov(model, batches, candidates=2, sum_over="adapter", rank=9, progress=False)
 
 
-def test_spectra_vectors_are_freed_by_the_build_or_never_kept():
+def test_spectra_vectors_are_freed_by_the_build_that_used_them_or_never_kept():
     model = tiny_llama()
     batches = padded_batches(128, n_batches=2)
     covs = ck.collect_cov(model, batches, progress=False)
     ranks = ck.allocate_ranks(model, covs, budget=0.5, rank=4)
     cache = covs.spectrum_cache
     assert len(cache._spectra) == len(covs)  # kept for the build to reuse
-    built = copy.deepcopy(model)
-    ck.build_corda(built, covs, ranks=ranks)
-    assert not cache._spectra and len(cache._values) == len(covs)  # the build freed them; the values stay
+    other = copy.deepcopy(model)  # other weight tensors: the cache serves it nothing, and keeps its vectors
+    ck.build_corda(other, covs, ranks=ranks)
+    assert len(cache._spectra) == len(covs)
+    ck.build_corda(model, covs, ranks=ranks)
+    assert not cache._spectra and len(cache._values) == len(covs)  # the build freed what it used
 
-    lean = ck.collect_cov(model, batches, progress=False)
-    assert ck.allocate_ranks(model, lean, budget=0.5, rank=4, keep_spectra=False) == ranks
-    assert not lean.spectrum_cache._spectra
-    ck.build_corda(model, lean, ranks=ranks)
-    for name, layer in ck.corda_layers(model).items():
-        other = ck.corda_layers(built)[name]
-        assert rel(layer.lora_B @ layer.lora_A, other.lora_B @ other.lora_A) < 1e-4, name
+    fresh = tiny_llama()
+    cands = ck.collect_cov(fresh, batches * 2, candidates=2, progress=False)
+    lean = ck.select_covariances(fresh, cands)
+    assert lean.spectrum_cache._spectra  # CorDA++ selection keeps the winners' vectors...
+    lean_ranks = ck.allocate_ranks(fresh, lean, budget=0.5, rank=4, keep_spectra=False)
+    assert not lean.spectrum_cache._spectra  # ...and keep_spectra=False lets them go too
+    reference = copy.deepcopy(fresh)
+    ck.build_corda(fresh, lean, ranks=lean_ranks)
+    ref_covs = ck.select_covariances(reference, ck.collect_cov(reference, batches * 2, candidates=2, progress=False))
+    ck.build_corda(reference, ref_covs, ranks=lean_ranks)
+    for name, layer in ck.corda_layers(fresh).items():
+        twin = ck.corda_layers(reference)[name]
+        assert rel(layer.lora_B @ layer.lora_A, twin.lora_B @ twin.lora_A) < 1e-4, name

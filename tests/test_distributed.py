@@ -243,4 +243,36 @@ def test_an_accelerate_prepared_loader_counts_as_presharded(n, warns):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert _presharded(loader)
-    assert any("even_batches" in str(w.message) for w in caught) == warns
+    assert any("repeating samples" in str(w.message) for w in caught) == warns
+
+
+@pytest.mark.parametrize(
+    "kind, n, warns",
+    [("split", 10, False), ("split", 11, True), ("iterable", 16, False), ("iterable", 10, True)],
+)
+def test_accelerate_padding_is_warned_about_only_when_it_repeats(kind, n, warns):
+    # split_batches: each batch is cut across the processes, so only a short last batch repeats.
+    # An iterable dataset's shard pads its last round of batch_size × processes samples.
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+    from corda_kernels.distributed import _presharded
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(torch.arange(n))
+
+        def __len__(self):
+            return n
+
+    if kind == "split":
+        loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=2)
+        loader = prepare_data_loader(loader, num_processes=2, process_index=0, split_batches=True, put_on_device=False)
+    else:
+        loader = prepare_data_loader(
+            DataLoader(Stream(), batch_size=4), num_processes=2, process_index=0, put_on_device=False
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _presharded(loader)
+    assert any("repeating samples" in str(w.message) for w in caught) == warns
