@@ -167,6 +167,7 @@ def allocate_ranks(
                 f"module {name!r} cannot take rank {start} (min_rank={min_rank} rounded up to a multiple of "
                 f"{multiple}): its largest allowed rank is {cap} (min(d_out, d_in) = {f}"
                 + (f", max_rank = {max_rank})" if max_rank is not None else ")")
+                + "; lower min_rank/multiple, or leave that module out (targets=), e.g. an MoE router"
             )
     ranks = [start] * len(names)
     used = sum(start * c for c in costs)

@@ -345,7 +345,11 @@ def collect_candidates(
         raise ValueError("the calibration loader yielded no batch: collect_cov needs at least one")
     missing = [name for name in modules if name not in collector.group_of]
     if missing:
-        raise ValueError(f"target module(s) {missing[:3]} never ran during collection; exclude them with targets=")
+        raise ValueError(
+            f"{len(missing)} target module(s) never ran during collection (e.g. {missing[:3]}; MoE experts no token "
+            "was routed to are skipped by some models): CorDA++ selection needs a covariance for each, so leave "
+            "them out (targets=) or collect on more data"
+        )
     if n > rounds.last_end:  # the loader ran out inside a round: that partial round is a candidate too
         rounds.close(n)
     if rounds.round < candidates:

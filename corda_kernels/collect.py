@@ -104,6 +104,7 @@ class Collector:
         self._watch_handles: list = []
         self._finished = False
         self._masks: dict[str, torch.Tensor | None] = {}
+        self._any_pad: torch.Tensor | None = None  # did any batch's attention mask drop a token?
         self._kept: dict[tuple[str, torch.device], tuple[ops.KeptRows, torch.Tensor]] = {}
         self._seen: dict[tuple[int, int], tuple[weakref.ref, set[int]]] = {}
         # Flattened (batch·seq, d) tensors that a row-wise module (norm, activation, linear) made from
@@ -239,6 +240,18 @@ class Collector:
         self.groups.append(_Group([name], d, acc, zero.clone(), zero.clone(), self.batch))
         return len(self.groups) - 1
 
+    def add_unreached(self, names: list[str]) -> None:
+        """Zero-row groups for targets that never ran (transformers 4's MoE blocks skip an expert no token
+        was routed to): their zero covariance is then refused at build, listed with every such layer."""
+        for name in names:
+            d = weight_shape(self.modules[name])[1]
+            w = getattr(self.modules[name], "weight", None)
+            dev = self.device or (w.device if w is not None and w.device.type != "meta" else torch.device("cpu"))
+            acc = torch.zeros(d, d, dtype=self.accum_dtype, device=dev)
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
+            self.groups.append(_Group([name], d, acc, zero.clone(), zero.clone(), self.batch))
+            self.group_of[name] = len(self.groups) - 1
+
     def _accumulate(self, g: _Group, name: str, x: torch.Tensor, key: tuple[int, int]) -> None:
         g.batch_log.append(key)
         which = "decoder" if name in self.decoder_names and key != self._encoder_out else "input"
@@ -311,6 +324,9 @@ class Collector:
         self._stop_armed = self._after_target = False
         self._pending = len(self.first_counts) if self.stop_early else 0
         self._masks = {k: None if m is None else (m != 0) for k, m in (("input", mask), ("decoder", decoder_mask))}
+        if self._masks["input"] is not None:  # read once, by warn_unmasked: no sync per batch
+            pad = (~self._masks["input"]).any()
+            self._any_pad = pad if self._any_pad is None else self._any_pad | pad.to(self._any_pad.device)
         self._encoder_out = None
         self._kept = {}
         self._seen.clear()
@@ -345,9 +361,14 @@ class Collector:
 
     def warn_unmasked(self, stacklevel: int = 2) -> None:
         """Warn about targets whose rows were all counted although the batches had an attention mask."""
-        if self.unmasked:
+        # Only when some token was padding: with all-ones masks, counting every row counted no padding.
+        if self.unmasked and self._any_pad is not None and bool(self._any_pad):
+            # Every member of such a group (one may have joined it after the group's first update).
+            names = sorted({n for g in self.groups if self.unmasked.intersection(g.names) for n in g.names})
+            shown = f"{names[:40]}" + (f" and {len(names) - 40} more" if len(names) > 40 else "")
             warnings.warn(
-                f"attention_mask did not match the token layout of {sorted(self.unmasked)}; all their rows were counted",
+                f"attention_mask did not match the token layout of {len(names)} module(s), {shown}; all their rows "
+                "were counted (image patches, routed MoE tokens: padding positions among them too)",
                 stacklevel=stacklevel,
             )
         if self.decoder_unmasked:
@@ -851,6 +872,12 @@ def collect_cov(
     if n == 0:
         raise ValueError("the calibration loader yielded no batch: collect_cov needs at least one")
     missing = [name for name in modules if name not in collector.group_of]
-    if missing:
-        raise ValueError(f"target module(s) {missing[:3]} never ran during collection; exclude them with targets=")
+    if missing and collector.groups:
+        warnings.warn(
+            f"{len(missing)} target module(s) never ran during collection (e.g. {missing[:3]}; MoE experts no "
+            "token was routed to are skipped by some models): their covariance is zero, and build_corda will "
+            "refuse them unless they are left out (targets=)",
+            stacklevel=2,
+        )
+        collector.add_unreached(missing)
     return collector.finish(meta={"batches": str(n)})

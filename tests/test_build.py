@@ -451,3 +451,23 @@ def test_a_shared_weight_that_is_no_embedding_tie_leaves_the_config_alone():
     assert "tie_word_embeddings" not in str(caught[0].message)
     assert model.config.tie_word_embeddings is True and model.head.weight is model.emb.weight
     assert rel(model(ids).detach(), ref) < 1e-5
+
+
+class _SkippingExperts(_Experts):
+    """transformers 4's Mixtral: an expert no token was routed to is not called at all."""
+
+    def forward(self, x):
+        return self.experts[0](self.inp(x))
+
+
+def test_targets_that_never_ran_are_collected_as_zero_and_named_at_build():
+    torch.manual_seed(0)
+    model = _SkippingExperts()
+    with pytest.warns(UserWarning, match=r"2 target module\(s\) never ran .*'experts.1', 'experts.2'.*targets="):
+        covs = ck.collect_cov(model, [torch.randn(20, 12)], progress=False)
+    assert covs.token_counts["experts.1"] == 0 and not covs["experts.2"].any()
+    with pytest.raises(ValueError, match=r"2 module\(s\) is zero .*\['experts.1', 'experts.2'\]"):
+        ck.build_corda(model, covs, rank=2)
+    ck.build_corda(model, covs, rank=2, targets=["inp", "experts.0"])
+    with pytest.raises(ValueError, match="no target module was called"):
+        ck.collect_cov(_SkippingExperts(), [torch.randn(20, 12)], targets=["experts.1"], progress=False)

@@ -224,3 +224,32 @@ def test_a_submodule_shared_by_two_parents_gets_its_own_mode_back():
     before = {n: m.training for n, m in run.named_modules(remove_duplicate=False)}
     ck.collect_cov(run, [torch.randn(5, 4)], progress=False)
     assert {n: m.training for n, m in run.named_modules(remove_duplicate=False)} == before
+
+
+class _Patches(nn.Module):
+    """45 layers reading image patches (not the text tokens), next to a text layer; the first two share
+    their input (one group)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.text = nn.Embedding(20, 4), nn.Linear(4, 4)
+        self.vision = nn.ModuleList(nn.Linear(4, 4) for _ in range(45))
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None):
+        h = pixel_values
+        self.vision[0](h)
+        for layer in self.vision[1:]:
+            h = layer(h)
+        return self.text(self.emb(input_ids))
+
+
+def test_the_layout_warning_is_capped_and_silent_without_padding():
+    ids, pixels = torch.randint(0, 20, (2, 5)), torch.randn(7, 4)
+    full = {"input_ids": ids, "attention_mask": torch.ones(2, 5, dtype=torch.long), "pixel_values": pixels}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no padding: counting every row counted none
+        ck.collect_cov(_Patches(), [full], progress=False)
+    padded = dict(full, attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    with pytest.warns(UserWarning, match=r"token layout of 45 module\(s\), .* and 5 more; all their rows") as caught:
+        ck.collect_cov(_Patches(), [padded], progress=False)
+    assert len(str(caught[0].message)) < 2000
