@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -228,6 +229,33 @@ def _lora_config(
         return cfg
 
 
+def _warn_if_peft_rewrites(cfg: dict, model: nn.Module) -> None:
+    """PEFT's loader rewrites the LoRA targets of some MoE models for transformers 5 (their v4 names
+    ``gate_proj``/``up_proj``/``down_proj`` become fused-expert parameters), also for dense MLPs and
+    shared experts that keep those names: PeftModel.from_pretrained would then drop their adapters."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:
+        return
+    try:
+        fields = LoraConfig.__dataclass_fields__
+        probe = LoraConfig(**{k: v for k, v in cfg.items() if k in fields and k != "peft_type"})
+        before = set(probe.target_modules or ())
+        convert_peft_config_for_transformers(probe, model, conversions=None)
+        lost = sorted(before - set(probe.target_modules or ()))
+    except Exception:  # noqa: BLE001 - a probe of PEFT internals must never break an export
+        return
+    if lost:
+        warnings.warn(
+            f"PEFT will rewrite {len(lost)} of this adapter's targets when loading it on this "
+            f"{getattr(model.config, 'model_type', '')} model (e.g. {lost[:3]}: its transformers-v5 MoE "
+            "conversion), so PeftModel.from_pretrained would drop those adapters; load the export with "
+            "corda_kernels.load_pretrained instead",
+            stacklevel=3,
+        )
+
+
 def _require_layers(model: nn.Module, what: str) -> dict[str, CordaLinear]:
     layers = corda_layers(model)
     if not layers:
@@ -252,6 +280,7 @@ def adapter_state(model: nn.Module, *, base_model_name_or_path: str | None = Non
         task_type=_task_type(model),
         base_model_name_or_path=base_model_name_or_path,
     )
+    _warn_if_peft_rewrites(cfg, model)
     return LoraAdapter(sd, cfg)
 
 
@@ -442,6 +471,7 @@ def to_lora(
         task_type=_task_type(model),
         base_model_name_or_path=base_model_name_or_path,
     )
+    _warn_if_peft_rewrites(cfg, model)
     adapter = LoraAdapter(sd, cfg)
     if out_dir is not None:
         adapter.save(out_dir)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -344,3 +345,38 @@ def test_from_peft_of_a_tied_head_unties_it_and_every_route_keeps_the_outputs(tm
     with torch.no_grad():
         for got in (model(**batch).logits, reloaded(**batch).logits, merged(**batch).logits):
             assert rel(got, ref) < 1e-5
+
+
+def test_an_export_peft_would_rewrite_on_load_is_warned_about(tmp_path):
+    # PEFT converts v4 MoE target names for transformers 5, dense MLPs included: their adapters would be
+    # dropped by PeftModel.from_pretrained. A plain Llama export is not affected.
+    import transformers
+
+    conversion = pytest.importorskip("peft.utils.transformers_weight_conversion")
+    if not hasattr(transformers, "Qwen3MoeConfig") or not hasattr(conversion, "convert_peft_config_for_transformers"):
+        pytest.skip("needs transformers' Qwen3-MoE and PEFT's v5 conversion")
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=96, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
+        mlp_only_layers=[0], max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    ck.build_corda(model, ck.collect_cov(model, padded_batches(128, n_batches=1), progress=False), rank=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ck.save_pretrained(model, tmp_path / "moe")
+    rewrites = [str(w.message) for w in caught if "PEFT will rewrite" in str(w.message)]
+    if not rewrites:  # this PEFT/transformers pair does not convert qwen3_moe: then nothing is dropped either
+        assert "qwen3_moe" not in getattr(conversion, "_MODEL_TO_CONVERSION_PATTERN", {}) or not hasattr(
+            transformers, "conversion_mapping"
+        )
+    else:
+        assert "model.layers.0.mlp.gate_proj" in rewrites[0] and "load_pretrained" in rewrites[0]
+
+    plain = tiny_llama()
+    ck.build_corda(plain, ck.collect_cov(plain, padded_batches(128, n_batches=1), progress=False), rank=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ck.save_pretrained(plain, tmp_path / "plain")
+    assert not [w for w in caught if "PEFT will rewrite" in str(w.message)]
