@@ -255,6 +255,10 @@ def test_bad_arguments(backend):
         f(x, W, b[:-1], A, B, 1.0, backend=backend)
     with pytest.raises(ValueError, match="dropout_p"):
         f(x, W, b, A, B, 1.0, dropout_p=1.0, backend=backend)
+    with pytest.raises(ValueError, match=r"x must be \(\.\.\., K\)"):
+        f(x[0, 0], W, b, A, B, 1.0, backend=backend)  # a 0-dim x
+    with pytest.raises(ValueError, match=r"weight \(N, K\)"):
+        f(x, W[0], b, A, B, 1.0, backend=backend)
     with pytest.raises(TypeError, match="must be float32, float16, bfloat16 or float64"):
         f(x.int(), W, b, A, B, 1.0, backend=backend)
     if backend == "triton":  # float64 is the torch path's alone

@@ -650,6 +650,11 @@ def lora_linear(
         ]
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(*cast, scaling, dropout_p=dropout_p, backend=backend)
+    if x.dim() < 1 or weight.dim() != 2 or lora_A.dim() != 2:
+        raise ValueError(
+            f"x must be (..., K), weight (N, K) and lora_A (r, K); got shapes {tuple(x.shape)}, "
+            f"{tuple(weight.shape)} and {tuple(lora_A.shape)}"
+        )
     K = x.shape[-1]
     N = weight.shape[0]
     r = lora_A.shape[0]
