@@ -479,14 +479,16 @@ def to_lora(
 
 
 # ---------------------------------------------------------------------- import
-def _swap_in(model: nn.Module, name: str, base: nn.Module, A, B, *, alpha: float, dropout: float, mode: str) -> None:
+def _swap_in(
+    model: nn.Module, name: str, base: nn.Module, A, B, *, alpha: float, dropout: float, mode: str, tied: bool
+) -> None:
+    """``tied``: ``base`` was tied to another parameter (see :func:`_untie_targets`, which the callers run
+    once for all layers): its weight becomes its own copy, since storage shared with the embedding would
+    be saved once, as a tie."""
     if not isinstance(base, (nn.Linear, Conv1D)):
         raise TypeError(f"module {name!r}: a LoRA on a {type(base).__name__} cannot become a CordaLinear")
     w = linear_weight(base).detach()
-    # A tied head (PEFT's LoRA on lm_head over tied embeddings) stops being tied, as build_corda does:
-    # else tie_weights() after a merge would put the embedding back over the merged head. Its weight
-    # becomes its own copy: storage shared with the embedding would be saved once, as a tie.
-    if _untie_targets(model, {name: base}):
+    if tied:
         w = w.clone()
     # PEFT keeps adapters in fp32 over a 16-bit base (autocast_adapter_dtype); a CordaLinear holds one dtype.
     A, B = A.detach().to(w.dtype), B.detach().to(w.dtype)
@@ -494,7 +496,6 @@ def _swap_in(model: nn.Module, name: str, base: nn.Module, A, B, *, alpha: float
     layer.lora_A.requires_grad_(True)
     layer.lora_B.requires_grad_(True)
     swap_modules(model, {name: layer})
-    no_fused_transformer_paths(model)
 
 
 @torch.no_grad()
@@ -567,6 +568,9 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
         if type(module).__module__.startswith("peft.") and id(module) not in wrapped:
             raise ValueError(f"module {name!r} is a PEFT {type(module).__name__}: not convertible")
 
+    # A tied head (PEFT's LoRA on lm_head over tied embeddings) stops being tied, as build_corda does:
+    # else tie_weights() after a merge would put the embedding back over the merged head.
+    tied = _untie_targets(inner, {name: base for name, _, base, has_adapter in convert if has_adapter})
     for name, module, base, has_adapter in convert:
         if not has_adapter:  # a LoRA layer of another adapter only
             parent, child = get_submodule_parent(inner, name)
@@ -585,7 +589,9 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             alpha=float(module.scaling[adapter_name]) * r,
             dropout=float(getattr(drop, "p", 0.0)),
             mode=mode,
+            tied=name in tied,
         )
+    no_fused_transformer_paths(inner)
     for name, module in list(inner.named_modules()):
         if ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
             keep = module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save else None
@@ -644,14 +650,18 @@ def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrai
     with open(os.path.join(adir, ADAPTER_CONFIG), encoding="utf-8") as f:
         cfg = json.load(f)
     sd = load_file(os.path.join(adir, ADAPTER_WEIGHTS))
-    for name, info in meta["layers"].items():
+    bases = {}
+    for name in meta["layers"]:
         try:
-            base = model.get_submodule(name)
+            bases[name] = model.get_submodule(name)
         except AttributeError:
             raise ValueError(
                 f"the residual model ({type(model).__name__}) has no module {name!r} named by the adapter; "
                 "pass model_class= the class the export was saved from"
             ) from None
+    tied = _untie_targets(model, bases)  # an export from before heads were untied may still say so
+    for name, info in meta["layers"].items():
+        base = bases[name]
         w = linear_weight(base)
         keys = [f"{PEFT_PREFIX}{name}.lora_{x}.weight" for x in "AB"]
         missing = [k for k in keys if k not in sd]
@@ -673,7 +683,9 @@ def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrai
             alpha=float(info["alpha"]),
             dropout=float(cfg.get("lora_dropout", 0.0)),
             mode=info.get("mode", "kpm"),
+            tied=name in tied,
         )
+    no_fused_transformer_paths(model)
     for n, p in model.named_parameters():
         p.requires_grad_(n.endswith(".lora_A") or n.endswith(".lora_B"))
     return model
