@@ -369,9 +369,12 @@ def _check_covariance_output(path: str) -> None:
         )
 
 
-def _check_out_dir(check, path: str) -> None:
+def _check_out_dir(path: str) -> None:
+    """Before any long work: -o must be absent, empty or an earlier export (atomic_dir checks it again)."""
+    from .export import check_out_dir
+
     try:
-        check(path)
+        check_out_dir(path)
     except FileExistsError as e:
         raise CliError(f"-o: {e}") from None
 
@@ -415,9 +418,9 @@ def cmd_build(args) -> int:
     if not os.path.isfile(args.covariances):
         raise CliError(f"covariances file {args.covariances!r} does not exist")
     _check_report_path(args.report)
-    from .export import check_not_source, check_out_dir
+    from .export import check_not_source
 
-    _check_out_dir(check_out_dir, args.output)  # before loading and decomposing, not at save time
+    _check_out_dir(args.output)  # before loading and decomposing, not at save time
 
     # -o replaces an earlier export wholesale: it must not hold this run's own inputs.
     for what, src in (("covariances file", args.covariances), ("--tokenizer", args.tokenizer)):
@@ -500,11 +503,11 @@ def cmd_build(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import atomic_dir, check_not_source, check_out_dir, load_pretrained, to_lora
+    from .export import atomic_dir, check_not_source, load_pretrained, to_lora
     from .rewrite import merge_corda
 
     _local_dir(args.source, "source")
-    _check_out_dir(check_out_dir, args.output)
+    _check_out_dir(args.output)
     # An earlier export at --output is replaced, and the source is one: `export SRC -o SRC` would delete it.
     check_not_source(args.output, args.source)
     if args.base and not args.merged:  # nor may -o replace the original model the LoRA is meant for

@@ -105,6 +105,7 @@ class Collector:
         self._finished = False
         self._masks: dict[str, torch.Tensor | None] = {}
         self._any_pad: torch.Tensor | None = None  # did any batch's attention mask drop a token?
+        self.signatures: dict[str, tuple[float, float]] | None = None  # set by a distributed reduction
         self._kept: dict[tuple[str, torch.device], tuple[ops.KeptRows, torch.Tensor]] = {}
         self._seen: dict[tuple[int, int], tuple[weakref.ref, set[int]]] = {}
         # Flattened (batch·seq, d) tensors that a row-wise module (norm, activation, linear) made from
@@ -426,6 +427,8 @@ class Collector:
                 c /= s
             mats.append(c)
         shapes = {name: weight_shape(self.modules[name]) for g in self.groups for name in g.names}
+        # A distributed reduction computed them already, to check that every rank held the same weights.
+        sigs = self.signatures if self.signatures is not None else weight_signatures(self.modules)
         return Covariances(
             mats,
             [g.names for g in self.groups],
@@ -434,7 +437,7 @@ class Collector:
             shapes=shapes,
             sequences=seqs[0] if self.normalize == "peft" else None,  # counted only for "peft"
             meta=meta,
-            signatures=weight_signatures({name: self.modules[name] for name in shapes}),
+            signatures={n: sigs[n] for n in shapes if n in sigs},
         )
 
 

@@ -193,6 +193,7 @@ class Shard:
                 return 0  # the caller re-raises its own exception
             r, msg = failed[0]
             raise RuntimeError(f"collection failed on rank {r} ({msg}); stopping on rank {self.rank} too")
+        collector.signatures = local["signatures"]
         ref = gathered[0]["signatures"]
         for r, info in enumerate(gathered[1:], 1):
             for name, (norm, proj) in info["signatures"].items():

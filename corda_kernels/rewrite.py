@@ -116,7 +116,8 @@ def plan(
     groups = list(by_cov.values())
     # Before any decomposition, and all of them named: a layer no token reached (an MoE expert no token
     # was routed to) has a zero covariance and nothing to decompose.
-    traces = torch.stack([covs[g[0]].diagonal().sum().double().cpu() for g in groups]).tolist()
+    sums = [covs[g[0]].diagonal().sum().double() for g in groups]
+    traces = torch.stack([t.to(sums[0].device) for t in sums]).tolist()  # one host read, not one per group
     empty = [n for g, t in zip(groups, traces) if t <= 0 for n in g]  # NaN fails later, named as such
     if empty:
         raise ValueError(

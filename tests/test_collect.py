@@ -301,16 +301,22 @@ class _Router(nn.Module):
             self.patches(pixel_values.reshape(-1, pixel_values.shape[-1]))
 
 
+def _three_padded(seq: int, cut: int):
+    """Three sequences of token ids < 50: the first padded from ``cut``, the last one token long."""
+    ids = torch.randint(0, 50, (3, seq))
+    mask = torch.ones(3, seq, dtype=torch.long)
+    mask[0, cut:] = 0
+    mask[2, 1:] = 0
+    return ids, mask
+
+
 @pytest.mark.parametrize("image", [False, True])
 def test_mask_applies_to_flattened_views_only(image):
     # Equal row counts are not enough: patches, or the same tokens in another order, would have the
     # mask applied to the wrong rows. Such inputs count every row, and a warning names them.
     torch.manual_seed(0)
     model = _Router()
-    ids = torch.randint(0, 50, (3, 6))
-    mask = torch.ones(3, 6, dtype=torch.long)
-    mask[0, 4:] = 0
-    mask[2, 1:] = 0
+    ids, mask = _three_padded(seq=6, cut=4)
     batch = {"input_ids": ids, "attention_mask": mask}
     pixels = torch.randn(2, 9, 8)  # 18 patch rows, as many as the batch has token positions
     if image:
@@ -369,10 +375,7 @@ class _NormedMLP(nn.Module):
 def test_token_order_follows_through_row_wise_modules():
     torch.manual_seed(0)
     model = _NormedMLP()
-    ids = torch.randint(0, 50, (3, 5))
-    mask = torch.ones(3, 5, dtype=torch.long)
-    mask[0, 3:] = 0
-    mask[2, 1:] = 0
+    ids, mask = _three_padded(seq=5, cut=3)
     with pytest.warns(UserWarning, match=r"\['flipped', 'seq_first'\]"):
         covs = ck.collect_cov(model, [{"input_ids": ids, "attention_mask": mask}], progress=False, normalize="sum")
     with torch.no_grad():
