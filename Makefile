@@ -6,11 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench compat clean
 
+# No pip cache: the wheels (torch, triton) would otherwise sit on disk twice, and a CI
+# machine's disk can be nearly full.
+PIP := $(BIN)/pip install -q --no-cache-dir
+
 $(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements-dev.txt
-	$(BIN)/pip install -q --no-deps -e .
+	$(PIP) --upgrade pip
+	$(PIP) -r requirements-dev.txt
+	$(PIP) --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
