@@ -70,6 +70,18 @@ def _dtype(name: str):
     return dt
 
 
+@contextlib.contextmanager
+def _reading(what: str, path: str) -> Iterator[None]:
+    """Name the folder when one of its weight files is truncated or corrupt (safetensors' own
+    error names no file, and is neither an OSError nor a ValueError)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise CliError(f"{what} {path!r}: a .safetensors file there is truncated or corrupt ({e})") from None
+
+
 def _load_model(path: str, args) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -79,7 +91,8 @@ def _load_model(path: str, args) -> torch.nn.Module:
     kw = {"local_files_only": True, "dtype": _dtype(args.dtype)}
     if args.device == "auto":
         kw["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    with _reading("model", path):
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if args.device != "auto":
         model.to(args.device)
     return model.eval()
@@ -96,10 +109,19 @@ def _load_tokenizer(path: str):
 
 
 # ---------------------------------------------------------------------- calibration data
+def _utf8_lines(path: str, f) -> Iterator[tuple[int, str]]:
+    i = 0
+    try:
+        for i, line in enumerate(f, 1):
+            yield i, line
+    except UnicodeDecodeError as e:
+        raise CliError(f"{path}: not UTF-8 text ({e.reason}, after line {i})") from None
+
+
 def _read_texts(path: str, field: str) -> Iterator[str]:
     # A generator: with --max-batches the caller stops pulling, and the rest is never read or parsed.
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+        for i, line in _utf8_lines(path, f):
             if not line.strip():
                 continue
             if not path.endswith(".jsonl"):
@@ -346,9 +368,22 @@ def cmd_collect(args) -> int:
     return 0
 
 
+def _check_parent(flag: str, path: str) -> None:
+    """Before any work: the writes create missing folders, so the nearest existing one must be a
+    folder we can write in (``-o notes.txt/covs.safetensors`` would otherwise fail at the end)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CliError(f"{flag} {path!r}: {parent!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"{flag} {path!r}: no permission to write in {parent!r}")
+
+
 def _check_covariance_output(path: str) -> None:
     """Only an earlier covariance file may be replaced: ``-o model/model.safetensors`` must not
     overwrite the model's weights, nor ``-o`` a tokenizer file or anything else a user keeps."""
+    _check_parent("-o", path)
     if not os.path.lexists(path):
         return
     if os.path.isdir(path):
@@ -373,6 +408,7 @@ def _check_out_dir(path: str) -> None:
     """Before any long work: -o must be absent, empty or an earlier export (atomic_dir checks it again)."""
     from .export import check_out_dir
 
+    _check_parent("-o", path)
     try:
         check_out_dir(path)
     except FileExistsError as e:
@@ -393,6 +429,7 @@ def _check_report_path(path: str | None) -> None:
         raise CliError(f"--report {path!r}: unknown image format {fmt!r} (one of {', '.join(sorted(supported))})")
     if os.path.isdir(path):
         raise CliError(f"--report {path!r} is a directory; give a file name (e.g. report.png)")
+    _check_parent("--report", path)
 
 
 def _parse_budget(text: str | None):
@@ -512,7 +549,8 @@ def cmd_export(args) -> int:
     check_not_source(args.output, args.source)
     if args.base and not args.merged:  # nor may -o replace the original model the LoRA is meant for
         check_not_source(args.output, args.base, inside_ok=True)
-    model = load_pretrained(args.source, dtype=_dtype(args.dtype))
+    with _reading("source", args.source):
+        model = load_pretrained(args.source, dtype=_dtype(args.dtype))
     if args.merged:
         merge_corda(model)
         with atomic_dir(args.output) as tmp:
@@ -528,9 +566,10 @@ def cmd_export(args) -> int:
         raise CliError("export needs --base ORIGINAL_MODEL_DIR (for a LoRA on the original weights) or --merged")
     from transformers import AutoModelForCausalLM
 
-    original = AutoModelForCausalLM.from_pretrained(
-        _local_dir(args.base, "--base"), local_files_only=True, dtype=_dtype(args.dtype)
-    )
+    with _reading("--base", args.base):
+        original = AutoModelForCausalLM.from_pretrained(
+            _local_dir(args.base, "--base"), local_files_only=True, dtype=_dtype(args.dtype)
+        )
     to_lora(model, original.state_dict(), args.output, base_model_name_or_path=os.path.abspath(args.base))
     _log(f"LoRA (rank 2r) for the original model {args.base} -> {args.output}")
     return 0

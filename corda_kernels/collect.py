@@ -128,19 +128,19 @@ class Collector:
         tokens still gets the attention mask."""
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))
-        if stop_at is not None:
+        if stop_at is not None and not _scripted(stop_at):  # a scripted head takes no hook: it just runs
             self._handles.append(stop_at.register_forward_pre_hook(self._stop_hook))
         if encoder is not None:
             self._handles.append(encoder.register_forward_hook(self._encoder_hook))
         root = model if model is not None else row_root
         if root is not None:
             for m in root.modules():
-                if _row_wise(m):
+                if _row_wise(m) and not _scripted(m):
                     self._handles.append(m.register_forward_hook(self._rows_hook))
         if model is not None:
             targets = {id(m) for m in self.modules.values()}
             for m in model.modules():
-                if id(m) not in targets:
+                if id(m) not in targets and not _scripted(m):  # unwatched: the stop can only come later
                     self._watch_handles.append(m.register_forward_pre_hook(self._watch_hook))
 
     def _watch_hook(self, module, args):
@@ -626,6 +626,11 @@ _ELEMENTWISE = (
 )
 
 
+def _scripted(m: nn.Module) -> bool:
+    # TorchScript modules refuse Python hooks.
+    return isinstance(m, torch.jit.ScriptModule)
+
+
 def _row_wise(m: nn.Module) -> bool:
     """Whether ``m`` maps each row of a 2-D input to the same row of its output (so token order
     survives it): linear layers, norms over the last dim, elementwise activations."""
@@ -714,11 +719,11 @@ def run_batches(
         bar = tqdm(desc=desc, unit="batch", total=total, dynamic_ncols=True, leave=False)  # total gives the ETA
     n = 0
     tokens = 0
-    model.eval()
-    for c in caching:
-        c.use_cache = False
-    collector.attach(stop_at=stop_at, encoder=encoder, model=model if early_stop else None, row_root=model)
-    try:
+    try:  # the set-up too: whatever of it ran is undone below
+        model.eval()
+        for c in caching:
+            c.use_cache = False
+        collector.attach(stop_at=stop_at, encoder=encoder, model=model if early_stop else None, row_root=model)
         with torch.no_grad():
             # islice: with max_batches, never pull one batch more than is used (a generator may tokenize).
             for batch in loader if max_batches is None else itertools.islice(loader, max_batches):

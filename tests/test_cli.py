@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -195,9 +196,18 @@ def test_cordapp_scoring_options_and_targets_reach_the_api(workdir, tmp_path, ca
             ["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--candidates", "2", "--sum-over", "adapter"],
             "needs --rank",
         ),
+        (["collect", "{m}", "{d}/data.txt", "-o", "{d}/data.txt/c.safetensors"], "data.txt' is not a directory"),
+        (["build", "{m}", "{t}/c.safetensors", "-o", "{d}/data.txt/out"], "data.txt' is not a directory"),
+        (["build", "{m}", "{t}/c.safetensors", "-o", "{t}/new", "--report", "{d}/data.txt/r.png"], "--report"),
+        (["collect", "{m}", "{t}/latin1.txt", "-o", "{t}/c"], "latin1.txt: not UTF-8 text"),
+        (["collect", "{t}/cut", "{d}/data.txt", "-o", "{t}/c"], "cut': a .safetensors file there is truncated"),
     ],
 )
 def test_errors_are_one_clear_line(workdir, tmp_path, capsys, argv, message):
+    (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+    shutil.copytree(workdir / "model", tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "notes.txt").write_text("mine")
@@ -292,6 +302,24 @@ def test_outputs_never_replace_inputs_and_fail_before_writing(workdir, tmp_path,
     rc = cli.main(["build", str(m), str(covs), "-o", str(tmp_path / "new"), "--rank", "2", "--report", "r.xyz"])
     assert rc == 1 and "unknown image format 'xyz'" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("part", ["residual/model.safetensors", "adapter/adapter_model.safetensors"])
+def test_a_truncated_export_is_one_line_naming_it(workdir, tmp_path, capsys, part):
+    d = workdir
+    covs, out = tmp_path / "c.safetensors", tmp_path / "built"
+    assert cli.main(["collect", str(d / "model"), str(d / "data.txt"), "-o", str(covs)]) == 0
+    assert cli.main(["build", str(d / "model"), str(covs), "-o", str(out), "--rank", "2"]) == 0
+    f = out / part
+    assert f.exists()
+    f.write_bytes(f.read_bytes()[:3000])
+    capsys.readouterr()
+    for extra in (["--merged"], ["--base", str(d / "model")]):
+        assert cli.main(["export", str(out), "-o", str(tmp_path / "e"), *extra]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert f"source '{out}'" in err and "truncated or corrupt" in err
+        assert not (tmp_path / "e").exists()
 
 
 def test_build_refuses_covariances_of_other_weights_unless_told(workdir, tmp_path, capsys):

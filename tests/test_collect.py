@@ -135,6 +135,33 @@ def test_mode_restored_and_hooks_removed_on_error():
         assert not m._forward_pre_hooks
 
 
+def test_a_failure_while_hooking_undoes_the_set_up(monkeypatch):
+    # The hooks go on one module at a time: one refused halfway must still leave the model as it was.
+    model = tiny_llama().train()
+    victim = model.model.layers[1].mlp.up_proj
+
+    def refuse(*a, **k):
+        raise RuntimeError("no hooks here")
+
+    monkeypatch.setattr(victim, "register_forward_pre_hook", refuse)
+    with pytest.raises(RuntimeError, match="no hooks here"):
+        ck.collect_cov(model, padded_batches(128, n_batches=1), progress=False, early_stop=True)
+    assert model.training and model.config.use_cache is True
+    for m in model.modules():
+        assert not m._forward_pre_hooks and not m._forward_hooks, m
+
+
+def test_a_scripted_submodule_takes_no_hook_and_collection_goes_on():
+    # TorchScript modules refuse Python hooks: watching and row-passing skip them instead of failing.
+    model = tiny_llama(layers=3)
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.jit.script(nn.SiLU())
+    batches = padded_batches(128, n_batches=3)
+    covs = ck.collect_cov(model, batches, progress=False, early_stop=True)
+    ref, _ = reference_covariances(model, batches, list(covs))
+    assert all(rel(covs[n], ref[n]) < 1e-5 for n in covs)
+
+
 def test_empty_loader_and_bad_arguments():
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="no batch"):
