@@ -63,6 +63,37 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return False
 
 
+def built_hint(model: nn.Module) -> str:
+    """Why a converted model has no targets left: its linear layers are CordaLinear now."""
+    from .layer import CordaLinear
+
+    n = sum(isinstance(m, CordaLinear) for m in model.modules())
+    if not n:
+        return ""
+    return f" (build_corda already converted {n} of its layers to CordaLinear: merge_corda first, or use the original model)"
+
+
+def _patterns(targets) -> list[str]:
+    # Checked before the walk: a typo'd regex or a stray int must name targets=, not fail inside it.
+    try:
+        patterns = list(targets)
+    except TypeError:
+        raise TypeError(
+            f"targets must be a list of names, globs or 're:' patterns, or a predicate (name, module) -> bool; "
+            f"got {type(targets).__name__}"
+        ) from None
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"targets entries must be strings, got {bad[:3]!r}")
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise ValueError(f"targets pattern {p!r} is not a valid regular expression: {e}") from None
+    return patterns
+
+
 def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Module]:
     """Map name -> module for every target, in ``named_modules`` order.
 
@@ -77,7 +108,7 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
     unused = {id(m.out_proj): name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     if isinstance(targets, str):
         targets = [targets]
-    patterns = None if targets is None or callable(targets) else list(targets)
+    patterns = None if targets is None or callable(targets) else _patterns(targets)
     out: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not name or not is_linear_like(module):
@@ -100,7 +131,7 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
             )
         out[name] = module
     if targets is not None and patterns is not None and not out:
-        raise ValueError(f"targets {patterns} matched no nn.Linear or Conv1D module of the model")
+        raise ValueError(f"targets {patterns} matched no nn.Linear or Conv1D module of the model{built_hint(model)}")
     return out
 
 

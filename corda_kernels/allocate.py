@@ -29,7 +29,7 @@ from .compactness import (
     layer_log_pi,
 )
 from .covariance import Covariances
-from .decompose import MODES, validate
+from .decompose import MODES, check_damping, validate
 from .rewrite import resolve_targets
 
 
@@ -105,6 +105,7 @@ def allocate_ranks(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_damping(damping)
     if pi_from not in PI_FROM:
         raise ValueError(f"pi_from must be one of {PI_FROM}, got {pi_from!r}")
     if pi_normalize not in PI_NORMALIZE:

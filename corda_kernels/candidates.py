@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import decompose, ops
-from ._targets import Targets, find_targets, linear_weight, weight_shape
+from ._targets import Targets, built_hint, find_targets, linear_weight, weight_shape
 from .collect import Collector, run_batches
 from .compactness import (
     CovStats,
@@ -34,7 +34,7 @@ from .compactness import (
     selection_score_from,
 )
 from .covariance import Covariances, weight_signatures
-from .decompose import Spectrum, damp_covariance
+from .decompose import Spectrum, check_damping, damp_covariance
 
 
 @dataclass
@@ -306,12 +306,13 @@ def collect_candidates(
     then decomposes the winners again).
     """
     rule = ScoreRule(sum_over, rank, mode, group_score, pi_from, pi_normalize).validate()
+    check_damping(damping)
     if compute_dtype not in (torch.float32, torch.float64):
         raise TypeError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     ends = plan_rounds(loader, candidates, max_batches, round_batches)
     modules = find_targets(model, targets)
     if not modules:
-        raise ValueError("the model has no nn.Linear or Conv1D target to collect covariances for")
+        raise ValueError(f"the model has no nn.Linear or Conv1D target to collect covariances for{built_hint(model)}")
     if rule.sum_over == "adapter":
         # A layer narrower than the rank (an MoE router) is scored over all its components, which is what
         # the full-width adapter its build will need (ranks={name: width}) takes; a rank no layer can

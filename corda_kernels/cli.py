@@ -65,8 +65,8 @@ def _dtype(name: str):
     if name == "auto":
         return "auto"
     dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise CliError(f"--dtype {name!r} is not a torch dtype (float32, bfloat16, float16, auto)")
+    if dt not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise CliError(f"--dtype {name!r}: one of float32, bfloat16, float16, float64 or auto")
     return dt
 
 
@@ -86,6 +86,11 @@ def _load_model(path: str, args) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     _local_dir(path, "model")
+    if args.device != "auto":
+        try:
+            torch.device(args.device)
+        except RuntimeError as e:
+            raise CliError(f"--device {args.device!r}: {e}") from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {args.device}: this torch has no CUDA device")
     kw = {"local_files_only": True, "dtype": _dtype(args.dtype)}

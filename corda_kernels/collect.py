@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._targets import Conv1D, Targets, find_targets, unwrap_model, weight_shape
+from ._targets import Conv1D, Targets, built_hint, find_targets, unwrap_model, weight_shape
 from .covariance import Covariances, weight_signatures
 
 if TYPE_CHECKING:
@@ -73,7 +73,10 @@ class Collector:
         self.modules = dict(modules)
         self.normalize = normalize
         self.accum_dtype = accum_dtype
-        self.device = torch.device(device) if device is not None else None
+        try:
+            self.device = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device={device!r} is not a torch device: {e}") from None
         self.backend = backend
         self.groups: list[_Group] = []
         self.group_of: dict[str, int] = {}
@@ -193,6 +196,8 @@ class Collector:
             x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"module {name!r} was called without a tensor input")
+            if x.is_nested:
+                raise TypeError(f"module {name!r} was called with a nested tensor: give padded batches and a mask")
             self._on_input(name, x)
             c = self._counts[name] = self._counts.get(name, 0) + 1
             if self.batch == 0:
@@ -590,6 +595,22 @@ def split_batch(batch, params: list[str] | None = None):
     raise TypeError(f"a batch must be a tensor, a dict/BatchEncoding, or a tuple/list; got {type(batch).__name__}")
 
 
+def _check_mask_matches_ids(mask, ids, n: int) -> None:
+    # Another shape would match no layer's rows, and every token would be counted, padding included.
+    if (
+        isinstance(mask, torch.Tensor)
+        and isinstance(ids, torch.Tensor)
+        and mask.dim() == 2
+        and ids.dim() == 2
+        and not ids.is_floating_point()
+        and mask.shape != ids.shape
+    ):
+        raise ValueError(
+            f"batch {n}: attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}: "
+            "they must match, (batch, seq)"
+        )
+
+
 def _mask_applies(mask: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the (batch, seq) attention mask describes x's rows.
 
@@ -709,6 +730,9 @@ def run_batches(
     stop_at = head if isinstance(head, nn.Module) and head not in collector.modules.values() else None
     encoder = _encoder_decoder(model, collector)
     states = {m: m.training for m in model.modules()}
+    # nn.TransformerEncoder packs a padded batch into nested tensors, which have no rows to count;
+    # unpacked, its padding rows are the mask's to drop.
+    nested = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -723,11 +747,14 @@ def run_batches(
         model.eval()
         for c in caching:
             c.use_cache = False
+        for m in nested:
+            m.use_nested_tensor = False
         collector.attach(stop_at=stop_at, encoder=encoder, model=model if early_stop else None, row_root=model)
         with torch.no_grad():
             # islice: with max_batches, never pull one batch more than is used (a generator may tokenize).
             for batch in loader if max_batches is None else itertools.islice(loader, max_batches):
                 args, kwargs, mask = split_batch(batch, params)
+                _check_mask_matches_ids(mask, kwargs.get("input_ids", args[0] if args else None), n)
                 if mask is not None and mask.dim() != 2:
                     # A 4-D additive mask carries no per-token padding flag we can trust.
                     _once(
@@ -785,6 +812,8 @@ def run_batches(
         collector.detach()
         for c in caching:
             c.use_cache = True
+        for m in nested:
+            m.use_nested_tensor = True
         # train(), not .training =: a module may act on the switch (a LoRA layer merging on eval()).
         for m, t in states.items():  # parents first: a parent's train() also sets its children
             if m.training != t:
@@ -854,7 +883,7 @@ def collect_cov(
         raise TypeError(f"collect_cov got option(s) {sorted(candidate_options)}, which apply only with candidates=N")
     modules = find_targets(model, targets)
     if not modules:
-        raise ValueError("the model has no nn.Linear or Conv1D target to collect covariances for")
+        raise ValueError(f"the model has no nn.Linear or Conv1D target to collect covariances for{built_hint(model)}")
     if max_batches is not None and (
         isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1
     ):

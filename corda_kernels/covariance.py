@@ -281,9 +281,12 @@ class Covariances(Mapping[str, torch.Tensor]):
                 shapes={k: tuple(v) for k, v in json.loads(meta.get("shapes", "{}")).items()},
                 sequences=json.loads(meta.get("sequences", "null")),
                 meta=json.loads(meta.get("meta", "{}")),
-                signatures=json.loads(meta.get("signatures", "{}")),
+                signatures=json.loads(meta.get("signatures", "{}")) or {},
             )
             problem = covs._file_problem(n_tensors)
+            # `[]` or `null` would pass as "no signatures", which switches the other-model check off.
+            if not isinstance(json.loads(meta.get("signatures", "{}")), dict):
+                problem = problem or "signatures must be a JSON object"
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is a corrupt corda_kernels covariance file (bad metadata: {e!r})") from None
         except ValueError as e:
@@ -319,6 +322,7 @@ class Covariances(Mapping[str, torch.Tensor]):
             if float((sub - sub.T).abs().max()) > 1e-5 * scale:
                 return f"group {list(g)} is not symmetric"
         for name, sig in self.signatures.items():
-            if len(sig) != 2 or not all(isinstance(x, (int, float)) for x in sig):
+            # NaN would compare unequal to nothing, and so pass any model.
+            if len(sig) != 2 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in sig):
                 return f"signature of {name!r} is {sig!r}"
         return None

@@ -20,6 +20,7 @@ tail components that KPM keeps.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,12 @@ def _label(name: str | None) -> str:
     return f" of module {name!r}" if name else ""
 
 
+def check_damping(damping) -> None:
+    """The damping argument of every entry point: a finite number >= 0 (checked before any work)."""
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0.0 <= damping < math.inf:
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+
+
 def damp_covariance(
     cov: torch.Tensor, damping: float = 0.01, *, dtype: torch.dtype = torch.float32, name: str | None = None
 ) -> DampedCovariance:
@@ -109,8 +116,7 @@ def damp_covariance(
         raise ValueError(f"cov{_label(name)} must be a square (d_in, d_in) matrix, got {tuple(cov.shape)}")
     if not cov.is_floating_point():
         raise TypeError(f"cov{_label(name)} must be a floating-point tensor, got {cov.dtype}")
-    if not (damping >= 0.0):
-        raise ValueError(f"damping must be >= 0, got {damping}")
+    check_damping(damping)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"compute_dtype must be torch.float32 or torch.float64, got {dtype}")
     c = cov.to(dtype)

@@ -37,7 +37,7 @@ from torch import nn
 from ._io import current_umask
 from ._targets import Conv1D, get_submodule_parent, linear_weight, swap_modules, unwrap_model
 from .layer import CordaLinear
-from .rewrite import _untie_targets, corda_layers, no_fused_transformer_paths
+from .rewrite import _untie_targets, checkpointing_ready, corda_layers, no_fused_transformer_paths
 
 EXPORT_FORMAT = "corda_kernels.export/1"
 #: Written last into every export directory; an existing directory is only ever replaced if it holds this file.
@@ -592,6 +592,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             tied=name in tied,
         )
     no_fused_transformer_paths(inner)
+    checkpointing_ready(inner)
     for name, module in list(inner.named_modules()):
         if ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
             keep = module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save else None
@@ -686,6 +687,7 @@ def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrai
             tied=name in tied,
         )
     no_fused_transformer_paths(model)
+    checkpointing_ready(model)
     for n, p in model.named_parameters():
         p.requires_grad_(n.endswith(".lora_A") or n.endswith(".lora_B"))
     return model

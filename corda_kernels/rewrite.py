@@ -7,6 +7,8 @@ layer, and only then swaps modules, so an error leaves the model untouched.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from .decompose import (
     DampedCovariance,
     Spectrum,
     adapter_factors,
+    check_damping,
     damp_covariance,
     residual_weight,
     selected_spectrum,
@@ -67,7 +70,10 @@ def resolve_targets(model: nn.Module, covs: Mapping[str, torch.Tensor], targets:
                 "another model?"
             )
         if isinstance(module, CordaLinear):
-            raise ValueError(f"module {name!r} is already a CordaLinear: merge_corda first, or pass targets=")
+            raise ValueError(
+                f"module {name!r} is already a CordaLinear (build_corda ran on this model): merge_corda first, "
+                "or use the original model"
+            )
         if not is_linear_like(module):
             raise ValueError(f"module {name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D")
         out[name] = module
@@ -105,8 +111,10 @@ def plan(
         r = ranks.get(name, rank)
         validate(linear_weight(module), covs[name], r, mode, name=name)
         a = alpha.get(name) if isinstance(alpha, Mapping) else alpha
-        if a is not None and not a > 0:
-            raise ValueError(f"alpha for module {name!r} must be > 0, got {a}")
+        if a is not None and (isinstance(a, bool) or not isinstance(a, numbers.Real)):
+            raise TypeError(f"alpha for module {name!r} must be a number, got {a!r}")
+        if a is not None and not 0 < a < math.inf:
+            raise ValueError(f"alpha for module {name!r} must be > 0 and finite, got {a}")
         per_rank[name] = r
         per_alpha[name] = float(r if a is None else a)
     # One damped covariance (and Cholesky) per shared tensor.
@@ -240,6 +248,7 @@ def apply_factors(
     _untie_targets(model, modules)
     swap_modules(model, new)
     no_fused_transformer_paths(model)
+    checkpointing_ready(model)
     for n, param in model.named_parameters():
         param.requires_grad_(n.endswith(".lora_A") or n.endswith(".lora_B"))
     return model
@@ -320,6 +329,26 @@ def no_fused_transformer_paths(model: nn.Module) -> None:
             module.use_nested_tensor = False
 
 
+def _inputs_need_grad_when_checkpointing(model: nn.Module, args) -> None:
+    # Reentrant checkpointing (transformers 4's default) hands a block's adapters no gradient unless
+    # the block's input requires one, and with every other weight frozen the embeddings' output does
+    # not. transformers 5, and PEFT, call enable_input_require_grads(); a CorDA model needs the same,
+    # whenever checkpointing is switched on (the HF Trainer does it after the build).
+    if not (model.training and torch.is_grad_enabled()) or getattr(model, "_require_grads_hook", None) is not None:
+        return
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        with contextlib.suppress(NotImplementedError, AttributeError):  # no input embeddings to hook
+            model.enable_input_require_grads()
+
+
+def checkpointing_ready(model: nn.Module) -> None:
+    """Let a transformers model's adapters train under reentrant gradient checkpointing, enabled
+    before or after the conversion (see :func:`_inputs_need_grad_when_checkpointing`)."""
+    hook = _inputs_need_grad_when_checkpointing
+    if hasattr(model, "enable_input_require_grads") and hook not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(hook)
+
+
 def build_corda(
     model: nn.Module,
     covs: Mapping[str, torch.Tensor],
@@ -349,6 +378,7 @@ def build_corda(
     """
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    check_damping(damping)
     modules, p = plan(model, covs, rank, mode, ranks=ranks, alpha=alpha, targets=targets)
     cache = getattr(covs, "spectrum_cache", None)
     served = None

@@ -1,4 +1,5 @@
 import copy
+import json
 import re
 import types
 import warnings
@@ -213,6 +214,10 @@ def test_covariances_from_other_weights_of_the_same_shapes_are_rejected(tmp_path
     ck.build_corda(merged, covs, rank=2)
 
 
+def _nan_signatures(text):
+    return json.dumps({k: [float("nan"), v[1]] for k, v in json.loads(text).items()})
+
+
 @pytest.mark.parametrize(
     "tamper, message",
     [
@@ -224,6 +229,10 @@ def test_covariances_from_other_weights_of_the_same_shapes_are_rejected(tmp_path
         (lambda t, m: t.update({"group.0": t["group.0"].to(torch.int32)}), "torch.int32"),
         (lambda t, m: t.update({"group.0": t["group.0"] + torch.triu(torch.ones_like(t["group.0"]))}), "symmetric"),
         (lambda t, m: t["group.1"].__setitem__((0, 0), float("nan")), "non-finite"),
+        # Signatures that would switch the other-model check off: NaN compares unequal to nothing.
+        (lambda t, m: m.update(signatures=_nan_signatures(m["signatures"])), "signature of"),
+        (lambda t, m: m.update(signatures="[]"), "signatures must be a JSON object"),
+        (lambda t, m: m.update(signatures="null"), "signatures must be a JSON object"),
     ],
 )
 def test_a_tampered_covariance_file_is_refused(tmp_path, tamper, message):

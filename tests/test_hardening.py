@@ -1,6 +1,8 @@
-"""Misuse that used to destroy data or pass silently: exports over their source, corrupt covariance files,
-owner-only modes of atomic writes, to_lora on the residual state dict, unknown names in alpha."""
+"""Misuse that used to destroy data, pass silently or fail without naming its argument: exports over their
+source, corrupt covariance files, owner-only modes of atomic writes, to_lora on the residual state dict,
+unknown names in alpha, arguments of the wrong kind."""
 
+import copy
 import json
 import os
 import stat
@@ -207,3 +209,97 @@ def test_corrupt_token_file_is_a_one_line_cli_error(tmp_path, capsys, suffix):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "could not be read" in err and str(bad) in err
     assert not (tmp_path / "c.safetensors").exists()
+
+
+# ---------------------------------------------------------------------- 6. arguments of the wrong kind name themselves
+@pytest.fixture(scope="module")
+def collected():
+    model = tiny_llama()
+    return model, ck.collect_cov(model, padded_batches(128, n_batches=1), progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"alpha": "x"}, TypeError, "alpha for module .* must be a number, got 'x'"),
+        ({"alpha": {"model.layers.0.self_attn.q_proj": "x"}}, TypeError, "alpha for module .* got 'x'"),
+        ({"alpha": float("inf")}, ValueError, "alpha for module .* finite"),
+        ({"damping": float("inf")}, ValueError, "damping must be a finite number >= 0, got inf"),
+        ({"damping": -1.0}, ValueError, "damping must be a finite number >= 0"),
+        ({"damping": "0.01"}, ValueError, "damping must be a finite number >= 0, got '0.01'"),
+        ({"targets": 123}, TypeError, "targets must be a list of names, globs or 're:' patterns"),
+        ({"targets": [1, 2]}, TypeError, r"targets entries must be strings, got \[1, 2\]"),
+        ({"targets": ["re:("]}, ValueError, r"targets pattern 're:\(' is not a valid regular expression"),
+    ],
+)
+def test_build_arguments_of_the_wrong_kind_are_named_and_change_nothing(collected, kwargs, error, message):
+    model, covs = collected
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        ck.build_corda(model, covs, rank=4, **kwargs)
+    assert not ck.corda_layers(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_numpy_numbers_are_numbers(collected):
+    np = pytest.importorskip("numpy")
+    model, covs = collected
+    model = copy.deepcopy(model)
+    ck.build_corda(model, covs, rank=4, alpha=np.float32(8), damping=np.float64(0.02))
+    assert {m.alpha for m in ck.corda_layers(model).values()} == {8.0}
+
+
+def test_damping_is_checked_before_any_forward():
+    model, pulled = tiny_llama(), []
+
+    def loader():
+        for b in padded_batches(128, n_batches=4):
+            pulled.append(1)
+            yield b
+
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+        ck.collect_cov(model, loader(), progress=False, candidates=2, max_batches=4, damping=-1.0)
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+        ck.allocate_ranks(model, ck.collect_cov(model, padded_batches(128, 1), progress=False), 10**4, damping=-1.0)
+    assert not pulled
+
+
+def test_collect_names_a_bad_device_and_a_mask_of_another_shape():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="device='nodevice' is not a torch device"):
+        ck.collect_cov(model, padded_batches(128, 1), progress=False, device="nodevice")
+    b = padded_batches(128, 1, batch=3)[0]
+    bad = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"][:2]}
+    with pytest.raises(ValueError, match=r"batch 0: attention_mask has shape \(2, 12\) but input_ids \(3, 12\)"):
+        ck.collect_cov(model, [bad], progress=False)
+    for m in model.modules():
+        assert not m._forward_pre_hooks and not m._forward_hooks
+
+
+def test_a_converted_model_says_so_when_it_has_no_targets_left():
+    model = tiny_llama()
+    batches = padded_batches(128, 1)
+    covs = ck.collect_cov(model, batches, progress=False)
+    ck.build_corda(model, covs, rank=4)
+    for call in (
+        lambda: ck.collect_cov(model, batches, progress=False),
+        lambda: ck.collect_cov(model, batches, progress=False, targets=["q_proj"]),
+        lambda: ck.build_corda(model, covs, rank=4, targets=["q_proj"]),
+    ):
+        with pytest.raises(ValueError, match="build_corda already converted 14 of its layers to CordaLinear"):
+            call()
+    with pytest.raises(ValueError, match=r"already a CordaLinear \(build_corda ran on this model\)"):
+        ck.build_corda(model, covs, rank=4)
+
+
+@pytest.mark.parametrize(
+    "flag, message", [("--device", "--device 'nodevice'"), ("--dtype", "--dtype 'float8_e4m3fn': one of")]
+)
+def test_cli_device_and_dtype_are_named(tmp_path, capsys, flag, message):
+    tiny_llama().save_pretrained(tmp_path / "model")
+    torch.save({"input_ids": torch.randint(3, 20, (2, 9))}, tmp_path / "t.pt")
+    value = "nodevice" if flag == "--device" else "float8_e4m3fn"
+    capsys.readouterr()
+    rc = cli.main(["collect", str(tmp_path / "model"), str(tmp_path / "t.pt"), "-o", str(tmp_path / "c"), flag, value])
+    err = capsys.readouterr().err
+    assert rc == 1 and message in err and len(err.strip().splitlines()) == 1

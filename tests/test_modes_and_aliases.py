@@ -2,9 +2,11 @@
 not run in an eval model), modules registered under two names, requires_grad after a merge, and
 arguments checked before anything is swapped."""
 
+import copy
+
 import pytest
 import torch
-from tiny import padded_batches, rel, tiny_llama
+from tiny import padded_batches, reference_covariances, rel, tiny_llama
 from torch import nn
 
 import corda_kernels as ck
@@ -182,6 +184,33 @@ def test_torch_transformer_encoder_layers_keep_their_adapters_in_eval():
         assert rel(model(xs[0]), trained) < 1e-5
 
 
+class _PaddedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _torch_encoder()
+
+    def forward(self, x, attention_mask):
+        h = self.inner[0](x)
+        return self.inner[2](self.inner[1](h, src_key_padding_mask=~attention_mask.bool()))
+
+
+def test_a_padded_batch_through_nn_transformer_encoder_is_collected_without_its_padding():
+    # In eval without grad the encoder packs a padded batch into nested tensors, which have no rows.
+    model = _PaddedEncoder()
+    batches = []
+    for i in range(2):
+        mask = torch.ones(3, 10, dtype=torch.long)
+        mask[i, 6 - i :] = 0
+        batches.append({"x": torch.randn(3, 10, 16), "attention_mask": mask})
+    covs = ck.collect_cov(model, batches, progress=False)
+    assert all(m.use_nested_tensor for m in model.modules() if isinstance(m, nn.TransformerEncoder))
+    unpacked = copy.deepcopy(model)
+    unpacked.inner[1].use_nested_tensor = False
+    ref, counts = reference_covariances(unpacked, batches, list(covs))
+    assert covs.token_counts == counts == {n: 2 * 30 - 4 - 5 for n in covs}
+    assert all(rel(covs[n], ref[n]) < 1e-5 for n in covs)
+
+
 def test_from_peft_on_a_torch_transformer_encoder_keeps_the_adapters_in_eval():
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
@@ -195,3 +224,33 @@ def test_from_peft_on_a_torch_transformer_encoder_keeps_the_adapters_in_eval():
     converted = export.from_peft(pm)
     with torch.no_grad():
         assert rel(converted(x), want) < 1e-5
+
+
+@pytest.mark.parametrize("how", ["gradient_checkpointing_enable", "as_transformers_4_sets_it"])
+def test_adapters_train_under_reentrant_checkpointing_switched_on_after_the_build(how):
+    # Reentrant checkpointing gives a block's adapters no gradient unless the block's input requires
+    # one; with every other weight frozen, the embeddings' output does not. transformers 4 enables
+    # it without making the input require grad (transformers 5 does that itself).
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    model = tiny_llama()
+    b = padded_batches(128, n_batches=1)[0]
+    ck.build_corda(model, ck.collect_cov(model, [b], progress=False), rank=4)
+    model.train()
+    plain = copy.deepcopy(model)
+    plain(**b, labels=b["input_ids"], use_cache=False).loss.backward()
+    if how == "gradient_checkpointing_enable":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        model._set_gradient_checkpointing(
+            enable=True, gradient_checkpointing_func=functools.partial(checkpoint, use_reentrant=True)
+        )
+    model(**b, labels=b["input_ids"], use_cache=False).loss.backward()
+    want = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert want.keys() == got.keys() and len(got) == 28
+    missing = [n for n, g in got.items() if g is None]
+    assert not missing, missing
+    assert all(rel(got[n], want[n]) < 1e-5 for n in got)
