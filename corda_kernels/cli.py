@@ -376,7 +376,8 @@ def cmd_collect(args) -> int:
 def _check_parent(flag: str, path: str) -> None:
     """Before any work: the writes create missing folders, so the nearest existing one must be a
     folder we can write in (``-o notes.txt/covs.safetensors`` would otherwise fail at the end)."""
-    parent = os.path.dirname(os.path.abspath(path))
+    # A link is written through (see _io.atomic_path): its target's folder is the one that matters.
+    parent = os.path.dirname(os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path))
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):

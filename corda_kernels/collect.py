@@ -277,7 +277,7 @@ class Collector:
                     # A flattened view: back to (batch, seq, d), so that normalize="peft" scales
                     # each sequence by its own max, as it does for unflattened inputs.
                     x = x.reshape(*mask.shape, x.shape[-1])
-                mask = kept.mask.reshape(mask.shape)
+                mask = kept.mask.reshape(mask.shape) if self.normalize == "peft" else None
             else:
                 # Rows that are not the text tokens (image patches, routed or pooled tokens): count them all.
                 # One row per sequence (a pooler reading [CLS]) is the expected case: no warning for it.
@@ -595,8 +595,9 @@ def split_batch(batch, params: list[str] | None = None):
     raise TypeError(f"a batch must be a tensor, a dict/BatchEncoding, or a tuple/list; got {type(batch).__name__}")
 
 
-def _check_mask_matches_ids(mask, ids, n: int) -> None:
-    # Another shape would match no layer's rows, and every token would be counted, padding included.
+def _mask_for_ids(mask, ids, n: int, said: set[str]):
+    """The mask, or None when its 2-D shape is not input_ids' (a causal (seq, seq) mask, or a batch
+    built wrong): it would describe no layer's rows. Said once, with the shapes."""
     if (
         isinstance(mask, torch.Tensor)
         and isinstance(ids, torch.Tensor)
@@ -605,10 +606,15 @@ def _check_mask_matches_ids(mask, ids, n: int) -> None:
         and not ids.is_floating_point()
         and mask.shape != ids.shape
     ):
-        raise ValueError(
-            f"batch {n}: attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}: "
-            "they must match, (batch, seq)"
-        )
+        if "mask shape" not in said:
+            said.add("mask shape")
+            warnings.warn(
+                f"batch {n}: attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}, so it "
+                "is not read as a (batch, seq) padding mask: every position was counted, padding included",
+                stacklevel=3,
+            )
+        return None
+    return mask
 
 
 def _mask_applies(mask: torch.Tensor, x: torch.Tensor) -> bool:
@@ -754,7 +760,7 @@ def run_batches(
             # islice: with max_batches, never pull one batch more than is used (a generator may tokenize).
             for batch in loader if max_batches is None else itertools.islice(loader, max_batches):
                 args, kwargs, mask = split_batch(batch, params)
-                _check_mask_matches_ids(mask, kwargs.get("input_ids", args[0] if args else None), n)
+                mask = _mask_for_ids(mask, kwargs.get("input_ids", args[0] if args else None), n, said)
                 if mask is not None and mask.dim() != 2:
                     # A 4-D additive mask carries no per-token padding flag we can trust.
                     _once(

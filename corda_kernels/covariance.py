@@ -68,7 +68,9 @@ def weight_signatures(modules: Mapping[str, nn.Module]) -> dict[str, tuple[float
     for idx in by_device.values():  # one host read per device (a device_map model spans several)
         for i, row in zip(idx, torch.stack([sigs[i] for i in idx]).tolist()):
             values[i] = tuple(row)
-    return dict(zip(names, values))
+    # A non-finite weight has no signature to compare (NaN and inf pass any tolerance test): left
+    # unchecked, like an offloaded one; building on such a weight fails on its own.
+    return {n: v for n, v in zip(names, values) if all(math.isfinite(x) for x in v)}
 
 
 class Covariances(Mapping[str, torch.Tensor]):

@@ -480,3 +480,17 @@ def test_targets_that_never_ran_are_collected_as_zero_and_named_at_build():
     ck.build_corda(model, covs, rank=2, targets=["inp", "experts.0"])
     with pytest.raises(ValueError, match="no target module was called"):
         ck.collect_cov(_SkippingExperts(), [torch.randn(20, 12)], targets=["experts.1"], progress=False)
+
+
+def test_a_non_finite_weight_gets_no_signature_and_its_file_loads(tmp_path):
+    # NaN and inf pass any tolerance test, so such a signature would check nothing; a file holding one
+    # would also be refused on load, though collect_cov wrote it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    covs = ck.collect_cov(model, [torch.randn(6, 8)], progress=False)
+    assert set(covs.signatures) == {"0"}
+    covs.save(tmp_path / "c.safetensors")
+    loaded = ck.Covariances.load(tmp_path / "c.safetensors")
+    assert loaded == covs and loaded.signatures == covs.signatures

@@ -201,9 +201,12 @@ def test_cordapp_scoring_options_and_targets_reach_the_api(workdir, tmp_path, ca
         (["build", "{m}", "{t}/c.safetensors", "-o", "{t}/new", "--report", "{d}/data.txt/r.png"], "--report"),
         (["collect", "{m}", "{t}/latin1.txt", "-o", "{t}/c"], "latin1.txt: not UTF-8 text"),
         (["collect", "{t}/cut", "{d}/data.txt", "-o", "{t}/c"], "cut': a .safetensors file there is truncated"),
+        # A link is written through: the folder that counts is its target's.
+        (["collect", "{m}", "{d}/data.txt", "-o", "{t}/link.safetensors"], "data.txt' is not a directory"),
     ],
 )
 def test_errors_are_one_clear_line(workdir, tmp_path, capsys, argv, message):
+    (tmp_path / "link.safetensors").symlink_to(workdir / "data.txt" / "c.safetensors")
     (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
     shutil.copytree(workdir / "model", tmp_path / "cut")
     weights = tmp_path / "cut" / "model.safetensors"

@@ -9,7 +9,8 @@ import stat
 
 import pytest
 import torch
-from tiny import padded_batches, tiny_gpt2, tiny_llama
+from tiny import padded_batches, rel, tiny_gpt2, tiny_llama
+from torch import nn
 
 import corda_kernels as ck
 from corda_kernels import cli, export
@@ -268,12 +269,32 @@ def test_collect_names_a_bad_device_and_a_mask_of_another_shape():
     model = tiny_llama()
     with pytest.raises(ValueError, match="device='nodevice' is not a torch device"):
         ck.collect_cov(model, padded_batches(128, 1), progress=False, device="nodevice")
-    b = padded_batches(128, 1, batch=3)[0]
-    bad = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"][:2]}
-    with pytest.raises(ValueError, match=r"batch 0: attention_mask has shape \(2, 12\) but input_ids \(3, 12\)"):
-        ck.collect_cov(model, [bad], progress=False)
     for m in model.modules():
         assert not m._forward_pre_hooks and not m._forward_hooks
+
+
+class _CausalMasked(nn.Module):
+    """Takes a (seq, seq) attention mask, not a padding mask: legitimate, and not (batch, seq)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj = nn.Embedding(20, 8), nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        return self.proj(torch.tril(attention_mask.float()) @ h)
+
+
+def test_a_mask_of_another_shape_than_the_ids_is_not_read_as_padding():
+    # A (seq, seq) causal mask (or a batch built wrong) does not say which tokens are padding: every
+    # position counts, and the warning gives both shapes.
+    causal = _CausalMasked()
+    ids = torch.randint(0, 20, (3, 6))
+    with pytest.warns(UserWarning, match=r"attention_mask has shape \(6, 6\) but input_ids \(3, 6\)"):
+        covs = ck.collect_cov(causal, [(ids, torch.ones(6, 6))], progress=False, normalize="sum")
+    assert covs.token_counts == {"proj": 18}
+    x = (torch.tril(torch.ones(6, 6)) @ causal.emb(ids)).reshape(-1, 8).double()
+    assert rel(covs["proj"], x.T @ x) < 1e-6
 
 
 def test_a_converted_model_says_so_when_it_has_no_targets_left():

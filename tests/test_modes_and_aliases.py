@@ -254,3 +254,40 @@ def test_adapters_train_under_reentrant_checkpointing_switched_on_after_the_buil
     missing = [n for n, g in got.items() if g is None]
     assert not missing, missing
     assert all(rel(got[n], want[n]) < 1e-5 for n in got)
+
+
+def test_the_input_grad_hook_is_only_for_reentrant_checkpointing_and_respects_an_opt_out():
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    b = padded_batches(128, n_batches=1)[0]
+
+    def built():
+        model = tiny_llama()
+        ck.build_corda(model, ck.collect_cov(model, [b], progress=False), rank=4)
+        return model.train()
+
+    def ours(model):  # the input embeddings' forward hooks (enable_input_require_grads adds one)
+        return len(model.get_input_embeddings()._forward_hooks)
+
+    # Non-reentrant checkpointing needs no input grad (and a hook set inside torch.compile would break it).
+    model = built()
+    model._set_gradient_checkpointing(
+        enable=True, gradient_checkpointing_func=functools.partial(checkpoint, use_reentrant=False)
+    )
+    model(**b, use_cache=False)
+    assert ours(model) == 0
+    # Switched off on purpose: not switched on again.
+    model = built()
+    model.enable_input_require_grads()
+    model.disable_input_require_grads()
+    model._set_gradient_checkpointing(
+        enable=True, gradient_checkpointing_func=functools.partial(checkpoint, use_reentrant=True)
+    )
+    model(**b, use_cache=False)
+    assert ours(model) == 0
+    # Without checkpointing nothing is added either.
+    model = built()
+    model(**b, use_cache=False)
+    assert ours(model) == 0

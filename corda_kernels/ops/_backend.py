@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 
@@ -13,6 +14,7 @@ _ENV = "CORDA_KERNELS_BACKEND"
 _AUTOTUNE_ENV = "CORDA_KERNELS_AUTOTUNE"
 
 
+@functools.cache  # asked on every op call; a failing import is slow and its answer cannot change
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -60,6 +62,12 @@ def resolve(backend: str, *tensors: torch.Tensor, supported: bool = True) -> str
         return "triton"
     ok = supported and all(t.is_cuda for t in tensors)
     return "triton" if ok and triton_available() else "torch"
+
+
+@functools.cache
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (a driver query: once per device)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def tf32_matmul() -> bool:

@@ -17,7 +17,7 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._backend import interpreting, on_device, resolve, tf32_matmul, tuning_configs
+from ._backend import interpreting, on_device, resolve, sm_count, tf32_matmul, tuning_configs
 
 try:
     import triton
@@ -358,11 +358,16 @@ def lora_forward_torch(x2, weight, bias, A, B, scaling, xd2):
     return y, s
 
 
+def _scaled(t: torch.Tensor, scaling: float) -> torch.Tensor:
+    # In place, and skipped at the default scaling 1 (alpha = rank): one kernel launch fewer per call.
+    return t.mul_(scaling) if scaling != 1.0 else t
+
+
 def lora_backward_torch(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
     """Returns (dx, dW, db, dA, dB); entries not asked for by ``needs`` are None."""
     need_x, need_w, need_b, need_a, need_bb = needs
     wide = _wide(dy2)
-    ds = (dy2 @ B).to(wide).mul_(scaling) if need_x or need_a else None  # (M, r)
+    ds = _scaled((dy2 @ B).to(wide), scaling) if need_x or need_a else None  # (M, r)
     dx = dW = db = dA = dB = None
     if need_x:
         dx = dy2 @ weight
@@ -375,7 +380,7 @@ def lora_backward_torch(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
     if need_a:
         dA = (ds.t() @ xd2.to(wide)).to(A.dtype)
     if need_bb:
-        dB = (dy2.to(wide).t() @ s).mul_(scaling).to(B.dtype)
+        dB = _scaled(dy2.to(wide).t() @ s, scaling).to(B.dtype)
     if need_w:
         dW = dy2.t() @ x2
     if need_b:
@@ -494,7 +499,11 @@ def _dy_lowrank(dy, B, s, chunks: int | None = None):
     if M == 0 or N == 0:
         return u, db
     if chunks is None:
-        target = 4 * torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 2
+        target = (
+            4 * sm_count(dy.device.index if dy.device.index is not None else torch.cuda.current_device())
+            if dy.is_cuda
+            else 2
+        )
     else:
         target = None
 
@@ -568,9 +577,9 @@ def lora_backward_triton(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs)
         keep_scale = 1.0 / (1.0 - p) if keep is not None else 1.0
         dx = _gemm_lowrank(dy2, weight, None, u, A, scaling, keep, keep_scale)
     if need_a:
-        dA = _mm_f32((u * scaling).to(xd2.dtype).t(), xd2).to(A.dtype)
+        dA = _mm_f32((u * scaling if scaling != 1.0 else u).to(xd2.dtype).t(), xd2).to(A.dtype)
     if need_bb:
-        dB = db32.mul_(scaling).to(B.dtype)
+        dB = _scaled(db32, scaling).to(B.dtype)
     if need_w:
         dW = dy2.t() @ x2
     if need_b:
