@@ -380,3 +380,21 @@ def test_an_export_peft_would_rewrite_on_load_is_warned_about(tmp_path):
         warnings.simplefilter("always")
         ck.save_pretrained(plain, tmp_path / "plain")
     assert not [w for w in caught if "PEFT will rewrite" in str(w.message)]
+
+
+def test_a_raw_trainer_checkpoint_loads_into_the_same_conversion(tmp_path):
+    # What Trainer.save_model / checkpoints write is the model's own save_pretrained (README recipe).
+    from safetensors.torch import load_file
+
+    b = padded_batches(128, n_batches=1)[0]
+    model = tiny_llama()
+    covs = ck.collect_cov(model, [b], progress=False)
+    ck.build_corda(model, covs, rank=4)
+    with torch.no_grad():
+        for layer in ck.corda_layers(model).values():
+            layer.lora_B.add_(0.01)  # "trained"
+    model.save_pretrained(tmp_path / "checkpoint-2")
+    fresh = ck.build_corda(tiny_llama(), covs, rank=4)
+    fresh.load_state_dict(load_file(tmp_path / "checkpoint-2" / "model.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(fresh(**b).logits, model(**b).logits)
