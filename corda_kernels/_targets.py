@@ -105,7 +105,20 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
     head = _head_ids(model)
     # nn.MultiheadAttention passes out_proj.weight to a functional kernel: out_proj's own forward
     # never runs, so it collects nothing and an adapter there would never apply.
-    unused = {id(m.out_proj): name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    unused = {
+        id(m.out_proj): f"the out_proj of nn.MultiheadAttention {name!r}, which reads its weight directly"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
+    # transformers' Mamba mixers multiply by dt_proj.weight themselves (always on transformers 5, and
+    # in the CUDA fast path on 4): an adapter there would never apply.
+    unused.update(
+        {
+            id(m.dt_proj): f"the dt_proj of Mamba mixer {name!r}, whose weight the mixer reads directly"
+            for name, m in model.named_modules()
+            if "Mamba" in type(m).__name__ and isinstance(getattr(m, "dt_proj", None), nn.Linear)
+        }
+    )
     if isinstance(targets, str):
         targets = [targets]
     patterns = None if targets is None or callable(targets) else _patterns(targets)
@@ -125,9 +138,8 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
             continue
         if id(module) in unused:
             raise ValueError(
-                f"module {name!r} is the out_proj of nn.MultiheadAttention {unused[id(module)]!r}, which reads "
-                "its weight directly (the module's forward never runs): it cannot hold an adapter; leave it out "
-                "of targets="
+                f"module {name!r} is {unused[id(module)]} (the module's forward never runs): it cannot hold "
+                "an adapter; leave it out of targets="
             )
         out[name] = module
     if targets is not None and patterns is not None and not out:

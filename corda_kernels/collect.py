@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._targets import Conv1D, Targets, built_hint, find_targets, unwrap_model, weight_shape
+from ._targets import Conv1D, Targets, built_hint, find_targets, is_linear_like, unwrap_model, weight_shape
 from .covariance import Covariances, weight_signatures
 
 if TYPE_CHECKING:
@@ -628,11 +628,26 @@ def _mask_applies(mask: torch.Tensor, x: torch.Tensor) -> bool:
     in routing order). A normalized copy of flattened tokens (OPT's MLP) is
     recognized through the row-wise modules that made it (``_rows_hook``).
     """
-    lead = x.shape[:-1]
+    lead, base = x.shape[:-1], x._base
+    batch, seq = mask.shape
+    from_tokens = base is not None and base.dim() >= 3 and tuple(base.shape[:2]) == (batch, seq)
     if lead == mask.shape:
-        return True
-    base = x._base
-    return lead.numel() == mask.numel() and base is not None and tuple(base.shape[: mask.dim()]) == tuple(mask.shape)
+        # A square batch read seq-first (x = hidden.transpose(0, 1), Longformer) has the mask's shape
+        # but not its order: its first two strides are the base's, swapped.
+        swapped = (
+            from_tokens
+            and x.dim() >= 3
+            and base.stride(0) != base.stride(1)
+            and (x.stride(0), x.stride(1)) == (base.stride(1), base.stride(0))
+        )
+        return not swapped
+    if not from_tokens or x.dim() != 2 or x.shape[0] != batch * seq:
+        return False
+    # Rows in the base's token order: row b·seq + s is token (b, s) (hidden.view(-1, d), or a slice of
+    # its features); a transposed view flattened would hold the same rows in another order.
+    sb0, sb1, sx0 = base.stride(0), base.stride(1), x.stride(0)
+    off = x.storage_offset() - base.storage_offset()
+    return (seq == 1 or sx0 == sb1) and (batch == 1 or sb0 == seq * sx0) and 0 <= off < max(sb1, 1)
 
 
 # Elementwise modules: output row i is a function of input row i alone.
@@ -733,7 +748,9 @@ def run_batches(
     caching = [c for c in configs.values() if getattr(c, "use_cache", None) is True]
     said: set[str] = set()
     head = _output_head(model)
-    stop_at = head if isinstance(head, nn.Module) and head not in collector.modules.values() else None
+    # Only a linear head ends the forward: FSMT's get_output_embeddings() is the decoder's input
+    # embedding, which runs before every decoder layer.
+    stop_at = head if is_linear_like(head) and head not in collector.modules.values() else None
     encoder = _encoder_decoder(model, collector)
     states = {m: m.training for m in model.modules()}
     # nn.TransformerEncoder packs a padded batch into nested tensors, which have no rows to count;

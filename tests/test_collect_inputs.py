@@ -253,3 +253,78 @@ def test_the_layout_warning_is_capped_and_silent_without_padding():
     with pytest.warns(UserWarning, match=r"token layout of 45 module\(s\), .* and 5 more; all their rows") as caught:
         ck.collect_cov(_Patches(), [padded], progress=False)
     assert len(str(caught[0].message)) < 2000
+
+
+class _SeqFirst(nn.Module):
+    """Reads its tokens seq-first through a transposed view (Longformer's attention does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(50, 8), nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.lin(self.emb(input_ids).transpose(0, 1))
+
+
+@pytest.mark.parametrize("seq", [5, 3], ids=["batch_ne_seq", "square"])
+def test_a_transposed_view_is_not_masked_in_the_wrong_order(seq):
+    # Neither shape nor base may pass for token order: the rows are counted whole, with the warning,
+    # instead of dropping the wrong ones.
+    torch.manual_seed(0)
+    model = _SeqFirst()
+    ids = torch.randint(0, 50, (3, seq))
+    mask = torch.ones(3, seq, dtype=torch.long)
+    mask[1, 2:] = 0
+    with pytest.warns(UserWarning, match="did not match the token layout"):
+        covs = ck.collect_cov(model, [{"input_ids": ids, "attention_mask": mask}], progress=False, normalize="sum")
+    x = model.emb(ids).reshape(-1, 8).double()
+    assert covs.token_counts == {"lin": 3 * seq}
+    assert rel(covs["lin"], x.T @ x) < 1e-6
+
+
+class _Flattened(nn.Module):
+    """Reads a feature slice of the flattened tokens: still token order, so the mask applies."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(50, 24), nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        return self.lin(h.view(-1, 24)[:, 8:16])
+
+
+def test_a_sliced_flat_view_in_token_order_takes_the_mask():
+    torch.manual_seed(0)
+    model = _Flattened()
+    ids = torch.randint(0, 50, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[1, 2:] = 0
+    covs = ck.collect_cov(model, [{"input_ids": ids, "attention_mask": mask}], progress=False, normalize="sum")
+    x = model.emb(ids)[..., 8:16][mask.bool()].double()
+    assert covs.token_counts == {"lin": 12}
+    assert rel(covs["lin"], x.T @ x) < 1e-6
+
+
+class _EmbeddingAsOutput(nn.Module):
+    """get_output_embeddings() is an embedding that runs first (FSMT's decoder does this)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.l1, self.l2 = nn.Embedding(50, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def get_output_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.l2(self.l1(self.emb(input_ids))) @ self.emb.weight.T
+
+
+def test_a_non_linear_output_embedding_does_not_end_the_forward():
+    torch.manual_seed(0)
+    model = _EmbeddingAsOutput()
+    ids = torch.randint(0, 50, (2, 6))
+    covs = ck.collect_cov(model, [{"input_ids": ids}], progress=False, normalize="sum")
+    assert covs.token_counts == {"l1": 12, "l2": 12}
+    x = model.emb(ids).reshape(-1, 8).double()
+    assert rel(covs["l1"], x.T @ x) < 1e-6

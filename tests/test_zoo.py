@@ -56,6 +56,11 @@ ARCHS = {
         "GPTJConfig",
         dict(vocab_size=V, n_embd=H, n_layer=L, n_head=4, rotary_dim=8, n_positions=64),
     ),
+    "mamba": (  # the mixers read dt_proj.weight themselves: never a default target
+        "MambaForCausalLM",
+        "MambaConfig",
+        dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, state_size=8, expand=2, time_step_rank=8),
+    ),
     "mixtral": _llama_like("MixtralForCausalLM", "MixtralConfig", num_key_value_heads=2, num_local_experts=4),
     "qwen2_moe": _llama_like(  # shared_expert_gate: a one-output linear, not a default target
         "Qwen2MoeForCausalLM",
@@ -170,3 +175,12 @@ def test_architecture_end_to_end(arch):
     assert not ck.corda_layers(model)
     for a, b in zip(_outputs(model, batches), before):
         assert rel(a, b) < 1e-5
+
+
+def test_mamba_dt_proj_is_never_a_target():
+    model = _build("mamba")
+    batches = padded_batches(V, n_batches=1)
+    covs = ck.collect_cov(model, batches, progress=False)
+    assert covs and not any(n.endswith("dt_proj") for n in covs)
+    with pytest.raises(ValueError, match=r"dt_proj' is the dt_proj of Mamba mixer .* leave it out of targets="):
+        ck.collect_cov(model, batches, progress=False, targets=["dt_proj"])
