@@ -115,6 +115,10 @@ class Collector:
         # the batch's tokens in token order, and which masks ("input"/"decoder") describe them.
         self._token_rows: dict[tuple[int, int], tuple[weakref.ref, frozenset[str]]] = {}
         self._member_log: dict[str, list[tuple[int, int]]] = {}
+        # In a group's first batch, a tensor only some of its members may read (DeBERTa-v3's query and
+        # key projections also read the relative position embeddings; its value projection does not):
+        # accumulated apart, keyed (group, tensor), until every member has read it or the batch ends.
+        self._side: dict[tuple[int, tuple[int, int]], _Group] = {}
         self._handles: list = []
 
     # ------------------------------------------------------------------ hooks
@@ -235,8 +239,67 @@ class Collector:
             self.group_of[name] = gi
         if gi in entry[1]:
             return
+        g = self.groups[gi]
+        side = self._side.get((gi, key))
+        if side is None and g.first_batch == self.batch and g.batch_log and len(g.names) > 1:
+            side = self._side[(gi, key)] = self._new_side(g, name)
+            self._accumulate(side, name, x, key)
+        if side is not None:
+            if name not in side.names:
+                side.names.append(name)
+            if set(side.names) == set(g.names):  # every member read it: the group's after all
+                del self._side[(gi, key)]
+                self._merge(g, side)
+                entry[1].add(gi)
+            return
         entry[1].add(gi)
-        self._accumulate(self.groups[gi], name, x, key)
+        self._accumulate(g, name, x, key)
+
+    def _new_side(self, g: _Group, name: str) -> _Group:
+        zero = torch.zeros((), dtype=torch.float64, device=g.acc.device)
+        return _Group([name], g.d, torch.zeros_like(g.acc), zero, zero.clone(), g.first_batch)
+
+    @staticmethod
+    def _merge(g: _Group, side: _Group) -> None:
+        g.acc += side.acc
+        g.count += side.count
+        g.seqs += side.seqs
+        g.batch_log.extend(side.batch_log)
+
+    def _split_sides(self) -> None:
+        """End of a batch: the members of a group that read different tensors become one group per
+        set of tensors read (each starting from the tensors they all read)."""
+        by_group: dict[int, list[_Group]] = {}
+        for (gi, _), side in self._side.items():
+            by_group.setdefault(gi, []).append(side)
+        self._side = {}
+        for gi, sides in by_group.items():
+            g = self.groups[gi]
+            before = list(g.names)
+            classes: dict[tuple[bool, ...], list[str]] = {}
+            for name in before:
+                classes.setdefault(tuple(name in s.names for s in sides), []).append(name)
+            # Members that read none of the side tensors keep the group (else the first class does);
+            # every other class starts from a copy of what all of them read, taken before any merge.
+            made = []
+            for i, sig in enumerate(sorted(classes, key=any)):
+                if i == 0:
+                    target = g
+                else:
+                    target = _Group([], g.d, g.acc.clone(), g.count.clone(), g.seqs.clone(), g.first_batch)
+                    target.batch_log = list(g.batch_log)
+                    self.groups.append(target)
+                    for name in classes[sig]:
+                        self.group_of[name] = len(self.groups) - 1
+                target.names = classes[sig]
+                made.append((target, sig))
+            for target, sig in made:
+                for side, read in zip(sides, sig):
+                    if read:
+                        self._merge(target, side)
+            for tracked in (self.masked, self.unmasked, self.decoder_unmasked):
+                if tracked.intersection(before):
+                    tracked.update(before)
 
     def _new_group(self, name: str, x: torch.Tensor) -> int:
         d = x.shape[-1]
@@ -338,19 +401,22 @@ class Collector:
         self._seen.clear()
         self._token_rows.clear()
         self._member_log.clear()
+        self._side = {}
         for g in self.groups:
             g.batch_log.clear()
 
     def end_batch(self, completed: bool) -> None:
+        if self._side:
+            self._split_sides()
         # Every member of a group must have read exactly the tensors the group accumulated.
         for g in self.groups:
             for name in g.names:
                 seen = self._member_log.get(name, [])
-                if seen != g.batch_log and (completed or seen):
+                if set(seen) != set(g.batch_log) and (completed or seen):
                     raise RuntimeError(
-                        f"modules {g.names} shared an input tensor in batch {g.first_batch}, but in batch "
-                        f"{self.batch} module {name!r} read different inputs; collect these modules separately "
-                        "(targets=...)"
+                        f"modules {g.names} read the same inputs in batch {g.first_batch}, but in batch "
+                        f"{self.batch} module {name!r} read other inputs than the rest; collect these modules "
+                        "separately (targets=...)"
                     )
         if self.batch == 0:
             self.first_counts = dict(self._counts)

@@ -728,3 +728,70 @@ def test_covariances_compare_by_content_and_pickle_without_their_cache(tmp_path)
     assert covs.spectrum_cache._values
     back = pickle.loads(pickle.dumps(covs))
     assert back == covs and not hasattr(back, "spectrum_cache")
+
+
+class _SharedKey(nn.Module):
+    """q and k also read a second tensor that v does not (DeBERTa-v3's share_att_key), or, with
+    ``loop``, all three read a second hidden state (a layer applied twice, as ALBERT shares them)."""
+
+    def __init__(self, loop=False):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(8, 8) for _ in range(3))
+        self.loop = loop
+
+    def forward(self, x, rel):
+        out = self.q(x) + self.k(x) + self.v(x)
+        h = torch.tanh(out)
+        if self.loop:
+            return out + self.q(h) + self.k(h) + self.v(h)
+        return out + self.k(rel).sum() + self.q(rel).sum()
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["some_members", "all_members"])
+def test_group_members_that_read_a_second_tensor_apart(loop):
+    torch.manual_seed(0)
+    model = _SharedKey(loop)
+    batches = [{"x": torch.randn(2, 5, 8), "rel": torch.randn(4, 8)} for _ in range(3)]
+    covs = ck.collect_cov(model, batches, progress=False, normalize="sum")
+    xs = torch.cat([b["x"].reshape(-1, 8) for b in batches]).double()
+    if loop:
+        hs = torch.cat(
+            [torch.tanh(model.q(b["x"]) + model.k(b["x"]) + model.v(b["x"])).reshape(-1, 8) for b in batches]
+        )
+        both = xs.T @ xs + hs.double().T @ hs.double()
+        assert covs.groups == (("q", "k", "v"),)
+        assert all(rel(covs[n], both) < 1e-6 for n in "qkv")
+        return
+    rels = torch.cat([b["rel"] for b in batches]).double()
+    assert sorted(covs.groups) == [("q", "k"), ("v",)]
+    assert rel(covs["v"], xs.T @ xs) < 1e-6
+    assert rel(covs["q"], xs.T @ xs + rels.T @ rels) < 1e-6 and covs["k"] is covs["q"]
+    assert covs.token_counts == {"q": 30 + 12, "k": 30 + 12, "v": 30}
+
+
+def test_deberta_v3_relative_attention_collects_and_builds():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DebertaV2Config(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        relative_attention=True, share_att_key=True, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+        max_relative_positions=-1, position_buckets=16, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.DebertaV2ForMaskedLM(cfg).eval()
+    batches = padded_batches(128, n_batches=2)
+    with torch.no_grad():
+        before = [model(**b).logits for b in batches]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the relative embeddings are no tokens: counted whole, and said
+        covs = ck.collect_cov(model, batches, progress=False)
+    layer = "deberta.encoder.layer.0.attention.self."
+    assert covs.group_of(layer + "query_proj") == (layer + "query_proj", layer + "key_proj")
+    assert covs.group_of(layer + "value_proj") == (layer + "value_proj",)
+    ref, _ = reference_covariances(model, batches, [layer + "value_proj"])
+    assert rel(covs[layer + "value_proj"], ref[layer + "value_proj"]) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ck.build_corda(model, covs, rank=4)
+    with torch.no_grad():
+        for b, want in zip(batches, before):
+            assert rel(model(**b).logits, want) < 1e-4
