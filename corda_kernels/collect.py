@@ -47,6 +47,9 @@ class _Group:
     seqs: torch.Tensor  # counted sequences, for normalize="peft"
     first_batch: int
     batch_log: list[tuple[int, int]] = field(default_factory=list)  # inputs accumulated this batch (_input_key)
+    # A side accumulator (see Collector._side) keeps what its rows were ("masked", "unmasked",
+    # "decoder_unmasked") until it is known which members it belongs to.
+    marks: set[str] | None = None
 
 
 class Collector:
@@ -118,7 +121,8 @@ class Collector:
         # In a group's first batch, a tensor only some of its members may read (DeBERTa-v3's query and
         # key projections also read the relative position embeddings; its value projection does not):
         # accumulated apart, keyed (group, tensor), until every member has read it or the batch ends.
-        self._side: dict[tuple[int, tuple[int, int]], _Group] = {}
+        self._side: dict[tuple[int, tuple[int, int]], tuple[weakref.ref, _Group]] = {}
+        self._closed_sides: list[tuple[int, _Group]] = []
         self._handles: list = []
 
     # ------------------------------------------------------------------ hooks
@@ -240,9 +244,17 @@ class Collector:
         if gi in entry[1]:
             return
         g = self.groups[gi]
-        side = self._side.get((gi, key))
+        found = self._side.get((gi, key))
+        side = None
+        if found is not None:
+            if found[0]() is x:
+                side = found[1]
+            else:  # that tensor was freed and its id reused: its side is complete, settled at the end
+                self._closed_sides.append((gi, found[1]))
+                del self._side[(gi, key)]
         if side is None and g.first_batch == self.batch and g.batch_log and len(g.names) > 1:
-            side = self._side[(gi, key)] = self._new_side(g, name)
+            side = self._new_side(g, name)
+            self._side[(gi, key)] = (weakref.ref(x), side)
             self._accumulate(side, name, x, key)
         if side is not None:
             if name not in side.names:
@@ -257,27 +269,33 @@ class Collector:
 
     def _new_side(self, g: _Group, name: str) -> _Group:
         zero = torch.zeros((), dtype=torch.float64, device=g.acc.device)
-        return _Group([name], g.d, torch.zeros_like(g.acc), zero, zero.clone(), g.first_batch)
+        return _Group([name], g.d, torch.zeros_like(g.acc), zero, zero.clone(), g.first_batch, marks=set())
 
-    @staticmethod
-    def _merge(g: _Group, side: _Group) -> None:
+    def _mark(self, g: _Group, kind: str) -> None:
+        if g.marks is not None:
+            g.marks.add(kind)
+        else:
+            getattr(self, kind).update(g.names)
+
+    def _merge(self, g: _Group, side: _Group) -> None:
         g.acc += side.acc
         g.count += side.count
         g.seqs += side.seqs
         g.batch_log.extend(side.batch_log)
+        for kind in side.marks:
+            getattr(self, kind).update(g.names)
 
     def _split_sides(self) -> None:
         """End of a batch: the members of a group that read different tensors become one group per
         set of tensors read (each starting from the tensors they all read)."""
         by_group: dict[int, list[_Group]] = {}
-        for (gi, _), side in self._side.items():
+        for gi, side in self._closed_sides + [(gi, side) for (gi, _), (_, side) in self._side.items()]:
             by_group.setdefault(gi, []).append(side)
-        self._side = {}
+        self._side, self._closed_sides = {}, []
         for gi, sides in by_group.items():
             g = self.groups[gi]
-            before = list(g.names)
             classes: dict[tuple[bool, ...], list[str]] = {}
-            for name in before:
+            for name in g.names:
                 classes.setdefault(tuple(name in s.names for s in sides), []).append(name)
             # Members that read none of the side tensors keep the group (else the first class does);
             # every other class starts from a copy of what all of them read, taken before any merge.
@@ -297,9 +315,6 @@ class Collector:
                 for side, read in zip(sides, sig):
                     if read:
                         self._merge(target, side)
-            for tracked in (self.masked, self.unmasked, self.decoder_unmasked):
-                if tracked.intersection(before):
-                    tracked.update(before)
 
     def _new_group(self, name: str, x: torch.Tensor) -> int:
         d = x.shape[-1]
@@ -326,7 +341,7 @@ class Collector:
         which = "decoder" if name in self.decoder_names and key != self._encoder_out else "input"
         mask = self._masks.get(which)
         if which == "decoder" and mask is None and self._masks.get("input") is not None:
-            self.decoder_unmasked.update(g.names)
+            self._mark(g, "decoder_unmasked")
         # Asked before any copy to the accumulator's device: a copy of a flattened view has no _base.
         applies = mask is not None and (_mask_applies(mask, x) or self._in_token_order(which, x, mask))
         if x.device != g.acc.device:
@@ -334,7 +349,7 @@ class Collector:
         kept = n_kept = None
         if mask is not None:
             if applies:
-                self.masked.update(g.names)
+                self._mark(g, "masked")
                 kept, n_kept = self._batch_mask(which, x.device)
                 if x.shape[:-1] != mask.shape:
                     # A flattened view: back to (batch, seq, d), so that normalize="peft" scales
@@ -345,7 +360,7 @@ class Collector:
                 # Rows that are not the text tokens (image patches, routed or pooled tokens): count them all.
                 # One row per sequence (a pooler reading [CLS]) is the expected case: no warning for it.
                 if x.shape[:-1] != mask.shape[:1]:
-                    self.unmasked.update(g.names)
+                    self._mark(g, "unmasked")
                 mask = None
         scale = None
         if self.normalize == "peft":
@@ -401,12 +416,12 @@ class Collector:
         self._seen.clear()
         self._token_rows.clear()
         self._member_log.clear()
-        self._side = {}
+        self._side, self._closed_sides = {}, []
         for g in self.groups:
             g.batch_log.clear()
 
     def end_batch(self, completed: bool) -> None:
-        if self._side:
+        if self._side or self._closed_sides:
             self._split_sides()
         # Every member of a group must have read exactly the tensors the group accumulated.
         for g in self.groups:

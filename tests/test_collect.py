@@ -795,3 +795,59 @@ def test_deberta_v3_relative_attention_collects_and_builds():
     with torch.no_grad():
         for b, want in zip(batches, before):
             assert rel(model(**b).logits, want) < 1e-4
+
+
+class _LoopWithTemporaries(nn.Module):
+    """A block applied three times: q, k, v read h; q and k also read a temporary freed within the
+    iteration, whose id the next tensors may take over."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(8, 8) for _ in range(3))
+        self.pos = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, h):
+        for i in range(3):
+            a = self.q(h) + self.k(h) + self.v(h)
+            t = self.pos * (i + 1.0)
+            self.q(t)
+            self.k(t)
+            del t
+            h = torch.tanh(a)
+        return h
+
+
+def test_a_freed_side_tensor_whose_id_returns_is_not_mistaken_for_the_new_one():
+    torch.manual_seed(0)
+    model = _LoopWithTemporaries()
+    batches = [torch.randn(2, 5, 8) for _ in range(2)]
+    covs = ck.collect_cov(model, batches, progress=False, normalize="sum")
+    assert covs.token_counts == {"q": 84, "k": 84, "v": 60}
+    hs, ts = [], [model.pos * (i + 1.0) for i in range(3)]
+    for h in batches:
+        for _ in range(3):
+            hs.append(h.reshape(-1, 8))
+            h = torch.tanh(model.q(h) + model.k(h) + model.v(h))
+    hs = torch.cat(hs).double()
+    ts = torch.cat(ts * 2).double()
+    assert rel(covs["v"], hs.T @ hs) < 1e-6
+    assert rel(covs["q"], hs.T @ hs + ts.T @ ts) < 1e-6
+
+
+class _SharedKeyMasked(_SharedKey):
+    def forward(self, x, rel, attention_mask=None):
+        return super().forward(x, rel)
+
+
+def test_after_a_split_only_the_members_that_read_unmasked_rows_are_named():
+    # DeBERTa-v3's value projection reads only the tokens: it is masked, and not in the warning.
+    torch.manual_seed(0)
+    model = _SharedKeyMasked()
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    batches = [{"x": torch.randn(2, 5, 8), "rel": torch.randn(4, 8), "attention_mask": mask} for _ in range(2)]
+    with pytest.warns(UserWarning, match="did not match the token layout") as caught:
+        covs = ck.collect_cov(model, batches, progress=False, normalize="sum")
+    said = " ".join(str(w.message) for w in caught if "did not match" in str(w.message))
+    assert "'q'" in said and "'k'" in said and "'v'" not in said
+    assert covs.token_counts == {"q": 16 + 8, "k": 16 + 8, "v": 16}
