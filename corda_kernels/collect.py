@@ -428,10 +428,14 @@ class Collector:
             for name in g.names:
                 seen = self._member_log.get(name, [])
                 if set(seen) != set(g.batch_log) and (completed or seen):
+                    when = (
+                        "before all of them had read the input they share"
+                        if g.first_batch == self.batch
+                        else f"in batch {self.batch} (they shared inputs in batch {g.first_batch})"
+                    )
                     raise RuntimeError(
-                        f"modules {g.names} read the same inputs in batch {g.first_batch}, but in batch "
-                        f"{self.batch} module {name!r} read other inputs than the rest; collect these modules "
-                        "separately (targets=...)"
+                        f"modules {g.names} share an input tensor, but module {name!r} read other inputs than "
+                        f"the rest, {when}; collect these modules separately (targets=...)"
                     )
         if self.batch == 0:
             self.first_counts = dict(self._counts)

@@ -851,3 +851,20 @@ def test_after_a_split_only_the_members_that_read_unmasked_rows_are_named():
     said = " ".join(str(w.message) for w in caught if "did not match" in str(w.message))
     assert "'q'" in said and "'k'" in said and "'v'" not in said
     assert covs.token_counts == {"q": 16 + 8, "k": 16 + 8, "v": 16}
+
+
+class _ExtraReadFirst(_SharedKey):
+    def forward(self, x, rel):
+        return self.q(x) + self.q(rel).sum() + self.k(x) + self.k(rel).sum() + self.v(x)
+
+
+def test_an_extra_read_before_the_group_formed_is_a_clear_error():
+    # q reads rel while it is still its group's only member, so rel is the group's before v joins:
+    # that cannot be undone, and the error names the modules and the way out.
+    model = _ExtraReadFirst()
+    batches = [{"x": torch.randn(2, 5, 8), "rel": torch.randn(4, 8)}]
+    with pytest.raises(
+        RuntimeError, match=r"modules \['q', 'k', 'v'\] share an input tensor, but module 'v'.*targets="
+    ):
+        ck.collect_cov(model, batches, progress=False)
+    assert set(ck.collect_cov(model, batches, progress=False, targets=["v"])) == {"v"}
