@@ -267,9 +267,13 @@ class Collector:
         entry[1].add(gi)
         self._accumulate(g, name, x, key)
 
+    def _zero_group(self, names: list[str], d: int, dev: torch.device, first_batch: int, **kw) -> _Group:
+        acc = torch.zeros(d, d, dtype=self.accum_dtype, device=dev)
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        return _Group(names, d, acc, zero, zero.clone(), first_batch, **kw)
+
     def _new_side(self, g: _Group, name: str) -> _Group:
-        zero = torch.zeros((), dtype=torch.float64, device=g.acc.device)
-        return _Group([name], g.d, torch.zeros_like(g.acc), zero, zero.clone(), g.first_batch, marks=set())
+        return self._zero_group([name], g.d, g.acc.device, g.first_batch, marks=set())
 
     def _mark(self, g: _Group, kind: str) -> None:
         if g.marks is not None:
@@ -304,8 +308,9 @@ class Collector:
                 if i == 0:
                     target = g
                 else:
-                    target = _Group([], g.d, g.acc.clone(), g.count.clone(), g.seqs.clone(), g.first_batch)
-                    target.batch_log = list(g.batch_log)
+                    target = _Group(
+                        [], g.d, g.acc.clone(), g.count.clone(), g.seqs.clone(), g.first_batch, list(g.batch_log)
+                    )
                     self.groups.append(target)
                     for name in classes[sig]:
                         self.group_of[name] = len(self.groups) - 1
@@ -317,11 +322,7 @@ class Collector:
                         self._merge(target, side)
 
     def _new_group(self, name: str, x: torch.Tensor) -> int:
-        d = x.shape[-1]
-        dev = self.device or x.device
-        acc = torch.zeros(d, d, dtype=self.accum_dtype, device=dev)
-        zero = torch.zeros((), dtype=torch.float64, device=dev)
-        self.groups.append(_Group([name], d, acc, zero.clone(), zero.clone(), self.batch))
+        self.groups.append(self._zero_group([name], x.shape[-1], self.device or x.device, self.batch))
         return len(self.groups) - 1
 
     def add_unreached(self, names: list[str]) -> None:
@@ -331,9 +332,7 @@ class Collector:
             d = weight_shape(self.modules[name])[1]
             w = getattr(self.modules[name], "weight", None)
             dev = self.device or (w.device if w is not None and w.device.type != "meta" else torch.device("cpu"))
-            acc = torch.zeros(d, d, dtype=self.accum_dtype, device=dev)
-            zero = torch.zeros((), dtype=torch.float64, device=dev)
-            self.groups.append(_Group([name], d, acc, zero.clone(), zero.clone(), self.batch))
+            self.groups.append(self._zero_group([name], d, dev, self.batch))
             self.group_of[name] = len(self.groups) - 1
 
     def _accumulate(self, g: _Group, name: str, x: torch.Tensor, key: tuple[int, int]) -> None:
@@ -647,9 +646,11 @@ def _forward_params(model: nn.Module) -> tuple[list[str], set[str], bool]:
     return [], names, star
 
 
-def _once(said: set[str], message: str) -> None:
-    if message not in said:
-        said.add(message)
+def _once(said: set[str], message: str, key: str | None = None) -> None:
+    """Warn once per collection for ``key`` (default: the message itself)."""
+    key = message if key is None else key
+    if key not in said:
+        said.add(key)
         warnings.warn(message, stacklevel=4)
 
 
@@ -691,13 +692,12 @@ def _mask_for_ids(mask, ids, n: int, said: set[str]):
         and not ids.is_floating_point()
         and mask.shape != ids.shape
     ):
-        if "mask shape" not in said:
-            said.add("mask shape")
-            warnings.warn(
-                f"batch {n}: attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}, so it "
-                "is not read as a (batch, seq) padding mask: every position was counted, padding included",
-                stacklevel=3,
-            )
+        _once(
+            said,
+            f"batch {n}: attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}, so it is "
+            "not read as a (batch, seq) padding mask: every position was counted, padding included",
+            key="mask shape",
+        )
         return None
     return mask
 

@@ -272,6 +272,7 @@ class Covariances(Mapping[str, torch.Tensor]):
                 raise ValueError(f"{path} has covariance file format {fmt!r}; this corda_kernels reads {FORMAT!r}")
             raise ValueError(f"{path} is not a corda_kernels covariance file (format={fmt!r})")
         try:
+            signatures = json.loads(meta.get("signatures", "{}"))
             counts = json.loads(meta["token_counts"])
             if not isinstance(counts, list) or any(type(t) is not int or t < 0 for t in counts):
                 raise ValueError(f"{path} is a corrupt corda_kernels covariance file: token counts {counts!r}")
@@ -283,11 +284,11 @@ class Covariances(Mapping[str, torch.Tensor]):
                 shapes={k: tuple(v) for k, v in json.loads(meta.get("shapes", "{}")).items()},
                 sequences=json.loads(meta.get("sequences", "null")),
                 meta=json.loads(meta.get("meta", "{}")),
-                signatures=json.loads(meta.get("signatures", "{}")) or {},
+                signatures=signatures if isinstance(signatures, dict) else {},
             )
             problem = covs._file_problem(n_tensors)
             # `[]` or `null` would pass as "no signatures", which switches the other-model check off.
-            if not isinstance(json.loads(meta.get("signatures", "{}")), dict):
+            if not isinstance(signatures, dict):
                 problem = problem or "signatures must be a JSON object"
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is a corrupt corda_kernels covariance file (bad metadata: {e!r})") from None

@@ -333,16 +333,14 @@ def no_fused_transformer_paths(model: nn.Module) -> None:
 def _inputs_need_grad_when_checkpointing(model: nn.Module, args) -> None:
     # Reentrant checkpointing (transformers 4's default) hands a block's adapters no gradient unless
     # the block's input requires one, and with every other weight frozen the embeddings' output does
-    # not. transformers 5, and PEFT, call enable_input_require_grads(); a CorDA model needs the same,
-    # whenever checkpointing is switched on (the HF Trainer does it after the build).
+    # not. transformers 5, and PEFT, call enable_input_require_grads(); a CorDA model needs the same
+    # whenever reentrant checkpointing is switched on (the HF Trainer does it after the build).
     if not (model.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return  # (a hook cannot be registered inside a compiled graph; compile once it is set, or go non-reentrant)
     # Already set, or switched off on purpose (transformers 4 keeps the removed handle, 5 an empty list).
     if getattr(model, "_require_grads_hook", None) is not None or hasattr(model, "_require_grads_hooks"):
         return
-    switches = model.__dict__.get(_SWITCHES)
-    if switches is None:
-        switches = _checkpoint_switches(model)
+    switches = model.__dict__.get(_SWITCHES, ())  # set with the hook by checkpointing_ready
     if any(getattr(m, "gradient_checkpointing", False) is True and _reentrant(m) for m in switches):
         with contextlib.suppress(NotImplementedError, AttributeError):  # no input embeddings to hook
             model.enable_input_require_grads()
@@ -357,10 +355,6 @@ def _reentrant(module: nn.Module) -> bool:
 _SWITCHES = "_corda_checkpoint_switches"
 
 
-def _checkpoint_switches(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-
-
 def checkpointing_ready(model: nn.Module) -> None:
     """Let a transformers model's adapters train under reentrant gradient checkpointing, enabled
     before or after the conversion (see :func:`_inputs_need_grad_when_checkpointing`)."""
@@ -369,7 +363,7 @@ def checkpointing_ready(model: nn.Module) -> None:
     # of a CPU training step at 32 layers.
     if not hasattr(model, "enable_input_require_grads"):
         return
-    model.__dict__[_SWITCHES] = _checkpoint_switches(model)
+    model.__dict__[_SWITCHES] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     if hook not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(hook)
 
@@ -401,7 +395,7 @@ def build_corda(
     ``distributed=True`` (under torch.distributed) splits the decompositions
     across ranks and broadcasts the factors: see :mod:`corda_kernels.distributed`.
     """
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     check_damping(damping)
     modules, p = plan(model, covs, rank, mode, ranks=ranks, alpha=alpha, targets=targets)
