@@ -4,16 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench compat clean
+.PHONY: setup demo test lint bench compat lock clean
 
 # No pip cache: the wheels (torch, triton) would otherwise sit on disk twice, and a CI
 # machine's disk can be nearly full.
 PIP := $(BIN)/pip install -q --no-cache-dir
 
-$(STAMP): requirements-dev.txt pyproject.toml
+$(STAMP): requirements-dev.txt constraints-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -r requirements-dev.txt
+	$(PIP) -r requirements-dev.txt -c constraints-dev.txt
 	$(PIP) --no-deps -e .
 	touch $(STAMP)
 
@@ -43,6 +43,13 @@ compat:
 		$$env/bin/pip install -q --no-deps -e . && \
 		$$env/bin/python -m pytest -q --deselect tests/test_aot_compile.py || exit 1; \
 	done
+
+# Rewrite constraints-dev.txt from .venv after upgrading it on purpose (then run make test).
+# The CPU wheel's local tag is dropped so that the pin also reads on other indexes.
+lock: $(STAMP)
+	{ sed -n '1,3p' constraints-dev.txt; $(BIN)/pip freeze --exclude-editable | grep -v -e '^#' -e '^corda' \
+		| sed 's/^\(torch==[^+]*\)+.*/\1/'; } > constraints-dev.txt.tmp
+	mv constraints-dev.txt.tmp constraints-dev.txt
 
 clean:
 	rm -rf $(VENV) .venv-transformers-* build *.egg-info .pytest_cache
