@@ -556,7 +556,8 @@ def cmd_export(args) -> int:
     if args.base and not args.merged:  # nor may -o replace the original model the LoRA is meant for
         check_not_source(args.output, args.base, inside_ok=True)
     with _reading("source", args.source):
-        model = load_pretrained(args.source, dtype=_dtype(args.dtype))
+        # Nothing is run, only merged or converted: keep fp32 adapters over a 16-bit base unrounded.
+        model = load_pretrained(args.source, dtype=_dtype(args.dtype), adapter_dtype="widest")
     if args.merged:
         merge_corda(model)
         with atomic_dir(args.output) as tmp:

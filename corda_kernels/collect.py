@@ -363,7 +363,7 @@ class Collector:
                 mask = None
         scale = None
         if self.normalize == "peft":
-            scale, nseq = _peft_scale(x, mask)
+            scale, nseq = _peft_scale(x, mask, g.acc.dtype)
             g.seqs += nseq
         ops.covariance_update(g.acc, x, kept, scale=scale, backend=self.backend)
         g.count += n_kept if kept is not None else x.shape[:-1].numel()
@@ -540,8 +540,9 @@ def _input_key(x: torch.Tensor) -> tuple[int, int]:
     return id(x), version
 
 
-def _peft_scale(x: torch.Tensor, mask: torch.Tensor | None):
-    """PEFT divides each sequence by |max(x)| over its tokens (signed max, then abs)."""
+def _peft_scale(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype = torch.float32):
+    """PEFT divides each sequence by |max(x)| over its tokens (signed max, then abs); in fp64 for an fp64
+    accumulator (the max itself is exact in any dtype)."""
     if x.dim() < 3:
         x3, m2 = x.reshape(1, -1, x.shape[-1]), None if mask is None else mask.reshape(1, -1)
     else:
@@ -553,7 +554,7 @@ def _peft_scale(x: torch.Tensor, mask: torch.Tensor | None):
     else:
         mx = torch.where(m2.unsqueeze(-1), x3, x3.new_full((), float("-inf"))).amax(dim=(1, 2))
         nseq = m2.any(dim=1).sum()
-    mx = mx.float().abs()
+    mx = mx.to(torch.float64 if dtype == torch.float64 else torch.float32).abs()
     # A sequence with no kept token (or all zeros) contributes nothing rather than NaN.
     scale = torch.where(torch.isfinite(mx) & (mx > 0), 1.0 / mx, torch.zeros_like(mx))
     scale = scale.reshape(x.shape[:-2] if x.dim() >= 3 else (1,))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -257,10 +258,12 @@ def adapter_factors(
         # not change), so a covariance of raw sums over many tokens can push B past fp16's range.
         big = max(float(a.abs().max()), float(b.abs().max()))
         if not big < torch.finfo(out).max:
+            # B ∝ 1/√scaling too: a tiny alpha (scaling = alpha/rank) can be the cause as well.
             raise ValueError(
                 f"the adapter factors{_label(name)} reach {big:.3g}, beyond {out}'s range "
-                f"({torch.finfo(out).max:.3g}): the covariance's scale sets the A/B balance; collect with "
-                "normalize='mean' (the default), or build on a float32 copy of the model"
+                f"({torch.finfo(out).max:.3g}): the covariance's scale and the scaling alpha/rank "
+                f"(here {scaling:.3g}) set the A/B balance; collect with normalize='mean' (the default), "
+                "keep alpha near the rank, or build on a float32 copy of the model"
             )
     return a.to(out), b.to(out), idx
 
@@ -331,6 +334,12 @@ def context_svd(
         raise TypeError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     w = weight.detach()
     damped = damp_covariance(cov.detach().to(w.device), damping, dtype=compute_dtype)
+    if damped.damping != damping:
+        warnings.warn(
+            f"context_svd: the damping was raised from {damping:g} to {damped.damping:g} to make C_d positive "
+            "definite (a rank-deficient covariance); Decomposition.damping holds the value used",
+            stacklevel=2,
+        )
     spec = compute_spectrum(w, damped)
     A, B, idx = adapter_factors(w, damped, spec, rank, mode, scaling, adapter_dtype)
     return Decomposition(

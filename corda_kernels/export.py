@@ -386,9 +386,25 @@ def _rank_r_factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Te
         ub, s, vh = torch.linalg.svd(qm.T @ delta, full_matrices=False)
         u = qm @ ub
     u, s, vh = u[:, :r], s[:r], vh[:r]
-    tail = float((delta.norm() ** 2 - (s**2).sum()).clamp_min(0).sqrt())
     root = s.sqrt()
-    return u * root, root.unsqueeze(1) * vh, tail
+    b, a = u * root, root.unsqueeze(1) * vh
+    # Measured, not sqrt(|delta|² − Σs²): that difference of two nearly equal squares leaves ~1e-8·|delta|
+    # of cancellation noise even in float64, above the rounding a float64 residual is checked against.
+    tail = float(torch.addmm(delta, b, a, alpha=-1).norm())
+    return b, a, tail
+
+
+def _rounding_eps(t: torch.Tensor) -> float:
+    """eps of the narrowest float dtype that holds every value of ``t`` exactly.
+
+    A residual rounded to bf16 at build time and upcast afterwards (``model.float()``, ``--dtype``)
+    still carries bf16's rounding, which its current dtype's eps would wrongly call too large."""
+    if not t.dtype.is_floating_point:
+        return 1e-7
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        if torch.finfo(dt).bits < torch.finfo(t.dtype).bits and torch.equal(t.to(dt).to(t.dtype), t):
+            return torch.finfo(dt).eps
+    return torch.finfo(t.dtype).eps
 
 
 def _original_weight(original: Mapping[str, torch.Tensor], name: str, layer: CordaLinear) -> torch.Tensor:
@@ -424,7 +440,7 @@ def to_lora(
     recovered from ``original_state_dict``: W − residual = s·B₀A₀ has rank r,
     and its rank-r SVD gives factors with the same product (exact up to the
     rounding of the stored residual: fp32 models match to ~1e-6, bf16/fp16
-    ones to their own rounding). Alpha is doubled with the rank, so the scaling
+    ones to their own rounding, also after the model was cast to a wider dtype). Alpha is doubled with the rank, so the scaling
     is unchanged. Returns a :class:`LoraAdapter`; with ``out_dir`` it is also
     written there (load it with ``PeftModel.from_pretrained(original_model, out_dir)``).
     """
@@ -452,7 +468,7 @@ def to_lora(
             )
         s = layer.scaling
         b0, a0, tail = _rank_r_factors(delta / s, layer.rank)
-        eps = torch.finfo(res.dtype).eps if res.dtype.is_floating_point else 1e-7
+        eps = _rounding_eps(res)
         # tail is of delta/s: the residual's rounding (~eps·|W|) is scaled by 1/s in it too.
         if s * tail > 16 * eps * float(w0.norm()) + 1e-12:
             raise ValueError(
@@ -479,6 +495,26 @@ def to_lora(
 
 
 # ---------------------------------------------------------------------- import
+_ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_float_dtype(dt) -> bool:
+    return isinstance(dt, torch.dtype) and dt in _ADAPTER_DTYPES
+
+
+def _wider(a: torch.dtype, b: torch.dtype) -> bool:
+    """``a`` holds values that ``b`` would round (bf16 and fp16 each hold values the other rounds)."""
+    return a != b and torch.promote_types(a, b) != b
+
+
+def _adapter_dtype(choice, saved: torch.dtype, base: torch.dtype) -> torch.dtype:
+    if choice is None or not saved.is_floating_point:
+        return base
+    if choice == "widest":
+        return torch.promote_types(saved, base)
+    return choice
+
+
 def _swap_in(
     model: nn.Module, name: str, base: nn.Module, A, B, *, alpha: float, dropout: float, mode: str, tied: bool
 ) -> None:
@@ -612,16 +648,30 @@ def _saved_model_class(name: str | None):
     return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else transformers.AutoModelForCausalLM
 
 
-def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrained_kwargs) -> nn.Module:
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    model_class=None,
+    adapter_dtype: torch.dtype | str | None = None,
+    **from_pretrained_kwargs,
+) -> nn.Module:
     """Load a :func:`save_pretrained` directory back as a transformers model with CordaLinear layers (no peft needed).
 
     ``model_class`` defaults to the transformers class the export was saved from
     (``AutoModelForCausalLM`` for exports that did not record it); files are read from
     ``path`` only (``local_files_only=True``). Only ``lora_A``/``lora_B`` are
     trainable afterwards, as after :func:`build_corda`.
+
+    ``adapter_dtype``: None (default) casts A and B to the base weight's dtype, with a
+    warning when that rounds them (fp32 adapters trained over a bf16 base); a dtype
+    casts them to it; ``"widest"`` keeps, per layer, the wider of the saved and the
+    base dtype, so nothing is rounded. Adapters wider than the base run under
+    ``torch.autocast`` (or are merged or exported), as they were trained.
     """
     from safetensors.torch import load_file
 
+    if not (adapter_dtype is None or adapter_dtype == "widest" or _is_float_dtype(adapter_dtype)):
+        raise ValueError(f"adapter_dtype must be None, 'widest' or a floating-point torch.dtype, got {adapter_dtype!r}")
     path = os.fspath(path)
     marker = os.path.join(path, MARKER)
     if not os.path.exists(marker):
@@ -661,6 +711,7 @@ def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrai
                 "pass model_class= the class the export was saved from"
             ) from None
     tied = _untie_targets(model, bases)  # an export from before heads were untied may still say so
+    narrowed: list[str] = []
     for name, info in meta["layers"].items():
         base = bases[name]
         w = linear_weight(base)
@@ -668,7 +719,8 @@ def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrai
         missing = [k for k in keys if k not in sd]
         if missing:
             raise ValueError(f"export {path!r}: the adapter has no tensor {missing[0]!r} for layer {name!r}")
-        A, B = (sd[k].to(device=w.device, dtype=w.dtype) for k in keys)
+        saved = [sd[k] for k in keys]
+        A, B = (t.to(device=w.device, dtype=w.dtype) for t in saved)
         r = int(info["rank"])
         if tuple(A.shape) != (r, w.shape[1]) or tuple(B.shape) != (w.shape[0], r):
             raise ValueError(
@@ -685,6 +737,21 @@ def load_pretrained(path: str | os.PathLike, *, model_class=None, **from_pretrai
             dropout=float(cfg.get("lora_dropout", 0.0)),
             mode=info.get("mode", "kpm"),
             tied=name in tied,
+        )
+        want = _adapter_dtype(adapter_dtype, saved[0].dtype, w.dtype)
+        if want != w.dtype:
+            layer = model.get_submodule(name)
+            layer.lora_A = nn.Parameter(saved[0].to(device=w.device, dtype=want))
+            layer.lora_B = nn.Parameter(saved[1].to(device=w.device, dtype=want))
+        elif adapter_dtype is None and _wider(saved[0].dtype, w.dtype):
+            narrowed.append(name)
+    if narrowed:
+        warnings.warn(
+            f"load_pretrained: the adapters of {len(narrowed)} layers ({', '.join(narrowed[:3])}"
+            f"{', ...' if len(narrowed) > 3 else ''}) were saved in {sd[f'{PEFT_PREFIX}{narrowed[0]}.lora_A.weight'].dtype} "
+            f"and are rounded to the base's {linear_weight(bases[narrowed[0]]).dtype}; pass adapter_dtype='widest' "
+            "to keep them (and run the model under torch.autocast)",
+            stacklevel=2,
         )
     no_fused_transformer_paths(model)
     checkpointing_ready(model)

@@ -59,6 +59,18 @@ def test_peft_normalization_matches_reference():
     assert covs.sequences == 9
 
 
+@pytest.mark.parametrize("normalize", ["mean", "peft"])
+def test_a_float64_model_collects_to_float64_precision(normalize):
+    # With a float64 accumulator every step stays in float64, PEFT's per-sequence scale included
+    # (it was computed in fp32: 1e-8 off).
+    model = tiny_llama().double()
+    batches = padded_batches(128, n_batches=2)
+    covs = ck.collect_cov(model, batches, normalize=normalize, accum_dtype=torch.float64, progress=False)
+    ref, _ = reference_covariances(model, batches, list(covs), normalize=normalize)
+    for n in covs:
+        assert rel(covs[n], ref[n]) < 1e-13, n
+
+
 def test_padding_does_not_leak_even_if_nan():
     # A NaN in a padded position must be dropped, not multiplied by zero.
     x = torch.randn(2, 5, 8)

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from tiny import rel
@@ -95,8 +97,12 @@ def test_bounded_damping_and_bad_covariances():
     # Slightly indefinite from rounding: damping recovers.
     c = _cov(8, 3)
     c -= 0.015 * c.diagonal().mean() * torch.eye(8)
-    dec = ck.context_svd(w, c, 2, damping=0.01)
+    with pytest.warns(UserWarning, match=r"damping was raised from 0\.01 to 0\.0[2-9]"):
+        dec = ck.context_svd(w, c, 2, damping=0.01)
     assert dec.damping > 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning when the damping given is enough
+        assert ck.context_svd(w, _cov(8, 32), 2).damping == 0.01
 
 
 def test_argument_errors_name_the_argument():
@@ -157,6 +163,10 @@ def test_half_precision_factors_that_overflow_are_an_error_naming_the_layer():
     with pytest.raises(ValueError, match=r"module '0'.*float16's range.*normalize='mean'"):
         ck.build_corda(model, {"0": c * 1e12}, rank=4, mode="ipm")
     assert isinstance(model[0], torch.nn.Linear) and torch.equal(model[0].weight, before)
+    # A tiny alpha unbalances the factors too, and the message says so.
+    with pytest.raises(ValueError, match=r"module '0'.*alpha/rank \(here 2\.5e-13\).*keep alpha near the rank"):
+        ck.build_corda(model, {"0": c}, rank=4, mode="ipm", alpha=1e-12)
+    assert isinstance(model[0], torch.nn.Linear) and torch.equal(model[0].weight, before)
     # The same scale is harmless in fp32: only the balance of A against B moved.
     dec = ck.context_svd(before.float(), c * 1e12, 4, "ipm")
     assert torch.isfinite(dec.B).all() and float(dec.B.abs().max()) > 7e4
@@ -212,7 +222,8 @@ def test_tall_ipm_layer_on_an_ill_conditioned_covariance():
     w = torch.randn(96, 64) / 8
     x = torch.randn(20, 64)
     c = x.T @ x / 20
-    dec = ck.context_svd(w, c, 4, "ipm", damping=0.0)
+    with pytest.warns(UserWarning, match="raised from 0 to 1e-06"):
+        dec = ck.context_svd(w, c, 4, "ipm", damping=0.0)
     assert dec.damping == 1e-6
     A_ref, B_ref, _ = context_svd_reference(w, c, 4, "ipm", damping=dec.damping)
     assert rel(dec.B.double() @ dec.A.double(), B_ref @ A_ref) < 1e-6

@@ -273,6 +273,40 @@ def test_to_lora_accepts_any_scaling(alpha, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "build_dtype, export_dtype",
+    [
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float64),  # built in fp32, upcast before export
+        (torch.bfloat16, torch.float32),  # built in bf16 (its rounding stays in the residual), upcast
+        (torch.bfloat16, torch.bfloat16),
+    ],
+    ids=["f64", "f32-then-f64", "bf16-then-f32", "bf16"],
+)
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_to_lora_in_any_dtype_and_after_a_cast(build_dtype, export_dtype, mode):
+    # The rank check measures the remainder directly (float64 cancellation in |delta|² − Σs² was ~1e-8,
+    # refused against float64's rounding) and against the rounding the residual was built with.
+    model = tiny_llama().to(build_dtype)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    covs = ck.collect_cov(model, padded_batches(model.config.vocab_size, n_batches=2), progress=False)
+    ck.build_corda(model, covs, rank=4, mode=mode)
+    model.to(export_dtype)
+    adapter = export.to_lora(model, original)
+    layers = ck.corda_layers(model)
+    for name, layer in layers.items():
+        a = adapter.state_dict[f"base_model.model.{name}.lora_A.weight"].double()
+        b = adapter.state_dict[f"base_model.model.{name}.lora_B.weight"].double()
+        w0 = original[f"{name}.weight"].double()
+        want = layer.merged_weight().double()
+        tol = 8 * torch.finfo(build_dtype).eps
+        assert rel(w0 + layer.scaling * b @ a, want) < tol, name
+    # The check still refuses another model's weights in every dtype.
+    other = {k: v.to(export_dtype) for k, v in tiny_llama(seed=1).state_dict().items()}
+    with pytest.raises(ValueError, match="not a rank-4 matrix"):
+        export.to_lora(model, other)
+
+
 def test_load_pretrained_uses_the_saved_model_class(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
@@ -398,3 +432,37 @@ def test_a_raw_trainer_checkpoint_loads_into_the_same_conversion(tmp_path):
     fresh.load_state_dict(load_file(tmp_path / "checkpoint-2" / "model.safetensors"))
     with torch.no_grad():
         assert torch.equal(fresh(**b).logits, model(**b).logits)
+
+
+def test_load_pretrained_keeps_fp32_adapters_over_a_bf16_base_when_asked(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    b = padded_batches(model.config.vocab_size, n_batches=2)
+    ck.build_corda(model, ck.collect_cov(model, b, progress=False), rank=4)
+    layers = ck.corda_layers(model)
+    g = torch.Generator().manual_seed(0)
+    for layer in layers.values():  # fp32 adapters trained under autocast hold values bf16 cannot
+        layer.lora_A = nn.Parameter(layer.lora_A.float() + 1e-3 * torch.randn(layer.lora_A.shape, generator=g))
+        layer.lora_B = nn.Parameter(layer.lora_B.float() + 1e-3 * torch.randn(layer.lora_B.shape, generator=g))
+    export.save_pretrained(model, tmp_path / "e")
+    with pytest.warns(UserWarning, match=r"14 layers .* saved in torch.float32 .* adapter_dtype='widest'"):
+        rounded = export.load_pretrained(tmp_path / "e")
+    kept = export.load_pretrained(tmp_path / "e", adapter_dtype="widest")
+    as_f16 = export.load_pretrained(tmp_path / "e", adapter_dtype=torch.float16)
+    for name, layer in layers.items():
+        r, k, h = (ck.corda_layers(m)[name] for m in (rounded, kept, as_f16))
+        assert r.lora_A.dtype == torch.bfloat16 and not torch.equal(r.lora_A.float(), layer.lora_A)
+        assert k.lora_A.dtype == k.lora_B.dtype == torch.float32 and k.weight.dtype == torch.bfloat16
+        assert torch.equal(k.lora_A, layer.lora_A) and torch.equal(k.lora_B, layer.lora_B)
+        assert k.lora_A.requires_grad and not k.weight.requires_grad
+        assert h.lora_B.dtype == torch.float16
+        torch.testing.assert_close(k.merged_weight(), layer.merged_weight(), rtol=0, atol=0)
+    # Runs as it was trained: under autocast, with gradients for the fp32 adapters.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept(**b[0], labels=b[0]["input_ids"]).loss.backward()
+    assert all(
+        m.lora_A.grad is not None and m.lora_A.grad.dtype == torch.float32 for m in ck.corda_layers(kept).values()
+    )
+    with pytest.raises(ValueError, match="adapter_dtype"):
+        export.load_pretrained(tmp_path / "e", adapter_dtype=torch.int8)
+    with pytest.raises(ValueError, match="adapter_dtype"):
+        export.load_pretrained(tmp_path / "e", adapter_dtype="float32")
