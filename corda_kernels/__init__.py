@@ -22,7 +22,7 @@ from .covariance import Covariances
 from .decompose import Decomposition, context_svd
 
 # Interop: PEFT/transformers export and import.
-from .export import from_peft, load_pretrained, save_pretrained, to_lora
+from .export import LoraAdapter, from_peft, load_pretrained, save_pretrained, to_lora
 from .layer import CordaLinear
 from .plot import plot_ranks
 from .rewrite import build_corda, corda_layers, merge_corda, trainable_parameters
@@ -35,6 +35,7 @@ __all__ = [
     "CovarianceCandidates",
     "Covariances",
     "Decomposition",
+    "LoraAdapter",
     "RankAllocation",
     "__version__",
     "allocate_ranks",

@@ -179,13 +179,33 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def swap_modules(model: nn.Module, new: Mapping[str, nn.Module]) -> None:
+def module_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(module) -> every (parent, attribute) slot that holds it, from one walk of the model."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for child_name, child in parent._modules.items():
+            if child is not None:
+                slots.setdefault(id(child), []).append((parent, child_name))
+    return slots
+
+
+def swap_modules(
+    model: nn.Module, new: Mapping[str, nn.Module], slots: dict[int, list[tuple[nn.Module, str]]] | None = None
+) -> None:
     """Put ``new[name]`` in place of the module at ``name``, and in every other slot holding that same module.
 
     ``named_modules()`` lists a module registered twice (``self.b = self.a``) under one name
     only; replacing just that slot would untie the alias and leave the other call site on
-    the old layer.
+    the old layer. ``slots`` (from :func:`module_slots`, updated here) saves a walk of the
+    whole model per call when layers are swapped one at a time (quadratic on a large MoE).
     """
+    if slots is not None:
+        for name, layer in new.items():
+            old = model.get_submodule(name)
+            for parent, attr in slots.pop(id(old), ()):
+                if parent._modules.get(attr) is old:
+                    setattr(parent, attr, layer)
+        return
     old = {id(model.get_submodule(name)): (model.get_submodule(name), layer) for name, layer in new.items()}
     for parent in list(model.modules()):
         for child_name, child in list(parent._modules.items()):

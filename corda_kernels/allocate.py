@@ -41,11 +41,25 @@ class RankAllocation(dict):
     (start, cap) rank; ``multiple``: the rank step.
     """
 
-    budget: int
-    used: int
-    costs: dict[str, int]
-    limits: dict[str, tuple[int, int]]
-    multiple: int
+    def __init__(
+        self,
+        ranks: Mapping[str, int],
+        *,
+        budget: int,
+        costs: Mapping[str, int],
+        limits: Mapping[str, tuple[int, int]] | None = None,
+        multiple: int = 1,
+    ):
+        """``ranks`` and each module's per-rank ``costs`` (both keyed by module name); ``used`` is computed."""
+        super().__init__(ranks)
+        missing = [n for n in self if n not in costs]
+        if missing:
+            raise ValueError(f"costs has no entry for module {missing[0]!r}")
+        self.budget = int(budget)
+        self.costs = {n: int(costs[n]) for n in self}
+        self.used = sum(r * self.costs[n] for n, r in self.items())
+        self.limits = dict(limits) if limits is not None else {n: (1, r) for n, r in self.items()}
+        self.multiple = int(multiple)
 
     def table(self) -> str:
         """A text table of the allocation, one module per line, with totals."""
@@ -206,10 +220,11 @@ def allocate_ranks(
         if ranks[i] + multiple <= caps[i]:
             heapq.heappush(heap, (scorers[i](ranks[i]), i))
 
-    out = RankAllocation(zip(names, ranks))
-    out.budget = tau
-    out.used = used
-    out.costs = dict(zip(names, costs))
-    out.limits = {n: (start, cap) for n, cap in zip(names, caps)}
-    out.multiple = multiple
+    out = RankAllocation(
+        dict(zip(names, ranks)),
+        budget=tau,
+        costs=dict(zip(names, costs)),
+        limits={n: (start, cap) for n, cap in zip(names, caps)},
+        multiple=multiple,
+    )
     return out

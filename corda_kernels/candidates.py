@@ -85,10 +85,12 @@ class CovarianceCandidates:
 
     @property
     def rounds(self) -> int:
+        """Number of candidate rounds collected."""
         return len(self.round_batches)
 
     @property
     def groups(self) -> tuple[tuple[str, ...], ...]:
+        """The shared-input groups, as in ``selected.groups``."""
         return self.selected.groups
 
     @property
@@ -216,6 +218,9 @@ class _Rounds:
         w0 = linear_weight(modules[names[0]])
         damped = damp_covariance(c.to(w0.device), self.damping, dtype=self.compute_dtype, name=names[0])
         stats = cov_stats(damped) if self.rule.pi_from == "cov" else None
+        # Scores need singular values only. The winners' vectors (kept for the build) are computed once at
+        # the end, for the winning round alone; with a single round, that round is the winner.
+        vectors = self.keep_vectors and len(self.ends) == 1
         spectra = {}
         for name in names:
             w = linear_weight(modules[name]).detach()
@@ -223,9 +228,12 @@ class _Rounds:
                 raise ValueError(f"weight of module {name!r} contains NaN or Inf")
             if w.device != damped.matrix.device:  # device_map split this group: work on the member's device
                 damped = damp_covariance(c.to(w.device), self.damping, dtype=self.compute_dtype, name=name)
-            spec = decompose.compute_spectrum(w, damped, name=name)
-            spectra[name] = spec
-            self.values[name].append(spec.singular_values.to("cpu", torch.float64).tolist())
+            if vectors:
+                spectra[name] = decompose.compute_spectrum(w, damped, name=name)
+                sv = spectra[name].singular_values
+            else:
+                sv = decompose.spectrum_values(w, damped, name=name)
+            self.values[name].append(sv.to("cpu", torch.float64).tolist())
         shapes = {name: weight_shape(modules[name]) for name in names}
         score, member = _group_score(names, shapes, self.values, stats, k, self.rule)
         if self.rule.pi_normalize == "none":
@@ -239,7 +247,7 @@ class _Rounds:
         best = self.best[gi]
         # Strictly lower: on a tie the earlier round stays, so the result is deterministic.
         if best is None or score < best.score:
-            self.best[gi] = _Best(k, score, c, count, seqs, spectra if self.keep_vectors else {})
+            self.best[gi] = _Best(k, score, c, count, seqs, spectra)
 
 
 def plan_rounds(loader, candidates: int, max_batches: int | None, round_batches: int | None) -> list[int]:
@@ -368,6 +376,17 @@ def collect_candidates(
     return _assemble(collector, rounds, rule, damping, compute_dtype, n, candidates)
 
 
+def _winner_spectra(modules, names, c: torch.Tensor, damping, compute_dtype) -> dict[str, Spectrum]:
+    damped = None
+    out = {}
+    for name in names:
+        w = linear_weight(modules[name]).detach()
+        if damped is None or damped.matrix.device != w.device:  # device_map may split a group
+            damped = damp_covariance(c.to(w.device), damping, dtype=compute_dtype, name=name)
+        out[name] = decompose.compute_spectrum(w, damped, name=name)
+    return out
+
+
 def _assemble(collector, rounds: _Rounds, rule, damping, compute_dtype, n, candidates) -> CovarianceCandidates:
     groups = [g.names for g in collector.groups]
     for gi, names in enumerate(groups):
@@ -398,6 +417,8 @@ def _assemble(collector, rounds: _Rounds, rule, damping, compute_dtype, n, candi
         stats = rounds.stats[gi][b.round]
         if stats is not None:
             cache.put_stats(b.matrix, damping, compute_dtype, stats)
+        if rounds.keep_vectors and not b.spectra:
+            b.spectra = _winner_spectra(collector.modules, names, b.matrix, damping, compute_dtype)
         for name in names:
             w = linear_weight(collector.modules[name])
             weight_keys[name] = SpectrumCache.key(w, b.matrix, damping, compute_dtype)

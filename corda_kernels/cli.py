@@ -367,7 +367,7 @@ def cmd_collect(args) -> int:
     tokens = f"{counts[0]} tokens" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} tokens per group"
     _log(
         f"collected {len(covs)} layers in {len(covs.groups)} groups from {tokens} "
-        f"({len(batches)} batches) in {time.perf_counter() - t0:.1f}s -> {args.output}",
+        f"({len(batches)} batch{'es' if len(batches) != 1 else ''}) in {time.perf_counter() - t0:.1f}s -> {args.output}",
         rank,
     )
     return 0
@@ -450,14 +450,34 @@ def _parse_budget(text: str | None):
     return value
 
 
+# build's CorDA++ allocation flags: None on the command line means "not given" (an error without
+# --cordapp), then these, which are allocate_ranks' own defaults.
+_ALLOCATION_DEFAULTS = {
+    "min_rank": 1,
+    "max_rank": None,
+    "multiple": 1,
+    "ipm_score": "captured",
+    "pi_from": "cov",
+    "pi_normalize": "mean",
+}
+
+
 def cmd_build(args) -> int:
     import corda_kernels as ck
 
+    from .decompose import RankTooLarge
     from .export import save_pretrained
     from .rewrite import resolve_targets
 
     if args.budget is not None and not args.cordapp:
         raise CliError("--budget is a CorDA++ rank allocation: add --cordapp (or use --rank for a uniform rank)")
+    # Given without --cordapp these would be ignored, and the user would get uniform ranks unawares.
+    alloc = {k: getattr(args, k) for k in _ALLOCATION_DEFAULTS}
+    alloc = {k: v for k, v in alloc.items() if v is not None}
+    if alloc and not args.cordapp:
+        flags = ", ".join("--" + k.replace("_", "-") for k in alloc)
+        raise CliError(f"{flags}: these shape the CorDA++ rank allocation and apply only with --cordapp")
+    alloc = {**_ALLOCATION_DEFAULTS, **alloc}
     if not os.path.isfile(args.covariances):
         raise CliError(f"covariances file {args.covariances!r} does not exist")
     _check_report_path(args.report)
@@ -495,15 +515,10 @@ def cmd_build(args) -> int:
                 covs,
                 budget=1.0 if budget is None else budget,
                 mode=args.mode,
-                min_rank=args.min_rank,
-                max_rank=args.max_rank,
-                multiple=args.multiple,
                 rank=args.rank,
                 targets=args.targets,
                 damping=args.damping,
-                ipm_score=args.ipm_score,
-                pi_from=args.pi_from,
-                pi_normalize=args.pi_normalize,
+                **alloc,
                 progress=not args.no_progress and rank_ == 0,
                 distributed=world > 1,
             )
@@ -516,19 +531,25 @@ def cmd_build(args) -> int:
             modules = resolve_targets(model, covs, args.targets)
             infos = analyse_layers(modules, covs, damping=args.damping, need_stats=False, distributed=world > 1)
             values = {n: torch.as_tensor(info.values) for n, info in infos.items()}
-        ck.build_corda(
-            model,
-            covs,
-            rank=args.rank,
-            mode=args.mode,
-            ranks=ranks,
-            alpha=args.alpha,
-            targets=args.targets,
-            damping=args.damping,
-            dropout=args.dropout,
-            progress=not args.no_progress and rank_ == 0,
-            distributed=world > 1,
-        )
+        try:
+            ck.build_corda(
+                model,
+                covs,
+                rank=args.rank,
+                mode=args.mode,
+                ranks=ranks,
+                alpha=args.alpha,
+                targets=args.targets,
+                damping=args.damping,
+                dropout=args.dropout,
+                progress=not args.no_progress and rank_ == 0,
+                distributed=world > 1,
+            )
+        except RankTooLarge as e:  # its hint names Python arguments: say it in flags
+            raise CliError(
+                f"--rank {e.rank} exceeds min(d_out, d_in) = {e.limit} of module {e.name!r}: give a smaller "
+                "--rank, or leave the module out with --targets"
+            ) from None
     layers = ck.corda_layers(model)
     if rank_ == 0:
         save_pretrained(model, args.output, tokenizer=tokenizer)
@@ -613,7 +634,9 @@ def cmd_bench(args, rest: list[str]) -> int:
 # ---------------------------------------------------------------------- parser
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (device_map='auto')")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto (checkpoint's), float32, bfloat16, float16")
+    p.add_argument(
+        "--dtype", default="auto", help="model dtype: auto (checkpoint's), float32, bfloat16, float16, float64"
+    )
     p.add_argument("--targets", nargs="+", default=None, help="module names/globs (default: every linear but the head)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -663,15 +686,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=16, help="uniform rank (CorDA++: the reference rank of a fraction)")
     p.add_argument("--budget", default=None, help="CorDA++ budget: int parameters, or a fraction of --rank's cost")
     p.add_argument("--cordapp", action="store_true", help="CorDA++ rank allocation (allocate_ranks)")
-    p.add_argument("--min-rank", type=int, default=1)
-    p.add_argument("--max-rank", type=int, default=None)
-    p.add_argument("--multiple", type=int, default=1, help="CorDA++ ranks are multiples of this")
+    p.add_argument("--min-rank", type=int, default=None, help="CorDA++: smallest rank per layer (default 1)")
+    p.add_argument("--max-rank", type=int, default=None, help="CorDA++: largest rank per layer (default: none)")
+    p.add_argument("--multiple", type=int, default=None, help="CorDA++ ranks are multiples of this (default 1)")
     p.add_argument(
-        "--ipm-score", choices=("captured", "boundary"), default="captured", help="CorDA++ IPM allocation score"
+        "--ipm-score",
+        choices=("captured", "boundary"),
+        default=None,
+        help="CorDA++ IPM allocation score (default captured)",
     )
-    p.add_argument("--pi-from", choices=("cov", "wc"), default="cov", help="CorDA++ allocation: π from C or W·C")
     p.add_argument(
-        "--pi-normalize", choices=("mean", "none"), default="mean", help="CorDA++ allocation: π normalization"
+        "--pi-from", choices=("cov", "wc"), default=None, help="CorDA++ allocation: π from C or W·C (default cov)"
+    )
+    p.add_argument(
+        "--pi-normalize",
+        choices=("mean", "none"),
+        default=None,
+        help="CorDA++ allocation: π normalization (default mean)",
     )
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: each layer's rank)")
     p.add_argument("--damping", type=float, default=0.01)
@@ -686,10 +717,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="CorDA export -> LoRA on the original model (--base), or a merged model")
     p.add_argument("source", help="directory written by `build` / corda_kernels.save_pretrained")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="output directory (replaced if an earlier export)")
     p.add_argument("--base", help="the original model directory: write a rank-2r PEFT LoRA for it")
     p.add_argument("--merged", action="store_true", help="write one merged transformers model instead")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--dtype", default="auto", help="model dtype: auto (the export's), float32, bfloat16, float16, float64"
+    )
     p.add_argument("--no-progress", action="store_true", help="no loading or saving bars")
 
     p = sub.add_parser("demo", help="the README's end-to-end demo (options: corda-kernels demo --help)", add_help=False)
@@ -722,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = ap.parse_known_args(argv)
     if rest and args.command not in ("demo", "bench"):
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if "--debug" in rest:  # demo and bench pass their other options on, but --debug is ours anywhere
+        rest = [a for a in rest if a != "--debug"]
+        args.debug = True
     if getattr(args, "no_progress", False):
         _quiet_loading_bars()
     try:

@@ -903,6 +903,8 @@ def run_batches(
                     completed = False
                 collector.end_batch(completed)
                 n += 1
+                if on_batch is not None:  # first: work it does (CorDA++ scoring) belongs to this batch's step
+                    on_batch(n)
                 if bar is not None:
                     ids = kwargs.get("input_ids", args[0] if args else None)
                     counted = None
@@ -915,8 +917,6 @@ def run_batches(
                         rate = tokens / max(bar.format_dict["elapsed"], 1e-9)
                         bar.set_postfix(tokens=tokens, tok_s=f"{rate:,.0f}", refresh=False)
                     bar.update(1)
-                if on_batch is not None:
-                    on_batch(n)
     finally:
         collector.detach()
         for c in caching:
@@ -941,7 +941,7 @@ def collect_cov(
     targets: Targets = None,
     normalize: str = "mean",
     accum_dtype: torch.dtype = torch.float32,
-    device=None,
+    device: torch.device | str | None = None,
     max_batches: int | None = None,
     progress: bool = True,
     backend: str = "auto",

@@ -214,6 +214,7 @@ def compactness(
     ``pi_from="wc"`` takes σ from W·C_d instead (needs ``weight``);
     ``pi_normalize="mean"`` (default) first divides σ by their mean, which makes
     π independent of the activations' scale; ``"none"`` is the raw formula.
+    Give ``d_out`` or ``weight`` (whose first dimension is d_out).
     """
     rule = ScoreRule(pi_from=pi_from, pi_normalize=pi_normalize).validate()
     if d_out is None:
@@ -463,8 +464,12 @@ def analyse_layers(
                     wd = w.detach()
                     if not torch.isfinite(wd).all():
                         raise ValueError(f"weight of module {name!r} contains NaN or Inf")
-                    spec = decompose.compute_spectrum(wd, damped, name=name)
-                    cache.put(name, w, cov, damping, compute_dtype, spec, keep_vectors)
+                    if keep_vectors:
+                        spec = decompose.compute_spectrum(wd, damped, name=name)
+                        cache.put(name, w, cov, damping, compute_dtype, spec)
+                    else:  # values only: the build computes its r components itself
+                        values = decompose.spectrum_values(wd, damped, name=name)
+                        cache.put_values(name, w, cov, damping, compute_dtype, values)
                     vals = cache.values(name, w, cov, damping, compute_dtype)
                 d_out, d_in = w.shape
                 out[name] = LayerInfo(int(d_out), int(d_in), vals.tolist(), stats)

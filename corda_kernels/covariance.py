@@ -151,13 +151,16 @@ class Covariances(Mapping[str, torch.Tensor]):
 
     @property
     def tokens(self) -> int:
+        """Counted (unmasked) tokens of the first group; groups can differ (see ``token_counts``)."""
         return self._group_tokens[0] if self._group_tokens else 0
 
     @property
     def token_counts(self) -> dict[str, int]:
+        """Module name -> the tokens counted into its covariance."""
         return {n: self._group_tokens[i] for n, i in self._index.items()}
 
     def group_of(self, name: str) -> tuple[str, ...]:
+        """The modules that share ``name``'s matrix (``name`` included)."""
         return self.groups[self._index[name]]
 
     def matrices(self) -> list[torch.Tensor]:
@@ -166,9 +169,12 @@ class Covariances(Mapping[str, torch.Tensor]):
 
     @property
     def fingerprint(self) -> str | None:
+        """A hash of the collected model's target names and shapes (None when not recorded)."""
         return model_fingerprint(self.shapes) if self.shapes else None
 
-    def to(self, device=None, dtype=None) -> Covariances:
+    def to(
+        self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None
+    ) -> Covariances:
         """A copy on ``device`` and/or in ``dtype`` (``covs.to(torch.float64)`` works, as for tensors)."""
         if isinstance(device, torch.dtype):
             device, dtype = None, device
@@ -225,7 +231,7 @@ class Covariances(Mapping[str, torch.Tensor]):
                 )
 
     # Files
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file (one tensor per group) with JSON metadata, atomically."""
         from safetensors.torch import save_file
 
@@ -244,7 +250,7 @@ class Covariances(Mapping[str, torch.Tensor]):
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
-    def load(cls, path, device=None) -> Covariances:
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> Covariances:
         """Read a file written by :meth:`save`.
 
         A missing file raises ``FileNotFoundError``; anything else that is not such a file (truncated,

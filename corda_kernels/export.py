@@ -30,6 +30,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -38,6 +39,10 @@ from ._io import current_umask
 from ._targets import Conv1D, get_submodule_parent, linear_weight, swap_modules, unwrap_model
 from .layer import CordaLinear
 from .rewrite import _untie_targets, checkpointing_ready, corda_layers, no_fused_transformer_paths
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 EXPORT_FORMAT = "corda_kernels.export/1"
 #: Written last into every export directory; an existing directory is only ever replaced if it holds this file.
@@ -165,7 +170,7 @@ class LoraAdapter:
         save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         _write_json(os.path.join(directory, ADAPTER_CONFIG), self.config)
 
-    def peft_config(self):
+    def peft_config(self) -> LoraConfig:
         """The config as a ``peft.LoraConfig`` (needs peft)."""
         from peft import LoraConfig
 
@@ -317,9 +322,15 @@ def residual_view(model: nn.Module) -> Iterator[nn.Module]:
 
 # ---------------------------------------------------------------------- save
 def save_pretrained(
-    model: nn.Module, out_dir: str | os.PathLike, *, format: str = "peft", tokenizer=None, **save_kwargs
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    format: str = "peft",
+    tokenizer: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+    **save_kwargs,
 ) -> str:
-    """Write ``out_dir/residual`` (transformers checkpoint) and ``out_dir/adapter`` (PEFT LoRA); returns ``out_dir``.
+    """Write ``out_dir/residual`` (transformers checkpoint) and ``out_dir/adapter`` (PEFT LoRA); returns
+    ``out_dir`` as an absolute path. ``format``: ``"peft"``, the one format so far.
 
     The residual checkpoint holds plain layers of the original types with the
     residual weights, so ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir/"residual"),
@@ -443,6 +454,7 @@ def to_lora(
     ones to their own rounding, also after the model was cast to a wider dtype). Alpha is doubled with the rank, so the scaling
     is unchanged. Returns a :class:`LoraAdapter`; with ``out_dir`` it is also
     written there (load it with ``PeftModel.from_pretrained(original_model, out_dir)``).
+    ``base_model_name_or_path`` is recorded in its ``adapter_config.json``.
     """
     model = unwrap_model(model)
     layers = _require_layers(model, "to_lora")
@@ -651,7 +663,7 @@ def _saved_model_class(name: str | None):
 def load_pretrained(
     path: str | os.PathLike,
     *,
-    model_class=None,
+    model_class: type | None = None,
     adapter_dtype: torch.dtype | str | None = None,
     **from_pretrained_kwargs,
 ) -> nn.Module:

@@ -36,8 +36,8 @@ class CordaLinear(nn.Module):
         dropout: float = 0.0,
         base_type: str = "linear",
         mode: str = "kpm",
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if rank < 1:
@@ -132,6 +132,7 @@ class CordaLinear(nn.Module):
         return layer.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ through :func:`ops.lora_linear` (fused kernels on CUDA)."""
         p = self.dropout if self.training else 0.0
         if x.dtype != self.weight.dtype and autocast_dtype(x) is None:  # under autocast the op casts
             x = x.to(self.weight.dtype)
@@ -149,23 +150,22 @@ class CordaLinear(nn.Module):
     def merge(self) -> nn.Module:
         """A plain layer of the original type holding W + scaling·B@A."""
         w = self.merged_weight()
-        kw = {"device": w.device, "dtype": w.dtype}
-        if self.base_type == "conv1d":
-            out = Conv1D(self.out_features, self.in_features).to(**kw)
-            out.weight.data = w.t().contiguous()
-            if self.bias is not None:
-                out.bias.data = self.bias.detach().clone()
-            else:  # Conv1D always has a bias; a zero one is equivalent
-                out.bias.data.zero_()
-        else:
-            out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, **kw)
-            out.weight.data = w
-            if self.bias is not None:
-                out.bias.data = self.bias.detach().clone()
-        out.requires_grad_(self.weight.requires_grad)
+        # Built on the meta device: a freshly initialized weight would be allocated only to be replaced.
+        with torch.device("meta"):
+            if self.base_type == "conv1d":
+                out = Conv1D(self.out_features, self.in_features)
+            else:
+                out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        grad = self.weight.requires_grad
+        out.weight = nn.Parameter(w.t().contiguous() if self.base_type == "conv1d" else w, requires_grad=grad)
+        if self.bias is not None:
+            out.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=grad)
+        elif self.base_type == "conv1d":  # Conv1D always has a bias; a zero one is equivalent
+            out.bias = nn.Parameter(w.new_zeros(self.out_features), requires_grad=grad)
         return out.train(self.training)
 
     def extra_repr(self) -> str:
+        """Sizes, rank, alpha, mode, bias and the base layer type, for ``print(model)``."""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"alpha={self.alpha:g}, mode={self.mode}, bias={self.bias is not None}, base={self.base_type}"

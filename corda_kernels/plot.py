@@ -43,7 +43,8 @@ def plot_ranks(ranks: Mapping[str, int], path: str | os.PathLike, *, title: str 
     """Draw ``ranks`` (module name -> rank) as bars grouped by block, one colour per projection; returns the path.
 
     The block is the first numeric component of a name (``model.layers.3.mlp.up_proj`` -> 3),
-    the projection its last component (``up_proj``; an expert's ``w1[5]``); see :func:`_split`.
+    the projection its last component (``up_proj``; an expert's ``w1[5]``). ``title``: the figure's
+    title (default: none). Needs matplotlib (the ``plot`` extra).
     """
     try:
         from matplotlib import colormaps

@@ -22,6 +22,7 @@ from ._targets import (
     find_targets,
     is_linear_like,
     linear_weight,
+    module_slots,
     swap_modules,
 )
 from .covariance import Covariances
@@ -236,18 +237,31 @@ def apply_factors(
     mode: str,
     dropout: float = 0.0,
 ) -> nn.Module:
-    """Swap each target for a CordaLinear holding its residual, then freeze everything but the adapters."""
-    new = {}
-    for name, module in modules.items():
+    """Swap each target for a CordaLinear holding its residual, then freeze everything but the adapters.
+
+    ``modules`` is emptied as the layers are swapped: holding every replaced layer (or every new
+    residual) until the end would keep a second copy of all target weights alive at once.
+    """
+
+    def residual(name: str) -> torch.Tensor:
         A, B = factors[name]
-        scaling = p.alphas[name] / p.ranks[name]
         with torch.no_grad():
-            residual = residual_weight(linear_weight(module).detach(), A, B, scaling)
-        if not torch.isfinite(residual).all():
-            raise ValueError(f"the residual weight of module {name!r} overflows {residual.dtype}")
-        new[name] = CordaLinear.from_factors(module, residual, A, B, alpha=p.alphas[name], dropout=dropout, mode=mode)
+            return residual_weight(linear_weight(modules[name]).detach(), A, B, p.alphas[name] / p.ranks[name])
+
+    # Every residual is checked before the first swap (nothing half-applied), one at a time, then
+    # computed again as it is swapped in: a second small GEMM per layer instead of a model-sized peak.
+    for name in modules:
+        if not torch.isfinite(residual(name)).all():
+            raise ValueError(f"the residual weight of module {name!r} overflows {linear_weight(modules[name]).dtype}")
     _untie_targets(model, modules)
-    swap_modules(model, new)
+    slots = module_slots(model)
+    for name in list(modules):
+        A, B = factors[name]
+        layer = CordaLinear.from_factors(
+            modules[name], residual(name), A, B, alpha=p.alphas[name], dropout=dropout, mode=mode
+        )
+        swap_modules(model, {name: layer}, slots)
+        del modules[name], layer
     no_fused_transformer_paths(model)
     checkpointing_ready(model)
     for n, param in model.named_parameters():
@@ -424,7 +438,10 @@ def merge_corda(model: nn.Module) -> nn.Module:
     The merged layers are frozen, like the residual weights they replace and like every
     other parameter ``build_corda`` froze; ``model.requires_grad_(True)`` unfreezes all.
     """
-    swap_modules(model, {n: m.merge() for n, m in model.named_modules() if isinstance(m, CordaLinear)})
+    # One layer at a time: merging them all before swapping would hold a second copy of every weight.
+    slots = module_slots(model)
+    for name in list(corda_layers(model)):
+        swap_modules(model, {name: model.get_submodule(name).merge()}, slots)
     return model
 
 
@@ -434,4 +451,5 @@ def corda_layers(model: nn.Module) -> dict[str, CordaLinear]:
 
 
 def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameter elements with ``requires_grad`` (after :func:`build_corda`: the adapters')."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

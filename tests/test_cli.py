@@ -190,6 +190,10 @@ def test_cordapp_scoring_options_and_targets_reach_the_api(workdir, tmp_path, ca
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--targets", "re:("], "missing )"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--rank", "4"], "--rank: these score CorDA++ candidates"),
         (["build", "{m}", "{t}/c.safetensors", "-o", "{t}/keep"], "is not an earlier corda_kernels export"),
+        (
+            ["build", "{m}", "{t}/c.safetensors", "-o", "{t}/new", "--max-rank", "2", "--pi-from", "wc"],
+            "--max-rank, --pi-from: these shape the CorDA++ rank allocation and apply only with --cordapp",
+        ),
         (["export", "{m}", "-o", "{t}/keep", "--no-progress"], "is not an earlier corda_kernels export"),
         (["collect", "{m}", "{d}/data.txt", "-o", "{t}/c", "--candidates", "2", "--mode", "ipm"], "--sum-over adapter"),
         (
@@ -354,6 +358,25 @@ def test_debug_after_the_command_and_max_batches_stops_before_a_bad_line(workdir
         cli.main([*argv, "--debug"])  # --debug after the command: the traceback is not swallowed
 
 
+def test_build_rank_errors_speak_in_flags(workdir, tmp_path, capsys):
+    d = workdir
+    covs = tmp_path / "c.safetensors"
+    assert cli.main(["collect", str(d / "model"), str(d / "data.txt"), "-o", str(covs)]) == 0
+    capsys.readouterr()
+    assert cli.main(["build", str(d / "model"), str(covs), "-o", str(tmp_path / "out"), "--rank", "1000"]) == 1
+    err = capsys.readouterr().err
+    assert "--rank 1000 exceeds min(d_out, d_in) = " in err and "of module 'model.layers.0." in err
+    assert "--targets" in err and "ranks=" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_allocation_defaults_are_allocate_ranks_defaults():
+    import inspect
+
+    params = inspect.signature(ck.allocate_ranks).parameters
+    assert cli._ALLOCATION_DEFAULTS == {k: params[k].default for k in cli._ALLOCATION_DEFAULTS}
+
+
 def test_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
@@ -376,6 +399,17 @@ def test_demo_and_bench_delegate(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "main", fake_main)
     assert cli.main(["demo", "--rank", "4", "--help"]) == 0
     assert seen["argv"] == ["--rank", "4", "--help"]
+
+    # --debug after demo is the CLI's own flag, not passed on: the traceback comes through.
+    def failing_main(argv=None):
+        seen["argv"] = argv
+        raise ValueError("boom")
+
+    monkeypatch.setattr(demo, "main", failing_main)
+    assert cli.main(["demo", "--rank", "4"]) == 1
+    with pytest.raises(ValueError, match="boom"):
+        cli.main(["demo", "--debug", "--rank", "4"])
+    assert seen["argv"] == ["--rank", "4"]
 
     (tmp_path / "bench_ops.py").write_text("import sys\nopen(sys.argv[1], 'w').write('ran')\n")
     assert cli.main(["bench", "ops", "--bench-dir", str(tmp_path), str(tmp_path / "flag")]) == 0

@@ -374,6 +374,15 @@ def test_allocation_favours_the_layer_the_metric_favours(mode):
         assert ranks["b"] > ranks["a"]
 
 
+def test_a_rank_allocation_built_by_hand_has_its_totals():
+    # A user's own allocation (for build_corda(ranks=) and .table()) gets the same fields.
+    r = ck.RankAllocation({"a": 2, "b": 4}, budget=100, costs={"a": 10, "b": 12})
+    assert dict(r) == {"a": 2, "b": 4} and r.used == 68 and r.multiple == 1
+    assert r.table().splitlines()[-1].split()[:3] == ["total", "6", "68"]
+    with pytest.raises(ValueError, match="costs has no entry for module 'b'"):
+        ck.RankAllocation({"a": 2, "b": 4}, budget=100, costs={"a": 10})
+
+
 def naive_allocation(infos, tau, mode, start, caps, m, ipm_score="captured"):
     """Rescan every layer at every step: the specification, without the heap."""
     names = list(infos)
@@ -558,34 +567,57 @@ def test_fill_option_and_argument_errors(llama_covs):
 def count_spectra(monkeypatch):
     dec = importlib.import_module("corda_kernels.decompose")
     rw = importlib.import_module("corda_kernels.rewrite")
-    calls = {"score": 0, "build": 0}
+    calls = {"score": 0, "build": 0, "values": 0}
     orig = dec.compute_spectrum
+    orig_values = dec.spectrum_values
     orig_selected = rw.selected_spectrum
 
     def scored(*a, **k):
         calls["score"] += 1
         return orig(*a, **k)
 
+    def valued(*a, **k):
+        calls["values"] += 1
+        return orig_values(*a, **k)
+
     def built(*a, **k):
         calls["build"] += 1
         return orig_selected(*a, **k)
 
     monkeypatch.setattr(dec, "compute_spectrum", scored)
+    monkeypatch.setattr(dec, "spectrum_values", valued)
     monkeypatch.setattr(rw, "selected_spectrum", built)
     return calls
 
 
-def test_each_layer_is_decomposed_once_per_candidate_and_never_again(monkeypatch):
+def test_each_candidate_is_scored_on_values_and_only_winners_get_vectors(monkeypatch):
+    # Every round needs singular values only; the full eigendecomposition (vectors for the build, about
+    # 2.4x the values-only cost) runs once per layer, for the winning round, and never again.
     model = tiny_llama()
     batches = padded_batches(128, n_batches=4)
     calls = count_spectra(monkeypatch)
     cands = ck.collect_cov(model, batches, candidates=2, progress=False)
     n = len(cands.selected)
-    assert calls == {"score": 2 * n, "build": 0}
+    assert calls == {"values": 2 * n, "score": n, "build": 0}
     covs = ck.select_covariances(model, cands)
     ranks = ck.allocate_ranks(model, covs, budget=0.5, rank=4)
     ck.build_corda(model, covs, ranks=ranks)
-    assert calls == {"score": 2 * n, "build": 0}
+    assert calls == {"values": 2 * n, "score": n, "build": 0}
+    # One round: its spectra are the winners', computed once with their vectors.
+    calls.update(values=0, score=0)
+    ck.collect_cov(tiny_llama(), batches, candidates=1, progress=False)
+    assert calls == {"values": 0, "score": n, "build": 0}
+    # keep_spectra=False: values only, everywhere.
+    calls.update(values=0, score=0)
+    lean = ck.collect_cov(tiny_llama(), batches, candidates=2, progress=False, keep_spectra=False)
+    assert calls == {"values": 2 * n, "score": 0, "build": 0}
+    calls.update(values=0)
+    m = tiny_llama()
+    ck.allocate_ranks(m, ck.collect_cov(m, batches, progress=False), budget=0.5, rank=4, keep_spectra=False)
+    assert calls == {"values": n, "score": 0, "build": 0}
+    assert lean.group_scores == cands.group_scores or all(
+        abs(a - b) <= 1e-9 * abs(b) for ra, rb in zip(lean.group_scores, cands.group_scores) for a, b in zip(ra, rb)
+    )
 
 
 def test_cache_is_ignored_when_weights_or_damping_change(monkeypatch):
@@ -595,7 +627,7 @@ def test_cache_is_ignored_when_weights_or_damping_change(monkeypatch):
     calls = count_spectra(monkeypatch)
     ranks = ck.allocate_ranks(base, covs, budget=0.5, rank=4)
     n = len(covs)
-    assert calls == {"score": n, "build": 0}  # plain covariances: computed once here, then cached
+    assert calls == {"score": n, "build": 0, "values": 0}  # plain covariances: computed once here, then cached
 
     model = copy.deepcopy(base)  # other tensors: nothing may hit
     ck.build_corda(model, covs, ranks=ranks)

@@ -420,14 +420,21 @@ def covariance_update_triton(acc: torch.Tensor, x: torch.Tensor, mask=None, scal
     return acc
 
 
-def covariance_update(acc: torch.Tensor, x: torch.Tensor, mask=None, *, scale=None, backend: str = "auto"):
+def covariance_update(
+    acc: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor | KeptRows | None = None,
+    *,
+    scale: torch.Tensor | float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """In place: add Σ over kept rows of scale²·xxᵀ to the upper triangle of ``acc``.
 
     ``x`` is (..., d) in fp32/fp16/bf16 (fp64 on the torch path) with any strides; ``mask`` (bool or 0/1
     over x's leading dims, or a :class:`KeptRows` built once for several updates) drops rows;
     ``scale`` is a per-row or per-sequence weight applied to x (fp16 x with a scale stays on the torch
     path under "auto": the kernel's fp16 rounding of s·x could overflow).
-    Read the full matrix with :func:`covariance_result`.
+    Read the full matrix with :func:`covariance_result`. Returns ``acc``.
     """
     _check(acc, x)
     # fp16 with a scale: the kernel rounds s·x back to fp16, which overflows past 65504 (normalize="peft"
