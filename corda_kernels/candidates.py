@@ -218,9 +218,10 @@ class _Rounds:
         w0 = linear_weight(modules[names[0]])
         damped = damp_covariance(c.to(w0.device), self.damping, dtype=self.compute_dtype, name=names[0])
         stats = cov_stats(damped) if self.rule.pi_from == "cov" else None
-        # Scores need singular values only. The winners' vectors (kept for the build) are computed once at
-        # the end, for the winning round alone; with a single round, that round is the winner.
-        vectors = self.keep_vectors and len(self.ends) == 1
+        # Scores need singular values only; the vectors are formed only when kept for the build. (Forming
+        # them once at the end, for the winning round alone, measured slower: the Gram matrices of W·C_d,
+        # not the eigensolver, dominate a round, and they would be computed again.)
+        vectors = self.keep_vectors
         spectra = {}
         for name in names:
             w = linear_weight(modules[name]).detach()
@@ -376,17 +377,6 @@ def collect_candidates(
     return _assemble(collector, rounds, rule, damping, compute_dtype, n, candidates)
 
 
-def _winner_spectra(modules, names, c: torch.Tensor, damping, compute_dtype) -> dict[str, Spectrum]:
-    damped = None
-    out = {}
-    for name in names:
-        w = linear_weight(modules[name]).detach()
-        if damped is None or damped.matrix.device != w.device:  # device_map may split a group
-            damped = damp_covariance(c.to(w.device), damping, dtype=compute_dtype, name=name)
-        out[name] = decompose.compute_spectrum(w, damped, name=name)
-    return out
-
-
 def _assemble(collector, rounds: _Rounds, rule, damping, compute_dtype, n, candidates) -> CovarianceCandidates:
     groups = [g.names for g in collector.groups]
     for gi, names in enumerate(groups):
@@ -417,8 +407,6 @@ def _assemble(collector, rounds: _Rounds, rule, damping, compute_dtype, n, candi
         stats = rounds.stats[gi][b.round]
         if stats is not None:
             cache.put_stats(b.matrix, damping, compute_dtype, stats)
-        if rounds.keep_vectors and not b.spectra:
-            b.spectra = _winner_spectra(collector.modules, names, b.matrix, damping, compute_dtype)
         for name in names:
             w = linear_weight(collector.modules[name])
             weight_keys[name] = SpectrumCache.key(w, b.matrix, damping, compute_dtype)
