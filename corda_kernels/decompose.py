@@ -292,10 +292,13 @@ class RankTooLarge(ValueError):
     """A rank above min(d_out, d_in) of a layer (``name``: None outside a model)."""
 
     def __init__(self, rank: int, name: str | None, shape: tuple[int, int]):
-        self.rank, self.name, self.limit = rank, name, min(shape)
+        self.rank, self.name, self.shape, self.limit = rank, name, tuple(shape), min(shape)
         # In a model, the usual culprit is a narrow layer the default targets include (an MoE router).
         hint = f"; give it a smaller rank (ranks={{{name!r}: r}}) or leave it out (targets=)" if name else ""
         super().__init__(f"rank {rank}{_label(name)} exceeds min(d_out, d_in) = {self.limit} for weight {shape}{hint}")
+
+    def __reduce__(self):  # pickle and copy rebuild it from its fields, not from the message alone
+        return type(self), (self.rank, self.name, self.shape)
 
 
 def validate(weight: torch.Tensor, cov: torch.Tensor, rank: int, mode: str, name: str | None = None) -> None:

@@ -481,8 +481,11 @@ def to_lora(
         s = layer.scaling
         b0, a0, tail = _rank_r_factors(delta / s, layer.rank)
         eps = _rounding_eps(res)
-        # tail is of delta/s: the residual's rounding (~eps·|W|) is scaled by 1/s in it too.
-        if s * tail > 16 * eps * float(w0.norm()) + 1e-12:
+        # tail is of delta/s: the residual's rounding is scaled by 1/s in it too. That rounding is at most
+        # eps/2 of each element of the residual (typically ~0.3·eps·|residual| in norm): 2·eps leaves a 4x
+        # margin, and a wrong original a few percent off in bf16 is still refused (16·eps let 10% through).
+        bound = 2 * eps * max(float(w0.norm()), float(res.double().norm()))
+        if s * tail > bound + 1e-12:
             raise ValueError(
                 f"module {name!r}: the original weight minus the residual is not a rank-{layer.rank} matrix "
                 f"(remainder {s * tail:.3g} vs |W| {float(w0.norm()):.3g}); is original_state_dict the model this "
@@ -523,7 +526,9 @@ def _adapter_dtype(choice, saved: torch.dtype, base: torch.dtype) -> torch.dtype
     if choice is None or not saved.is_floating_point:
         return base
     if choice == "widest":
-        return torch.promote_types(saved, base)
+        wide = torch.promote_types(saved, base)
+        # autocast runs fp32 operands over a 16-bit base, not fp64: fp64 adapters stop at fp32 there.
+        return torch.float32 if wide == torch.float64 and base != torch.float64 else wide
     return choice
 
 
@@ -677,8 +682,8 @@ def load_pretrained(
     ``adapter_dtype``: None (default) casts A and B to the base weight's dtype, with a
     warning when that rounds them (fp32 adapters trained over a bf16 base); a dtype
     casts them to it; ``"widest"`` keeps, per layer, the wider of the saved and the
-    base dtype, so nothing is rounded. Adapters wider than the base run under
-    ``torch.autocast`` (or are merged or exported), as they were trained.
+    base dtype (at most float32 over a 16-bit base), so nothing is rounded. Adapters wider
+    than the base run under ``torch.autocast`` (or are merged or exported), as they were trained.
     """
     from safetensors.torch import load_file
 

@@ -96,6 +96,10 @@ def plan(
     modules = resolve_targets(model, covs, targets)
     if not modules:
         raise ValueError("no target module to rewrite")
+    for name in modules:  # replacing the outer layer would drop the inner one (a linear layer with a linear child)
+        outer = next((p for p in _prefixes(name) if p in modules), None)
+        if outer is not None:
+            raise ValueError(f"target {name!r} lies inside target {outer!r}: leave one of them out (targets=)")
     if isinstance(covs, Covariances):
         covs.check_model(modules)
     ranks = dict(ranks or {})
@@ -227,6 +231,11 @@ def _check_spectrum(spec: Spectrum, w: torch.Tensor, damped: DampedCovariance, n
 #: σ at or below this fraction of ‖W·C_d‖_F is zero to the float64 Gram solver's accuracy
 #: (σ² is resolved to ~1e-16 of σ_max², so σ to ~1e-8 of σ_max): such a component is dead.
 _ZERO_SIGMA = 1e-7
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def apply_factors(

@@ -533,3 +533,35 @@ def test_build_and_merge_free_each_replaced_weight_as_they_go(make, monkeypatch)
         torch.testing.assert_close(model(**b[0]).logits, want, rtol=1e-5, atol=1e-5)
     # merge builds on the meta device and keeps no meta tensor
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_a_target_inside_another_target_is_refused_before_any_swap():
+    # Replacing the outer layer would silently drop the inner one; swapping one layer at a time it
+    # would also fail half-way. Refused while checking, naming both.
+    class Outer(nn.Linear):
+        def __init__(self):
+            super().__init__(8, 8)
+            self.inner = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return super().forward(self.inner(x))
+
+    model = nn.Sequential(Outer(), nn.Linear(8, 2))
+    covs = {n: torch.eye(8) for n in ("0", "0.inner")}
+    with pytest.raises(ValueError, match=r"target '0.inner' lies inside target '0'"):
+        ck.build_corda(model, covs, rank=2, targets=["0", "0.inner"])
+    assert not ck.corda_layers(model)
+    ck.build_corda(model, covs, rank=2, targets=["0.inner"])  # either one alone is fine
+    assert set(ck.corda_layers(model)) == {"0.inner"}
+
+
+def test_rank_error_pickles_and_copies():
+    import copy
+    import pickle
+
+    from corda_kernels.decompose import RankTooLarge
+
+    e = RankTooLarge(9, "model.x", (4, 6))
+    for back in (pickle.loads(pickle.dumps(e)), copy.copy(e)):
+        assert isinstance(back, ValueError) and str(back) == str(e)
+        assert (back.rank, back.name, back.limit) == (9, "model.x", 4)

@@ -444,10 +444,11 @@ def test_load_pretrained_keeps_fp32_adapters_over_a_bf16_base_when_asked(tmp_pat
         layer.lora_A = nn.Parameter(layer.lora_A.float() + 1e-3 * torch.randn(layer.lora_A.shape, generator=g))
         layer.lora_B = nn.Parameter(layer.lora_B.float() + 1e-3 * torch.randn(layer.lora_B.shape, generator=g))
     export.save_pretrained(model, tmp_path / "e")
+    # dtype= explicitly: transformers 4 loads in fp32 by default, 5 in the checkpoint's dtype.
     with pytest.warns(UserWarning, match=r"14 layers .* saved in torch.float32 .* adapter_dtype='widest'"):
-        rounded = export.load_pretrained(tmp_path / "e")
-    kept = export.load_pretrained(tmp_path / "e", adapter_dtype="widest")
-    as_f16 = export.load_pretrained(tmp_path / "e", adapter_dtype=torch.float16)
+        rounded = export.load_pretrained(tmp_path / "e", dtype=torch.bfloat16)
+    kept = export.load_pretrained(tmp_path / "e", adapter_dtype="widest", dtype=torch.bfloat16)
+    as_f16 = export.load_pretrained(tmp_path / "e", adapter_dtype=torch.float16, dtype=torch.bfloat16)
     for name, layer in layers.items():
         r, k, h = (ck.corda_layers(m)[name] for m in (rounded, kept, as_f16))
         assert r.lora_A.dtype == torch.bfloat16 and not torch.equal(r.lora_A.float(), layer.lora_A)
@@ -462,7 +463,27 @@ def test_load_pretrained_keeps_fp32_adapters_over_a_bf16_base_when_asked(tmp_pat
     assert all(
         m.lora_A.grad is not None and m.lora_A.grad.dtype == torch.float32 for m in ck.corda_layers(kept).values()
     )
+    # float64 adapters over a 16-bit base stop at float32 with "widest": autocast runs fp32 operands, not fp64.
+    assert export._adapter_dtype("widest", torch.float64, torch.bfloat16) == torch.float32
+    assert export._adapter_dtype("widest", torch.float64, torch.float64) == torch.float64
+    assert export._adapter_dtype("widest", torch.bfloat16, torch.float32) == torch.float32
+    assert export._adapter_dtype(None, torch.float32, torch.bfloat16) == torch.bfloat16
     with pytest.raises(ValueError, match="adapter_dtype"):
         export.load_pretrained(tmp_path / "e", adapter_dtype=torch.int8)
     with pytest.raises(ValueError, match="adapter_dtype"):
         export.load_pretrained(tmp_path / "e", adapter_dtype="float32")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_to_lora_refuses_an_original_a_few_percent_off(dtype):
+    # The rank check's tolerance is the residual's rounding, with a margin, not 16 ulps of |W|: in bf16
+    # that let an original 10% off per element through as "the model it was built from".
+    model = tiny_llama().to(dtype)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    covs = ck.collect_cov(model, padded_batches(model.config.vocab_size, n_batches=2), progress=False)
+    ck.build_corda(model, covs, rank=4)
+    export.to_lora(model, original)  # the real one converts
+    g = torch.Generator().manual_seed(1)
+    off = {k: (v.float() * (1 + 0.05 * torch.randn(v.shape, generator=g))).to(dtype) for k, v in original.items()}
+    with pytest.raises(ValueError, match="not a rank-4 matrix"):
+        export.to_lora(model, off)
