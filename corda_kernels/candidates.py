@@ -221,7 +221,6 @@ class _Rounds:
         # Scores need singular values only; the vectors are formed only when kept for the build. (Forming
         # them once at the end, for the winning round alone, measured slower: the Gram matrices of W·C_d,
         # not the eigensolver, dominate a round, and they would be computed again.)
-        vectors = self.keep_vectors
         spectra = {}
         for name in names:
             w = linear_weight(modules[name]).detach()
@@ -229,7 +228,7 @@ class _Rounds:
                 raise ValueError(f"weight of module {name!r} contains NaN or Inf")
             if w.device != damped.matrix.device:  # device_map split this group: work on the member's device
                 damped = damp_covariance(c.to(w.device), self.damping, dtype=self.compute_dtype, name=name)
-            if vectors:
+            if self.keep_vectors:
                 spectra[name] = decompose.compute_spectrum(w, damped, name=name)
                 sv = spectra[name].singular_values
             else:

@@ -326,17 +326,24 @@ def _log(msg: str, rank: int = 0) -> None:
 
 
 # ---------------------------------------------------------------------- subcommands
+def _given(args, keys) -> dict:
+    """The options among ``keys`` given on the command line (their default is None)."""
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def _flags(keys) -> str:
+    return ", ".join("--" + k.replace("_", "-") for k in keys)
+
+
 def cmd_collect(args) -> int:
     import corda_kernels as ck
 
     with _distributed(args.device) as (rank, world):
         if args.candidates and world > 1:
             raise CliError("--candidates (CorDA++ selection) runs on one process: run collect without torchrun")
-        rule = {k: getattr(args, k) for k in ("sum_over", "rank", "mode", "group_score", "pi_from", "pi_normalize")}
-        rule = {k: v for k, v in rule.items() if v is not None}
+        rule = _given(args, ("sum_over", "rank", "mode", "group_score", "pi_from", "pi_normalize"))
         if rule and not args.candidates:
-            flags = ", ".join("--" + k.replace("_", "-") for k in rule)
-            raise CliError(f"{flags}: these score CorDA++ candidates and apply only with --candidates N")
+            raise CliError(f"{_flags(rule)}: these score CorDA++ candidates and apply only with --candidates N")
         if rule.get("sum_over") != "adapter" and ("rank" in rule or "mode" in rule):
             raise CliError("--rank/--mode change the CorDA++ score only with --sum-over adapter")
         if rule.get("sum_over") == "adapter" and "rank" not in rule:
@@ -472,11 +479,9 @@ def cmd_build(args) -> int:
     if args.budget is not None and not args.cordapp:
         raise CliError("--budget is a CorDA++ rank allocation: add --cordapp (or use --rank for a uniform rank)")
     # Given without --cordapp these would be ignored, and the user would get uniform ranks unawares.
-    alloc = {k: getattr(args, k) for k in _ALLOCATION_DEFAULTS}
-    alloc = {k: v for k, v in alloc.items() if v is not None}
+    alloc = _given(args, _ALLOCATION_DEFAULTS)
     if alloc and not args.cordapp:
-        flags = ", ".join("--" + k.replace("_", "-") for k in alloc)
-        raise CliError(f"{flags}: these shape the CorDA++ rank allocation and apply only with --cordapp")
+        raise CliError(f"{_flags(alloc)}: these shape the CorDA++ rank allocation and apply only with --cordapp")
     alloc = {**_ALLOCATION_DEFAULTS, **alloc}
     if not os.path.isfile(args.covariances):
         raise CliError(f"covariances file {args.covariances!r} does not exist")

@@ -163,7 +163,7 @@ def compute_spectrum(weight: torch.Tensor, damped: DampedCovariance, *, name: st
 
 def spectrum_values(weight: torch.Tensor, damped: DampedCovariance, *, name: str | None = None) -> torch.Tensor:
     """The singular values of W·C_d alone (float64, descending): what scoring needs, without the vectors
-    (LAPACK's values-only solver took ~0.4x the time of the full one at d = 4096)."""
+    (LAPACK's values-only solver took 0.26x the time of the full one at d = 4096, 0.4x at 2048)."""
     gram, _, _ = _gram(weight, damped)
     sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
     if not torch.isfinite(sv).all():

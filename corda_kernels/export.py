@@ -410,8 +410,6 @@ def _rounding_eps(t: torch.Tensor) -> float:
 
     A residual rounded to bf16 at build time and upcast afterwards (``model.float()``, ``--dtype``)
     still carries bf16's rounding, which its current dtype's eps would wrongly call too large."""
-    if not t.dtype.is_floating_point:
-        return 1e-7
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         if torch.finfo(dt).bits < torch.finfo(t.dtype).bits and torch.equal(t.to(dt).to(t.dtype), t):
             return torch.finfo(dt).eps
@@ -511,10 +509,6 @@ def to_lora(
 
 # ---------------------------------------------------------------------- import
 _ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _is_float_dtype(dt) -> bool:
-    return isinstance(dt, torch.dtype) and dt in _ADAPTER_DTYPES
 
 
 def _wider(a: torch.dtype, b: torch.dtype) -> bool:
@@ -687,7 +681,7 @@ def load_pretrained(
     """
     from safetensors.torch import load_file
 
-    if not (adapter_dtype is None or adapter_dtype == "widest" or _is_float_dtype(adapter_dtype)):
+    if not (adapter_dtype is None or adapter_dtype == "widest" or adapter_dtype in _ADAPTER_DTYPES):
         raise ValueError(f"adapter_dtype must be None, 'widest' or a floating-point torch.dtype, got {adapter_dtype!r}")
     path = os.fspath(path)
     marker = os.path.join(path, MARKER)
@@ -728,7 +722,7 @@ def load_pretrained(
                 "pass model_class= the class the export was saved from"
             ) from None
     tied = _untie_targets(model, bases)  # an export from before heads were untied may still say so
-    narrowed: list[str] = []
+    narrowed: list[tuple[str, torch.dtype, torch.dtype]] = []  # (layer, saved dtype, base dtype)
     for name, info in meta["layers"].items():
         base = bases[name]
         w = linear_weight(base)
@@ -761,12 +755,13 @@ def load_pretrained(
             layer.lora_A = nn.Parameter(saved[0].to(device=w.device, dtype=want))
             layer.lora_B = nn.Parameter(saved[1].to(device=w.device, dtype=want))
         elif adapter_dtype is None and _wider(saved[0].dtype, w.dtype):
-            narrowed.append(name)
+            narrowed.append((name, saved[0].dtype, w.dtype))
     if narrowed:
+        names = ", ".join(n for n, _, _ in narrowed[:3]) + (", ..." if len(narrowed) > 3 else "")
+        _, saved_dtype, base_dtype = narrowed[0]
         warnings.warn(
-            f"load_pretrained: the adapters of {len(narrowed)} layers ({', '.join(narrowed[:3])}"
-            f"{', ...' if len(narrowed) > 3 else ''}) were saved in {sd[f'{PEFT_PREFIX}{narrowed[0]}.lora_A.weight'].dtype} "
-            f"and are rounded to the base's {linear_weight(bases[narrowed[0]]).dtype}; pass adapter_dtype='widest' "
+            f"load_pretrained: the adapters of {len(narrowed)} layers ({names}) were saved in {saved_dtype} "
+            f"and are rounded to the base's {base_dtype}; pass adapter_dtype='widest' "
             "to keep them (and run the model under torch.autocast)",
             stacklevel=2,
         )
