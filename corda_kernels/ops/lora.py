@@ -354,6 +354,11 @@ def lora_forward_torch(x2, weight, bias, A, B, scaling, xd2):
     """x2: (M, K) input, xd2: the dropped-out input feeding A (x2 itself when p=0)."""
     y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
     s = (xd2 @ A.t()).to(_wide(x2))  # (M, r): tiny, kept wide for backward
+    if torch.compiler.is_compiling():
+        # Out of place: torch 2.11's Dynamo sends the gradient of a Function output that forward
+        # modified in place to the wrong slot, and every gradient comes out zero (pytorch#180642).
+        # Compiled code plans its own buffers, so the in-place form saves nothing there.
+        return torch.addmm(y, s.to(y.dtype), B.t(), alpha=scaling), s
     y.addmm_(s.to(y.dtype), B.t(), alpha=scaling)
     return y, s
 
