@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench compat lock clean
+.PHONY: setup demo test lint bench compat compat-torch lock clean
 
 # No pip cache: the wheels (torch, triton) would otherwise sit on disk twice, and a CI
 # machine's disk can be nearly full.
@@ -44,6 +44,23 @@ compat:
 		$$env/bin/python -m pytest -q --deselect tests/test_aot_compile.py || exit 1; \
 	done
 
+# The suite on other torch/triton pairs (PyPI's CUDA builds, ~3 GB per venv; they run on the CPU).
+# Default: the lent GPU image's set and the oldest supported pair. Entries are torch:triton:transformers.
+# numpy<2.4: Triton 3.6's interpreter breaks on numpy 2.4. Triton 3.2's interpreter cannot run the
+# kernel tests (it hands autotune options to the kernel), so on 3.2 expect those to fail, and only those.
+TORCH_COMPAT ?= 2.11.0:3.6.0:5.17.0 2.6.0:3.2.0:5.24.0
+compat-torch:
+	@for set in $(TORCH_COMPAT); do \
+		t=$${set%%:*}; rest=$${set#*:}; tr=$${rest%%:*}; tf=$${rest#*:}; \
+		env=.venv-torch-$$t; \
+		test -x $$env/bin/python || $(PY) -m venv $$env; \
+		grep -v -e '^torch==' -e '^triton==' -e '^transformers' requirements-dev.txt > $$env/requirements.txt; \
+		$$env/bin/pip install -q --no-cache-dir -r $$env/requirements.txt torch==$$t triton==$$tr \
+			transformers==$$tf 'numpy<2.4' && \
+		$$env/bin/pip install -q --no-deps -e . && \
+		$$env/bin/python -m pytest -q || exit 1; \
+	done
+
 # Rewrite constraints-dev.txt from .venv after upgrading it on purpose (then run make test).
 # The CPU wheel's local tag is dropped so that the pin also reads on other indexes.
 lock: $(STAMP)
@@ -52,4 +69,4 @@ lock: $(STAMP)
 	mv constraints-dev.txt.tmp constraints-dev.txt
 
 clean:
-	rm -rf $(VENV) .venv-transformers-* build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-transformers-* .venv-torch-* build *.egg-info .pytest_cache

@@ -177,12 +177,15 @@ def test_decomposition_and_merge_ignore_a_tf32_setting(monkeypatch):
     # residual and the merge must still be fp32-exact. Checked here through the flag each fp32
     # matmul of build and merge sees; the user's setting comes back afterwards.
     flags = torch.backends.cuda.matmul
-    old = flags.fp32_precision
-    flags.fp32_precision = "tf32"  # a property of torch's backend object: monkeypatch cannot restore it
+    # A property of torch's backend object: monkeypatch cannot restore it. fp32_precision is the
+    # torch >= 2.9 name; older releases have only allow_tf32.
+    name = "fp32_precision" if hasattr(flags, "fp32_precision") else "allow_tf32"
+    old = getattr(flags, name)
+    setattr(flags, name, "tf32" if name == "fp32_precision" else True)
     try:
         _check_tf32_is_off_inside(monkeypatch)
     finally:
-        flags.fp32_precision = old
+        setattr(flags, name, old)
 
 
 def _check_tf32_is_off_inside(monkeypatch):

@@ -115,6 +115,57 @@ def autotune_enabled() -> bool:
     return os.environ.get(_AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def deferred_benchmarker(kernel_call, quantiles):
+    """The GPU driver's benchmarker, looked up when an autotuner first times a config."""
+    from triton.runtime import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+def autotune(kernel, **options):
+    """``triton.autotune(**options)(kernel)`` that needs no GPU driver until it first tunes.
+
+    Triton 3.2 and 3.3 ask the driver for a benchmarker when an autotuner is built, so on a
+    machine without a GPU (also under ``TRITON_INTERPRET=1``) decorating a kernel, and with it
+    ``import corda_kernels``, failed with "0 active drivers". 3.3 takes ``do_bench=``; 3.2's
+    decorator drops it, so there the autotuner is built directly.
+    """
+    import triton
+
+    if interpreting():
+        _interpreter_accepts_config_options()
+    try:
+        return triton.autotune(do_bench=deferred_benchmarker, **options)(kernel)
+    except RuntimeError as err:
+        if "active driver" not in str(err):
+            raise
+    from triton.runtime.autotuner import Autotuner
+
+    return Autotuner(
+        kernel,
+        kernel.arg_names,
+        options["configs"],
+        options["key"],
+        options.get("reset_to_zero"),
+        options.get("restore_value"),
+        prune_configs_by=options.get("prune_configs_by"),
+        do_bench=deferred_benchmarker,
+    )
+
+
+def _interpreter_accepts_config_options() -> None:
+    # Triton 3.2's interpreter drops only the launch options it lists, and every Config also
+    # passes the warp-specialization ones: each kernel call failed with an "unexpected keyword
+    # argument". Later releases have no such list and drop the options themselves.
+    from triton.runtime import interpreter
+
+    reserved = getattr(interpreter, "RESERVED_KWS", None)
+    if isinstance(reserved, list):
+        for name in ("num_buffers_warp_spec", "num_consumer_groups", "reg_dec_producer", "reg_inc_consumer"):
+            if name not in reserved:
+                reserved.append(name)
+
+
 def tuning_configs(configs: list) -> list:
     """A kernel's autotune candidates; with ``CORDA_KERNELS_AUTOTUNE=0`` only the one with the
     smallest tiles and fewest stages, which fits any supported GPU's shared memory and compiles

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import interpreting, on_device, resolve, tf32_matmul, tuning_configs
+from ._backend import autotune, interpreting, on_device, resolve, tf32_matmul, tuning_configs
 
 try:
     import triton
@@ -226,12 +226,13 @@ if triton is not None:
 
     # The kernel adds into acc, so every benchmarking run of the autotuner must start from
     # the caller's values: restore_value puts acc back after each trial.
-    _cov_triangle_tuned = triton.autotune(
+    _cov_triangle_tuned = autotune(
+        _cov_triangle_kernel,
         configs=_cov_configs(),
         key=["D"],
         prune_configs_by={"early_config_prune": _cov_prune},
         restore_value=["acc_ptr"],
-    )(_cov_triangle_kernel)
+    )
 
 
 def _check(acc: torch.Tensor, x: torch.Tensor) -> int:

@@ -17,7 +17,7 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._backend import interpreting, on_device, resolve, sm_count, tf32_matmul, tuning_configs
+from ._backend import autotune, interpreting, on_device, resolve, sm_count, tf32_matmul, tuning_configs
 
 try:
     import triton
@@ -223,11 +223,12 @@ if triton is not None:
     # Each trial writes out from scratch, so autotuning needs no restore. The rank tile, the
     # epilogue and W's layout (forward reads Wᵀ, the input gradient W) change the best tile,
     # so they are part of the key: one shape's forward, dx and every rank tune separately.
-    _gemm_lowrank_tuned = triton.autotune(
+    _gemm_lowrank_tuned = autotune(
+        _gemm_lowrank_kernel,
         configs=_gemm_configs(),
         key=["M_BUCKET", "N", "K", "BLOCK_RANK", "HAS_BIAS", "HAS_KEEP", "stride_wk"],
         prune_configs_by={"early_config_prune": _gemm_prune},
-    )(_gemm_lowrank_kernel)
+    )
 
 
 # The rank-sized gradients of backward, from one read of dy:
@@ -337,11 +338,12 @@ if triton is not None:
         )
 
     # Trials accumulate into u and dB with atomics: reset_to_zero gives every trial a clean start.
-    _dy_lowrank_tuned = triton.autotune(
+    _dy_lowrank_tuned = autotune(
+        _dy_lowrank_kernel,
         configs=_dy_configs(),
         key=["M_BUCKET", "N", "BLOCK_RANK"],
         reset_to_zero=["u_ptr", "db_ptr"],
-    )(_dy_lowrank_kernel)
+    )
 
 
 # ----------------------------------------------------------------------------- torch launchers
@@ -631,9 +633,9 @@ class LoraLinearFunction(torch.autograd.Function):
     @once_differentiable  # s = x·Aᵀ is saved detached: a second derivative would be silently wrong
     def backward(ctx, dy):
         x2, xd2, keep, s, weight, A, B = ctx.saved_tensors
-        dy2 = dy  # the Function's output is 2-D
-        if not dy2.is_contiguous():
-            dy2 = dy2.contiguous()
+        # The Function's output is 2-D. contiguous() is a no-op on a contiguous dy; asking
+        # is_contiguous() first would stop torch 2.6's Dynamo, which traces backward strictly.
+        dy2 = dy.contiguous()
         needs = ctx.needs_input_grad[:5]
         bwd = lora_backward_triton if ctx.which == "triton" else lora_backward_torch
         dx, dW, db, dA, dB = bwd(dy2, x2, xd2, keep, ctx.p, s, weight, A, B, ctx.scaling, needs)
