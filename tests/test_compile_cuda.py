@@ -46,4 +46,6 @@ def test_compiled_model_matches_eager(dtype):
     compiled = step(torch.compile(model))
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     for a, b in zip(eager, compiled):
-        assert ((a.double() - b.double()).norm() / b.double().norm()).item() < tol
+        # Relative to eager's: torch 2.11 once gave compiled Functions all-zero gradients.
+        assert a.abs().max() > 0
+        assert ((a.double() - b.double()).norm() / a.double().norm()).item() < tol
