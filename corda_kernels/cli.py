@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ._compat import dtype_kwarg
+
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
@@ -93,7 +95,7 @@ def _load_model(path: str, args) -> torch.nn.Module:
             raise CliError(f"--device {args.device!r}: {e}") from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {args.device}: this torch has no CUDA device")
-    kw = {"local_files_only": True, "dtype": _dtype(args.dtype)}
+    kw = {"local_files_only": True, dtype_kwarg(): _dtype(args.dtype)}
     if args.device == "auto":
         kw["device_map"] = "auto"
     with _reading("model", path):
@@ -601,7 +603,7 @@ def cmd_export(args) -> int:
 
     with _reading("--base", args.base):
         original = AutoModelForCausalLM.from_pretrained(
-            _local_dir(args.base, "--base"), local_files_only=True, dtype=_dtype(args.dtype)
+            _local_dir(args.base, "--base"), local_files_only=True, **{dtype_kwarg(): _dtype(args.dtype)}
         )
     to_lora(model, original.state_dict(), args.output, base_model_name_or_path=os.path.abspath(args.base))
     _log(f"LoRA (rank 2r) for the original model {args.base} -> {args.output}")

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ._compat import from_pretrained_kwargs as _for_this_transformers
 from ._io import current_umask
 from ._targets import Conv1D, get_submodule_parent, linear_weight, swap_modules, unwrap_model
 from .layer import CordaLinear
@@ -708,7 +709,7 @@ def load_pretrained(
     if model_class is None:
         model_class = _saved_model_class(meta.get("model_class"))
     from_pretrained_kwargs.setdefault("local_files_only", True)
-    model = model_class.from_pretrained(residual, **from_pretrained_kwargs)
+    model = model_class.from_pretrained(residual, **_for_this_transformers(from_pretrained_kwargs))
     with open(os.path.join(adir, ADAPTER_CONFIG), encoding="utf-8") as f:
         cfg = json.load(f)
     sd = load_file(os.path.join(adir, ADAPTER_WEIGHTS))
