@@ -50,6 +50,7 @@ compat:
 TORCH_COMPAT ?= 2.11.0:3.6.0:5.17.0 2.6.0:3.2.0:5.24.0
 compat-torch:
 	@for set in $(TORCH_COMPAT); do \
+		case $$set in *:*:*) ;; *) echo "TORCH_COMPAT entries are torch:triton:transformers, got $$set"; exit 1 ;; esac; \
 		t=$${set%%:*}; rest=$${set#*:}; tr=$${rest%%:*}; tf=$${rest#*:}; \
 		env=.venv-torch-$$t; \
 		test -x $$env/bin/python || $(PY) -m venv $$env; \

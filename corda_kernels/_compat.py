@@ -19,7 +19,9 @@ def from_pretrained_kwargs(kwargs: dict) -> dict:
     """``kwargs`` with a ``dtype``/``torch_dtype`` entry under the name this transformers takes."""
     key = dtype_kwarg()
     other = "torch_dtype" if key == "dtype" else "dtype"
-    if other in kwargs and key not in kwargs:
+    if other in kwargs and key in kwargs:
+        raise ValueError("give the model's dtype once, as dtype= or torch_dtype=, not both")
+    if other in kwargs:
         kwargs = dict(kwargs)
         kwargs[key] = kwargs.pop(other)
     return kwargs

@@ -5,6 +5,7 @@ so the CLI and ``load_pretrained`` failed on them. The dev set has a newer trans
 the older name is simulated here; the whole suite ran on 4.52.4 (README, Development).
 """
 
+import pytest
 import torch
 import transformers
 from packaging.version import Version
@@ -26,6 +27,8 @@ def test_the_other_name_is_translated_and_nothing_else_moves(monkeypatch):
         assert _compat.from_pretrained_kwargs(given) == {name: torch.bfloat16, "local_files_only": True}
         assert given == {other: torch.bfloat16, "local_files_only": True}  # the caller's dict is not changed
         assert _compat.from_pretrained_kwargs({name: torch.float16}) == {name: torch.float16}
+        with pytest.raises(ValueError, match="not both"):
+            _compat.from_pretrained_kwargs({name: torch.float16, other: torch.float16})
 
 
 def test_cli_and_load_pretrained_pass_the_old_name_to_old_transformers(monkeypatch, tmp_path):

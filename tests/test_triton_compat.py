@@ -42,6 +42,15 @@ def test_a_decorator_that_asks_the_driver_at_once_is_bypassed(monkeypatch):
     assert _benchmarker(tuned) is _backend.deferred_benchmarker
 
 
+def test_the_fallback_refuses_options_it_cannot_pass_on(monkeypatch):
+    def eager_decorator(**options):
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    monkeypatch.setattr(triton, "autotune", eager_decorator)
+    with pytest.raises(TypeError, match="pre_hook"):
+        _backend.autotune(cov_mod._cov_triangle_kernel, configs=[], key=["D"], pre_hook=lambda *a, **k: None)
+
+
 def test_other_decorator_errors_are_not_hidden(monkeypatch):
     def broken(**options):
         raise RuntimeError("something else")

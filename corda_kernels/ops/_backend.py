@@ -115,7 +115,7 @@ def autotune_enabled() -> bool:
     return os.environ.get(_AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def deferred_benchmarker(kernel_call, quantiles):
+def deferred_benchmarker(kernel_call, quantiles=None):
     """The GPU driver's benchmarker, looked up when an autotuner first times a config."""
     from triton.runtime import driver
 
@@ -141,6 +141,9 @@ def autotune(kernel, **options):
             raise
     from triton.runtime.autotuner import Autotuner
 
+    unsupported = set(options) - {"configs", "key", "reset_to_zero", "restore_value", "prune_configs_by"}
+    if unsupported:
+        raise TypeError(f"autotune options {sorted(unsupported)} are not passed on by the Triton 3.2 fallback")
     return Autotuner(
         kernel,
         kernel.arg_names,
