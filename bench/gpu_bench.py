@@ -287,6 +287,23 @@ def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
     for name, ms in pm.items():
         note = f"backward uses: {used} (MAX_FUSED_RANK={lora_mod.MAX_FUSED_RANK})" if "fused" in name else ""
         rows.append([M, D, r, name, f"{ms:.3f}", "", f"{two / ms:.2f}x vs two GEMMs", mib_cell(pair_peaks[name]), note])
+
+    # Where the rest of the time goes: the fused forward GEMM (x·Wᵀ + b + scaling·s·Bᵀ, written
+    # once) against cuBLAS's x·Wᵀ + b alone, which is the floor the fused kernel should approach.
+    s32 = s.float()
+    Wt, Bt = W.detach().t(), Bd.t()
+    fwd = {
+        "  forward GEMM: fused kernel, adapter in its epilogue": lambda: lora_mod._gemm_lowrank(
+            x.detach(), Wt, b, s32, Bt, scaling
+        ),
+        "  forward GEMM: cuBLAS addmm, no adapter": lambda: torch.addmm(b, x.detach(), Wt),
+    }
+    fm = cuda_medians(fwd, iters)
+    flops = 2.0 * M * D * D
+    blas = fm["  forward GEMM: cuBLAS addmm, no adapter"]
+    for name, ms in fm.items():
+        note = f"{flops / ms / 1e9:.0f} TFLOP/s (x·Wᵀ flops only)"
+        rows.append([M, D, r, name, f"{ms:.3f}", "", f"{blas / ms:.2f}x vs cuBLAS", "", note])
     return rows
 
 
@@ -430,7 +447,7 @@ def section_collect(args) -> str:
     return table(title, header, rows)
 
 
-def autotune_choices() -> str:
+def autotune_choices(after: str | None = None) -> str:
     """The config each autotuned kernel picked, per tuning key, so one GPU run can inform the tile tables."""
     try:
         from corda_kernels.ops import covariance, lora
@@ -443,13 +460,18 @@ def autotune_choices() -> str:
         ("dy kernel", getattr(lora, "_dy_lowrank_tuned", None)),
     ):
         for key, cfg in sorted(getattr(tuned, "cache", {}).items(), key=str):
-            named = dict(zip(tuned.keys, key))  # Triton appends the arguments' dtypes after the named keys
+            named = dict(zip(tuned.keys, key))
+            # Triton appends the arguments' dtypes after the named keys: they tell apart, say, the
+            # masked launch (an int32 row list) from the unmasked one at the same D.
+            extra = [str(v) for v in key[len(tuned.keys) :]]
             desc = ", ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
             desc += f", warps={cfg.num_warps}, stages={cfg.num_stages}"
-            rows.append([name, ", ".join(f"{k}={v}" for k, v in named.items()), desc])
+            shown = ", ".join(f"{k}={v}" for k, v in named.items())
+            rows.append([name, shown + (f" ({', '.join(extra)})" if extra else ""), desc])
     if not rows:
         return ""
-    return table("autotuner picks (this process)", ["kernel", "key", "config"], rows)
+    title = "autotuner picks (this process" + (f", after section {after})" if after else ")")
+    return table(title, ["kernel", "key", "config"], rows)
 
 
 def main(argv=None):
@@ -511,7 +533,7 @@ def main(argv=None):
                 text = table(f"({key})", ["error"], [error_row(1, f"section {key}", exc)])
                 traceback.print_exc()
             note = f"(section {key}: {time.perf_counter() - t:.0f} s wall, autotuning and compiles included)"
-            picks = autotune_choices()
+            picks = autotune_choices(key)
             print(text)
             print(f"\n{note}\n", flush=True)
             if picks:
@@ -519,7 +541,7 @@ def main(argv=None):
             if md is not None:  # written after every section, so a timeout still leaves what was measured
                 part = [text.replace("### ", "#### ", 1), "", note, ""]
                 if picks:
-                    part += [picks.replace("### ", "#### ", 1) + f" after section {key}", ""]
+                    part += [picks.replace("### ", "#### ", 1), ""]
                 md.write("\n".join(part) + "\n")
                 md.flush()
     if ERRORS:

@@ -100,8 +100,10 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
     Default: every ``nn.Linear`` and transformers ``Conv1D`` except the output
     head, a transformers task head's output layer (see :func:`_head_ids`) and
     one-output layers (scalar gates). ``targets`` is a list of names/globs/"re:" regexes, or a predicate
-    ``(name, module) -> bool``; only linear-like modules are ever returned.
+    ``(name, module) -> bool``; only linear-like modules are ever returned. Names are those inside
+    torch.compile's and DDP's wrappers, so covariances collected through one fit the plain model.
     """
+    model = unwrap_model(model)
     head = _head_ids(model)
     # nn.MultiheadAttention passes out_proj.weight to a functional kernel: out_proj's own forward
     # never runs, so it collects nothing and an adapter there would never apply.

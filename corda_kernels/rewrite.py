@@ -24,6 +24,7 @@ from ._targets import (
     linear_weight,
     module_slots,
     swap_modules,
+    unwrap_model,
 )
 from .covariance import Covariances
 from .decompose import (
@@ -62,7 +63,7 @@ def resolve_targets(model: nn.Module, covs: Mapping[str, torch.Tensor], targets:
         )
     if targets is not None:
         return find_targets(model, targets)
-    named = dict(model.named_modules())
+    named = dict(unwrap_model(model).named_modules())  # the names find_targets gives, without wrapper prefixes
     out = {}
     for name in covs:
         module = named.get(name)
@@ -421,6 +422,7 @@ def build_corda(
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     check_damping(damping)
+    wrapper, model = model, unwrap_model(model)  # layers are named and swapped inside torch.compile/DDP
     modules, p = plan(model, covs, rank, mode, ranks=ranks, alpha=alpha, targets=targets)
     cache = getattr(covs, "spectrum_cache", None)
     served = None
@@ -433,12 +435,12 @@ def build_corda(
     factors = decompose(
         modules, covs, p, mode, damping=damping, compute_dtype=compute_dtype, spectra=spectra, progress=progress
     )
-    model = apply_factors(model, modules, factors, p, mode, dropout=dropout)
+    apply_factors(model, modules, factors, p, mode, dropout=dropout)
     if served:
         # The singular vectors that served this build (d×d float64 per layer, on the weights' device) are
         # keyed to weights that were just replaced: free them. The singular values stay.
         cache.drop_vectors(served)
-    return model
+    return wrapper
 
 
 def merge_corda(model: nn.Module) -> nn.Module:
@@ -448,15 +450,16 @@ def merge_corda(model: nn.Module) -> nn.Module:
     other parameter ``build_corda`` froze; ``model.requires_grad_(True)`` unfreezes all.
     """
     # One layer at a time: merging them all before swapping would hold a second copy of every weight.
-    slots = module_slots(model)
-    for name in list(corda_layers(model)):
-        swap_modules(model, {name: model.get_submodule(name).merge()}, slots)
+    inner = unwrap_model(model)
+    slots = module_slots(inner)
+    for name in list(corda_layers(inner)):
+        swap_modules(inner, {name: inner.get_submodule(name).merge()}, slots)
     return model
 
 
 def corda_layers(model: nn.Module) -> dict[str, CordaLinear]:
-    """Name -> CordaLinear for every adapter layer of ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, CordaLinear)}
+    """Name -> CordaLinear for every adapter layer of ``model`` (named inside torch.compile/DDP wrappers)."""
+    return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, CordaLinear)}
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -114,8 +114,8 @@ def kernels(dtype: str) -> list[Variant]:
         lora._dy_lowrank_kernel,
         {"dy_ptr": dt, "b_ptr": dt, "s_ptr": dt, "u_ptr": "fp32", "db_ptr": "fp32"},
     )
-    # backward takes the dy kernel up to MAX_FUSED_RANK: its rank tile is at most that, rounded up
-    dy_rank = max(16, triton.next_power_of_2(lora.MAX_FUSED_RANK))
+    # backward may take the dy kernel up to DY_RANK_LIMIT: its rank tile is at most that, rounded up
+    dy_rank = max(16, triton.next_power_of_2(lora.DY_RANK_LIMIT))
     dy_const = {"NEED_U": True, "NEED_DB": True, "INPUT_PRECISION": precision, "BLOCK_RANK": dy_rank}
     return [
         Variant("covariance triangle (masked)", cov._cov_triangle_kernel, cov_sig, cov_const(True, False, False),

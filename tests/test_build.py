@@ -565,3 +565,22 @@ def test_rank_error_pickles_and_copies():
     for back in (pickle.loads(pickle.dumps(e)), copy.copy(e)):
         assert isinstance(back, ValueError) and str(back) == str(e)
         assert (back.rank, back.name, back.limit) == (9, "model.x", 4)
+
+
+def test_a_compiled_model_is_built_and_merged_under_the_plain_names():
+    # torch.compile's wrapper prefixes every name with "_orig_mod.": covariances collected on the plain
+    # model must build the compiled one (and the reverse), and the wrapper comes back, still compiled.
+    torch._dynamo.reset()
+    model = tiny_llama()
+    batches = padded_batches(128, n_batches=2)
+    covs = ck.collect_cov(model, batches, progress=False)
+    before = _logits(model, batches)
+    compiled = torch.compile(model, backend="eager")
+    assert ck.build_corda(compiled, covs, rank=4) is compiled
+    layers = ck.corda_layers(compiled)
+    assert set(layers) == set(covs) and set(ck.corda_layers(model)) == set(covs)
+    for a, b in zip(_logits(compiled, batches), before):
+        assert rel(a, b) < 1e-5
+    assert ck.merge_corda(compiled) is compiled and not ck.corda_layers(model)
+    for a, b in zip(_logits(compiled, batches), before):
+        assert rel(a, b) < 1e-5

@@ -601,6 +601,21 @@ def test_tuple_batches_find_the_mask_through_a_compiled_model():
     assert split_batch((ids, mask), params)[2] is mask
 
 
+def test_collect_over_a_compiled_model_runs_the_kernel_like_eager(monkeypatch):
+    # The hooks run inside the compiled graph: the covariance launch must trace (as a custom op).
+    monkeypatch.setenv("CORDA_KERNELS_BACKEND", "triton")
+    torch._dynamo.reset()
+    model = tiny_llama()
+    batches = padded_batches(128, n_batches=2)
+    eager = ck.collect_cov(model, batches, progress=False)
+    compiled = ck.collect_cov(torch.compile(model, backend="aot_eager"), batches, progress=False)
+    # Named as inside the wrapper (no "_orig_mod."), so they fit the plain model, fingerprint included.
+    assert list(compiled) == list(eager) and compiled.fingerprint == eager.fingerprint
+    for name in eager:
+        got, want = compiled[name], eager[name]
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
 def test_covariances_to_takes_a_dtype_positionally():
     covs = ck.collect_cov(tiny_llama(), padded_batches(128, n_batches=1), progress=False)
     wide = covs.to(torch.float64)

@@ -68,9 +68,11 @@ def test_covariance_section(gpu_bench):
 
 
 def test_adapter_section(gpu_bench):
-    rows = _check(gpu_bench.section_lora(tiny_args()), 12)  # (4 candidates + 2 dy-product rows) x 2 ranks
+    # (4 candidates + 2 dy-product rows + 2 forward-GEMM rows) x 2 ranks
+    rows = _check(gpu_bench.section_lora(tiny_args()), 16)
     assert sum("PEFT lora.Linear" in r for r in rows) == 2
     assert sum("backward uses" in r for r in rows) == 2
+    assert sum("vs cuBLAS" in r and "TFLOP/s" in r for r in rows) == 4
 
 
 def test_end_to_end_section(gpu_bench):
@@ -128,10 +130,11 @@ def test_autotune_picks_are_reported(gpu_bench, monkeypatch):
     key = (8192, 4096, 4096, 16, True, False, 1, "torch.bfloat16")
     cfg = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
     monkeypatch.setattr(tuned, "cache", {key: cfg})
-    text = gpu_bench.autotune_choices()
+    text = gpu_bench.autotune_choices("b")
+    assert text.splitlines()[0] == "### autotuner picks (this process, after section b)"
     row = next(line for line in text.splitlines() if line.startswith("| adapter GEMM"))
-    assert "M_BUCKET=8192" in row and "BLOCK_RANK=16" in row and "stride_wk=1" in row
-    assert "BLOCK_M=128, BLOCK_N=256, BLOCK_K=64" in row and "warps=8, stages=3" in row
+    assert "M_BUCKET=8192" in row and "BLOCK_RANK=16" in row and "stride_wk=1 (torch.bfloat16)" in row
+    assert row.endswith("BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, warps=8, stages=3 |")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

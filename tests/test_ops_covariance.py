@@ -387,3 +387,33 @@ def test_fp16_with_a_large_scale_stays_finite_under_auto(monkeypatch):
     ops.covariance_update(acc, x, scale=s)
     ref = (x.double() * s.double()[:, None]).T @ (x.double() * s.double()[:, None])
     assert rel_err(acc, ref) < 1e-6
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_compiled_update_equals_eager(masked, scaled):
+    # Dynamo failed on the Triton launch itself (it traced into the autotuner, or under the
+    # interpreter into numpy); as a custom op that mutates acc it traces whole, in fullgraph.
+    x = rand(3, 37, 20).transpose(0, 1)  # (37, 3, 20), non-contiguous
+    mask = torch.rand(37, 3, device=DEV) > 0.3 if masked else None
+    scale = torch.rand(37, 1, device=DEV) + 0.5 if scaled else None
+
+    def update(acc, x):
+        return ops.covariance_update(acc, x, mask, scale=scale, backend="triton")
+
+    torch._dynamo.reset()
+    eager, compiled = torch.zeros(20, 20, device=DEV), torch.zeros(20, 20, device=DEV)
+    update(eager, x)
+    fn = torch.compile(update, backend="aot_eager", fullgraph=True)
+    fn(compiled, x)
+    fn(compiled, x)  # a second call reuses the graph and adds again
+    assert rel_err(eager, covariance_reference(x, mask, scale)) < TOL[torch.float32]
+    assert rel_err(compiled, 2 * covariance_reference(x, mask, scale)) < TOL[torch.float32]
+
+
+def test_custom_op_passes_opcheck():
+    acc, x = torch.zeros(21, 21, device=DEV), rand(2, 9, 21)
+    idx, count = cov_mod.KeptRows(torch.rand(2, 9, device=DEV) > 0.4).index_and_count()
+    scale = torch.rand(18, device=DEV)
+    torch.library.opcheck(cov_mod._cov_triangle_op, (acc, x, None, None, None))
+    torch.library.opcheck(cov_mod._cov_triangle_op, (acc, x, idx, count, scale))

@@ -75,6 +75,12 @@ GPU_TILES = (
     (128, 1, 32, 8, 4),
     (128, 1, 64, 4, 3),
     (128, 1, 32, 4, 4),
+    # An H200 picked 4 warps at both ends of the stage range (2026-11-29): deeper pipelines and
+    # a longer row chunk next to them. The 128-row chunk needs 192 KB of shared memory in bf16,
+    # so only Hopper runs it; the autotuner skips configs that do not fit.
+    (128, 1, 64, 4, 4),
+    (128, 1, 32, 4, 5),
+    (128, 1, 128, 4, 3),
     (64, 1, 64, 4, 4),
     (64, 1, 32, 4, 3),
     (64, 1, 64, 8, 3),
@@ -371,40 +377,49 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
 
 def covariance_update_triton(acc: torch.Tensor, x: torch.Tensor, mask=None, scale=None):
     """Launch the upper-triangle tile kernel; same contract as :func:`covariance_update_torch`."""
-    d = acc.shape[0]
     keep, s = row_weights(x, mask, scale)
     x3 = _rows_view(x)
+    if keep is not None:
+        kept = mask if isinstance(mask, KeptRows) and mask.mask is keep else KeptRows(keep)
+        idx, count = kept.index_and_count()
+    else:
+        idx = count = None
+    scale32 = s.to(device=x.device, dtype=torch.float32).contiguous() if s is not None else None
+    if torch.compiler.is_compiling():
+        _cov_triangle_op(acc, x3, idx, count, scale32)
+    else:
+        _cov_triangle_launch(acc, x3, idx, count, scale32)
+    return acc
+
+
+def _cov_triangle_launch(acc, x3, idx, count, scale32) -> None:
+    """acc[upper tiles] += Σ over x3's rows (the first count[0] of idx when given) of (s·x)(s·x)ᵀ."""
+    d = acc.shape[0]
     nb_, nt, _ = x3.shape
     rows = nb_ * nt
     if rows == 0 or d == 0:
-        return acc
-    sb, st, sd = x3.stride()
+        return
+    sb, st, sd = x3.stride()  # read here: under torch.compile the tensor that arrives may be laid out anew
     if nt == 1:
         st = sb  # one row per sequence: rows are spaced by the outer stride
     # Rows are evenly spaced when there is one sequence or sequences sit back to back:
     # then the kernel skips the per-row divmod.
     three_d = nb_ > 1 and nt > 1 and sb != nt * st
-    if keep is not None:
-        kept = mask if isinstance(mask, KeptRows) and mask.mask is keep else KeptRows(keep)
-        idx_arg, count_arg = kept.index_and_count()
-    else:
-        idx_arg = count_arg = x3  # never read
-    scale_arg = s.to(device=x.device, dtype=torch.float32).contiguous() if s is not None else x3
     # fp32 x is summed in true fp32 unless the caller opted into TF32 for matmuls (torch's own switch);
     # 16-bit operands ignore the setting.
-    precision = "tf32" if x.dtype != torch.float32 or (x.is_cuda and tf32_matmul()) else "ieee"
+    precision = "tf32" if x3.dtype != torch.float32 or (x3.is_cuda and tf32_matmul()) else "ieee"
 
     def grid(meta):
         nb = triton.cdiv(d, meta["BLOCK_D"] * meta["WIDE"])
         return (meta["WIDE"] * (nb * (nb + 1) // 2),)
 
-    with on_device(x):
+    with on_device(x3):
         _cov_triangle_tuned[grid](
             acc,
             x3,
-            idx_arg,
-            count_arg,
-            scale_arg,
+            idx if idx is not None else x3,  # never read without HAS_INDEX
+            count if count is not None else x3,
+            scale32 if scale32 is not None else x3,
             rows,
             nt,
             d,
@@ -413,12 +428,26 @@ def covariance_update_triton(acc: torch.Tensor, x: torch.Tensor, mask=None, scal
             sd,
             acc.stride(0),
             acc.stride(1),
-            HAS_INDEX=keep is not None,
-            HAS_SCALE=s is not None,
+            HAS_INDEX=idx is not None,
+            HAS_SCALE=scale32 is not None,
             THREE_D=three_d,
             INPUT_PRECISION=precision,
         )
-    return acc
+
+
+# torch.compile (collect_cov over a compiled model traces the hooks): Dynamo would trace the
+# Triton launch itself and fails on it (lora.py says how); as a custom op that mutates acc the
+# launch is opaque to it. Eager calls launch directly, without the dispatcher.
+_cov_triangle_op = torch.library.custom_op(
+    "corda_kernels::cov_triangle",
+    mutates_args=("acc",),
+    schema="(Tensor(a!) acc, Tensor x3, Tensor? idx, Tensor? count, Tensor? scale) -> ()",
+)(lambda acc, x3, idx, count, scale: _cov_triangle_launch(acc, x3, idx, count, scale))
+
+
+@_cov_triangle_op.register_fake
+def _(acc, x3, idx, count, scale):
+    return None
 
 
 def covariance_update(

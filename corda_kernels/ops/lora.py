@@ -36,6 +36,7 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 takes 
 #: small config runs instead; tests/test_gpu_tiles.py runs each of these there.
 GEMM_GPU_TILES = (
     (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),  # an H200 picked the largest tile (2026-11-29): one more stage for it
     (128, 128, 64, 8, 4),
     (128, 128, 64, 4, 3),
     (256, 128, 64, 8, 3),
@@ -45,7 +46,7 @@ GEMM_GPU_TILES = (
     (64, 64, 64, 4, 3),
 )
 #: Autotune candidates of the dy kernel, as (BLOCK_M, BLOCK_N, num_warps, num_stages). With s
-#: in dy's dtype and the rank tile at most 64 (MAX_FUSED_RANK), tests/aot_compile.py checks
+#: in dy's dtype and the rank tile at most 64 (DY_RANK_LIMIT), tests/aot_compile.py checks
 #: which fit shared memory when compiled as the runtime does (aligned, pipelined); the
 #: autotuner skips any that do not fit a given GPU.
 DY_GPU_TILES = ((64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (32, 128, 4, 3))
@@ -373,8 +374,7 @@ def _scaled(t: torch.Tensor, scaling: float) -> torch.Tensor:
 def lora_backward_torch(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
     """Returns (dx, dW, db, dA, dB); entries not asked for by ``needs`` are None."""
     need_x, need_w, need_b, need_a, need_bb = needs
-    wide = _wide(dy2)
-    ds = _scaled((dy2 @ B).to(wide), scaling) if need_x or need_a else None  # (M, r)
+    ds = _scaled(_mm_wide(dy2, B), scaling) if need_x or need_a else None  # (M, r)
     dx = dW = db = dA = dB = None
     if need_x:
         dx = dy2 @ weight
@@ -385,14 +385,26 @@ def lora_backward_torch(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
             # alpha of a matmul's add and the input gradient came out too small.
             dx.add_((ds.to(dx.dtype) @ A) * (keep.to(dx.dtype) * (1.0 / (1.0 - p))))
     if need_a:
-        dA = (ds.t() @ xd2.to(wide)).to(A.dtype)
+        dA = _mm_wide(ds.to(xd2.dtype).t(), xd2).to(A.dtype)
     if need_bb:
-        dB = _scaled(dy2.to(wide).t() @ s, scaling).to(B.dtype)
+        dB = _scaled(_mm_wide(dy2.t(), s.to(dy2.dtype)), scaling).to(B.dtype)
     if need_w:
         dW = dy2.t() @ x2
     if need_b:
         db = dy2.sum(0)
     return dx, dW, db, dA, dB
+
+
+def _mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in _wide(a): 16-bit operands multiply on the tensor cores with fp32 output.
+
+    Upcasting the (M, K) operand instead cost an H200 a full fp32 copy of x and of dy and two
+    fp32 GEMMs per backward (the torch path then took 1.76x the base linear's time). Rank-sized
+    16-bit operands are rounded once, as in the Triton path.
+    """
+    if a.dtype in (torch.float16, torch.bfloat16):
+        return _mm_f32(a, b.to(a.dtype))
+    return a @ b.to(a.dtype)
 
 
 # ----------------------------------------------------------------------------- Triton launchers
@@ -484,10 +496,14 @@ def _gemm_lowrank(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
 
 
 #: Largest rank for which backward takes the fused dy kernel; above it, two torch GEMMs
-#: over dy. At r = 64 and BLOCK_N = 128 the kernel's L2 atomics for u already number
-#: half of dy's elements, against a second full read of dy for the GEMM pair: an
-#: estimate, not yet a GPU measurement (bench/gpu_bench.py section (b) times both).
-MAX_FUSED_RANK = 64
+#: over dy. Measured on an H200 (bench/RESULTS.md, 2026-11-29; M=8192, N=4096, bf16) the
+#: two cuBLAS GEMMs took 0.067, 0.064 and 0.046 ms at r = 16, 64 and 128 against the
+#: kernel's 0.138, 0.161 and 0.147 ms: its L2 atomics for u cost more than the second
+#: read of dy saves. So the default path never takes it; the kernel stays, tested, for
+#: GPUs and shapes where a measurement says otherwise (at most DY_RANK_LIMIT).
+MAX_FUSED_RANK = 0
+#: The largest rank DY_GPU_TILES are sized for (shared memory, tests/aot_compile.py).
+DY_RANK_LIMIT = 64
 
 
 @_on_first_device
@@ -553,20 +569,76 @@ def _dy_lowrank(dy, B, s, chunks: int | None = None):
     return u, db
 
 
+# ----------------------------------------------------------------------------- torch.compile
+# Dynamo traces a user's Triton launch itself, and on torch 2.11 it stopped on these
+# autotuners ("Can't construct an AttrSource without a valid base source", for the
+# early_config_prune hook; seen on an H200), or under the interpreter ran into the
+# interpreter's numpy. Registered as custom ops the launches are opaque to the compiler,
+# which sees only their output shapes; eager calls skip the dispatcher and launch directly.
+# The ops return fresh tensors only: a product not asked for comes back as a (0, r) tensor.
+_gemm_lowrank_op = torch.library.custom_op(
+    "corda_kernels::gemm_lowrank",
+    mutates_args=(),
+    schema="(Tensor x, Tensor wt, Tensor? bias, Tensor low, Tensor rt, float alpha, Tensor? keep, "
+    "float keep_scale) -> Tensor",
+)(lambda x, wt, bias, low, rt, alpha, keep, keep_scale: _gemm_lowrank(x, wt, bias, low, rt, alpha, keep, keep_scale))
+
+
+@_gemm_lowrank_op.register_fake
+def _(x, wt, bias, low, rt, alpha, keep, keep_scale):
+    return x.new_empty((x.shape[0], wt.shape[1]))
+
+
+def _dy_lowrank_pair(dy, B, s):
+    u, db = _dy_lowrank(dy, B, s)
+    rank = (B if B is not None else s).shape[1]
+    u = u if u is not None else dy.new_empty((0, rank), dtype=torch.float32)
+    db = db if db is not None else dy.new_empty((0, rank), dtype=torch.float32)
+    return u, db
+
+
+_dy_lowrank_op = torch.library.custom_op(
+    "corda_kernels::dy_lowrank", mutates_args=(), schema="(Tensor dy, Tensor? B, Tensor? s) -> (Tensor, Tensor)"
+)(_dy_lowrank_pair)
+
+
+@_dy_lowrank_op.register_fake
+def _(dy, B, s):
+    rank = (B if B is not None else s).shape[1]
+    u = dy.new_empty((dy.shape[0] if B is not None else 0, rank), dtype=torch.float32)
+    db = dy.new_empty((dy.shape[1] if s is not None else 0, rank), dtype=torch.float32)
+    return u, db
+
+
+def _gemm(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
+    """:func:`_gemm_lowrank`, through its custom op while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return _gemm_lowrank_op(x, wt, bias, low, rt, float(alpha), keep, float(keep_scale))
+    return _gemm_lowrank(x, wt, bias, low, rt, alpha, keep, keep_scale)
+
+
+def _dy(dy, B, s):
+    """:func:`_dy_lowrank`, through its custom op while torch.compile traces."""
+    if not torch.compiler.is_compiling():
+        return _dy_lowrank(dy, B, s)
+    u, db = _dy_lowrank_op(dy, B, s)
+    return (u if B is not None else None), (db if s is not None else None)
+
+
 def lora_forward_triton(x2, weight, bias, A, B, scaling, xd2):
     """Same contract as :func:`lora_forward_torch`: returns y (M, N) and s = xd2·Aᵀ (M, r) in fp32."""
     s = _mm_f32(xd2, A.t())  # the adapter's only intermediate; small, and saved for backward
-    y = _gemm_lowrank(x2, weight.t(), bias, s, B.t(), scaling)
+    y = _gemm(x2, weight.t(), bias, s, B.t(), scaling)
     return y, s
 
 
 def lora_backward_triton(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
     """Same contract as :func:`lora_backward_torch`.
 
-    u = dy·B and dB = scaling·dyᵀ·s come from one read of dy (:func:`_dy_lowrank`,
-    for r <= MAX_FUSED_RANK; two torch GEMMs above it). dx comes from the fused
-    GEMM kernel (dy·W plus the rank-r term, dropout mask in its epilogue), and
-    dA = scaling·uᵀ·xd. For 16-bit inputs u and s are rounded to that dtype before
+    u = dy·B and dB = scaling·dyᵀ·s come from two torch GEMMs over dy, or from one read
+    of dy (:func:`_dy_lowrank`) for r <= MAX_FUSED_RANK (0 by default: slower on an H200).
+    dx comes from the fused GEMM kernel (dy·W plus the rank-r term, dropout mask in its
+    epilogue), and dA = scaling·uᵀ·xd. For 16-bit inputs u and s are rounded to that dtype before
     their GEMMs (fp32 accumulation), like the torch path.
     """
     need_x, need_w, need_b, need_a, need_bb = needs
@@ -576,13 +648,13 @@ def lora_backward_triton(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs)
     if B.shape[1] <= MAX_FUSED_RANK and (need_u or need_bb):
         # s rounded to dy's dtype first (as the torch GEMM fallback does): half the bytes to stream
         # and to stage in shared memory.
-        u, db32 = _dy_lowrank(dy2, B if need_u else None, s.to(dy2.dtype) if need_bb else None)
+        u, db32 = _dy(dy2, B if need_u else None, s.to(dy2.dtype) if need_bb else None)
     else:
         u = _mm_f32(dy2, B) if need_u else None
         db32 = _mm_f32(dy2.t(), s.to(dy2.dtype)) if need_bb else None
     if need_x:
         keep_scale = 1.0 / (1.0 - p) if keep is not None else 1.0
-        dx = _gemm_lowrank(dy2, weight, None, u, A, scaling, keep, keep_scale)
+        dx = _gemm(dy2, weight, None, u, A, scaling, keep, keep_scale)
     if need_a:
         dA = _mm_f32((u * scaling if scaling != 1.0 else u).to(xd2.dtype).t(), xd2).to(A.dtype)
     if need_bb:
