@@ -166,7 +166,7 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside torch.compile's and DistributedDataParallel's wrappers.
+    """The module inside torch.compile's, DistributedDataParallel's and DataParallel's wrappers.
 
     Their forwards take (*args, **kwargs) and their parameter names carry a prefix
     (``_orig_mod.``, ``module.``) that a saved adapter must not.
@@ -175,10 +175,28 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         inner = getattr(model, "_orig_mod", None)
         if isinstance(inner, nn.Module):
             model = inner
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         else:
             return model
+
+
+def ddp_wrapped(model: nn.Module) -> bool:
+    """Whether a DistributedDataParallel wrapper sits anywhere between ``model`` and its inner module."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return True
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, nn.DataParallel):
+            model = model.module
+        else:
+            return False
+
+
+#: The prefixes torch.compile's and (Distributed)DataParallel's wrappers put before every module name.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 def module_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from ._targets import (
+    WRAPPER_PREFIXES,
     Targets,
+    ddp_wrapped,
     find_targets,
     is_linear_like,
     linear_weight,
@@ -68,10 +70,14 @@ def resolve_targets(model: nn.Module, covs: Mapping[str, torch.Tensor], targets:
     for name in covs:
         module = named.get(name)
         if module is None:
-            raise ValueError(
-                f"the covariances name module {name!r}, which this model does not have: were they collected on "
-                "another model?"
-            )
+            hint = "were they collected on another model?"
+            if name.startswith(WRAPPER_PREFIXES):
+                # corda_kernels before 2026-11-30 kept torch.compile's/DDP's prefix in the names.
+                hint = (
+                    "the name carries a torch.compile or DDP wrapper's prefix, which this version leaves out: "
+                    "collect the covariances again"
+                )
+            raise ValueError(f"the covariances name module {name!r}, which this model does not have: {hint}")
         if isinstance(module, CordaLinear):
             raise ValueError(
                 f"module {name!r} is already a CordaLinear (build_corda ran on this model): merge_corda first, "
@@ -422,7 +428,13 @@ def build_corda(
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     check_damping(damping)
-    wrapper, model = model, unwrap_model(model)  # layers are named and swapped inside torch.compile/DDP
+    if ddp_wrapped(model):
+        raise ValueError(
+            "build_corda got a DistributedDataParallel-wrapped model: DDP keeps the parameters it was built "
+            "with, so the new adapters would never be synchronized across ranks. Build the plain model, then "
+            "wrap it in DDP"
+        )
+    wrapper, model = model, unwrap_model(model)  # layers are named and swapped inside torch.compile
     modules, p = plan(model, covs, rank, mode, ranks=ranks, alpha=alpha, targets=targets)
     cache = getattr(covs, "spectrum_cache", None)
     served = None

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import requires_compilable_transformers
 from tiny import padded_batches, rel, tiny_gpt2, tiny_llama
 from torch import nn
 
@@ -567,6 +568,7 @@ def test_rank_error_pickles_and_copies():
         assert (back.rank, back.name, back.limit) == (9, "model.x", 4)
 
 
+@requires_compilable_transformers
 def test_a_compiled_model_is_built_and_merged_under_the_plain_names():
     # torch.compile's wrapper prefixes every name with "_orig_mod.": covariances collected on the plain
     # model must build the compiled one (and the reverse), and the wrapper comes back, still compiled.
@@ -584,3 +586,41 @@ def test_a_compiled_model_is_built_and_merged_under_the_plain_names():
     assert ck.merge_corda(compiled) is compiled and not ck.corda_layers(model)
     for a, b in zip(_logits(compiled, batches), before):
         assert rel(a, b) < 1e-5
+
+
+def test_a_ddp_wrapped_model_is_refused_untouched(tmp_path):
+    # DDP's reducer keeps the parameters it was built with: adapters swapped in afterwards would train
+    # unsynchronized on every rank. build_corda says to build first, before anything is changed.
+    model = tiny_llama()
+    covs = ck.collect_cov(model, padded_batches(128, n_batches=1), progress=False)
+    state = _state(model)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        for outer in (wrapped, torch.compile(wrapped, backend="eager")):
+            with pytest.raises(ValueError, match="DistributedDataParallel.*Build the plain model, then wrap"):
+                ck.build_corda(outer, covs, rank=2)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert not ck.corda_layers(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_data_parallel_model_is_built_under_the_plain_names():
+    model = tiny_llama()
+    batches = padded_batches(128, n_batches=2)
+    covs = ck.collect_cov(model, batches, progress=False)
+    before = _logits(model, batches)
+    wrapped = nn.DataParallel(model)  # without GPUs its forward is the module's own
+    assert ck.build_corda(wrapped, covs, rank=2) is wrapped and set(ck.corda_layers(wrapped)) == set(covs)
+    for a, b in zip(_logits(model, batches), before):
+        assert rel(a, b) < 1e-5
+
+
+def test_covariances_named_through_a_wrapper_prefix_get_a_pointed_error():
+    # corda_kernels before 2026-11-30 kept torch.compile's "_orig_mod." in the names it collected.
+    model = tiny_llama()
+    covs = ck.collect_cov(model, padded_batches(128, n_batches=1), progress=False, targets=["re:.*q_proj"])
+    old = {f"_orig_mod.{n}": c for n, c in covs.items()}
+    with pytest.raises(ValueError, match="_orig_mod.*wrapper's prefix.*collect the covariances again"):
+        ck.build_corda(model, old, rank=2)

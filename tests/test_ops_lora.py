@@ -428,6 +428,30 @@ def test_compiled_triton_path_equals_eager(monkeypatch, limit, p):
         assert rel(got, want) < 1e-5  # the dy kernel's atomics may sum in another order on a GPU
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("limit", [0, 64])
+def test_compiled_16bit_gradients_equal_eager(monkeypatch, backend, limit):
+    # 16-bit operands take other branches (fp32-output GEMMs for the rank-sized products); torch 2.6's
+    # Dynamo refused one of them (an is_cuda read) inside the Function in fullgraph mode.
+    monkeypatch.setattr(lora_mod, "MAX_FUSED_RANK", limit)
+    dtype = torch.bfloat16 if CUDA else torch.float16  # the interpreter mishandles bf16
+    x, W, b, A, B = make(20, 9, 12, 3, dtype)
+
+    def step(x, A, B):
+        return ops.lora_linear(x, W, b, A, B, 0.7, backend=backend)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+        y = fn(*leaves)
+        y.float().square().sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(results[1], results[0]):
+        assert want.abs().max() > 0 and got.dtype == want.dtype
+        assert rel(got, want) < 1e-3
+
+
 @pytest.mark.parametrize("with_optional", [False, True])
 def test_custom_ops_pass_opcheck(with_optional):
     # Schema, fake (meta) implementation and dispatch of the two ops torch.compile sees.

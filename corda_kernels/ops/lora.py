@@ -36,7 +36,9 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 takes 
 #: small config runs instead; tests/test_gpu_tiles.py runs each of these there.
 GEMM_GPU_TILES = (
     (128, 256, 64, 8, 3),
-    (128, 256, 64, 8, 4),  # an H200 picked the largest tile (2026-11-29): one more stage for it
+    # An H200 picked the largest tile (2026-11-29); one more stage for it fits Hopper's shared
+    # memory up to rank tiles of 32 only: the autotuner skips it above.
+    (128, 256, 64, 8, 4),
     (128, 128, 64, 8, 4),
     (128, 128, 64, 4, 3),
     (256, 128, 64, 8, 3),
@@ -408,7 +410,14 @@ def _mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- Triton launchers
-_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=) exists on CUDA from torch 2.8; cleared on first failure
+def _torch_at_least(major: int, minor: int) -> bool:
+    release = torch.__version__.split("+")[0].split(".")
+    return tuple(int(v) for v in release[:2] if v.isdigit()) >= (major, minor)
+
+
+# torch.mm(..., out_dtype=) exists from torch 2.8. Decided up front: under torch.compile a failing
+# call cannot be caught and retried, only eager falls back (and remembers it) if a build lacks it.
+_MM_OUT_DTYPE = _torch_at_least(2, 8)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -416,8 +425,11 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     global _MM_OUT_DTYPE
     if a.dtype == torch.float32:
         return torch.mm(a, b)
-    if a.is_cuda:
+    # device.type, not is_cuda: torch 2.6's Dynamo refuses the is_cuda attribute inside a Function.
+    if a.device.type == "cuda":
         if _MM_OUT_DTYPE:
+            if torch.compiler.is_compiling():
+                return torch.mm(a, b, out_dtype=torch.float32)
             try:
                 return torch.mm(a, b, out_dtype=torch.float32)
             except (TypeError, RuntimeError, NotImplementedError):
@@ -645,7 +657,7 @@ def lora_backward_triton(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs)
     dx = dW = db = dA = dB = None
     need_u = need_x or need_a
     u = db32 = None
-    if B.shape[1] <= MAX_FUSED_RANK and (need_u or need_bb):
+    if 0 < B.shape[1] <= min(MAX_FUSED_RANK, DY_RANK_LIMIT) and (need_u or need_bb):
         # s rounded to dy's dtype first (as the torch GEMM fallback does): half the bytes to stream
         # and to stage in shared memory.
         u, db32 = _dy(dy2, B if need_u else None, s.to(dy2.dtype) if need_bb else None)
