@@ -101,7 +101,8 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
     head, a transformers task head's output layer (see :func:`_head_ids`) and
     one-output layers (scalar gates). ``targets`` is a list of names/globs/"re:" regexes, or a predicate
     ``(name, module) -> bool``; only linear-like modules are ever returned. Names are those inside
-    torch.compile's and DDP's wrappers, so covariances collected through one fit the plain model.
+    torch.compile's and (Distributed)DataParallel's wrappers, so covariances collected through one
+    fit the plain model.
     """
     model = unwrap_model(model)
     head = _head_ids(model)

@@ -510,8 +510,9 @@ def _gemm_lowrank(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
 #: Largest rank for which backward takes the fused dy kernel; above it, two torch GEMMs
 #: over dy. Measured on an H200 (bench/RESULTS.md, 2026-11-29; M=8192, N=4096, bf16) the
 #: two cuBLAS GEMMs took 0.067, 0.064 and 0.046 ms at r = 16, 64 and 128 against the
-#: kernel's 0.138, 0.161 and 0.147 ms: its L2 atomics for u cost more than the second
-#: read of dy saves. So the default path never takes it; the kernel stays, tested, for
+#: kernel's 0.138, 0.161 and 0.147 ms (run 1; 2-3x slower in run 2 as well): its L2
+#: atomics for u cost more than the second read of dy saves. So the default path never
+#: takes it; the kernel stays, tested, for
 #: GPUs and shapes where a measurement says otherwise (at most DY_RANK_LIMIT).
 MAX_FUSED_RANK = 0
 #: The largest rank DY_GPU_TILES are sized for (shared memory, tests/aot_compile.py).
