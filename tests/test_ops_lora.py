@@ -375,29 +375,35 @@ def test_inductor_compiled_dropout_gradients_equal_eager():
         assert rel(got, want) < 1e-5
 
 
+def _eager_then_compiled(step, inputs, compiler="aot_eager"):
+    """([y, *grads] eager, the same under torch.compile(fullgraph=True)), each run from seed 0 so both
+    draw the same dropout masks (the eager and aot_eager backends run the traced ops as they are)."""
+    torch._dynamo.reset()
+    results = []
+    for fn in (step, torch.compile(step, backend=compiler, fullgraph=True)):
+        torch.manual_seed(0)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y = fn(*leaves)
+        y.float().square().sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves])
+    return results
+
+
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_compiled_gradients_equal_eager(compiler, bias, p):
     # torch 2.11's Dynamo gave all-zero gradients for a Function whose forward modified its output
     # in place (pytorch#180642); the torch path then trained nothing when compiled. fullgraph: the
-    # op must trace whole. The compiled graphs draw the dropout masks eager draws (same seed, same
-    # rand_like call), since the eager and aot_eager backends run the traced ops as they are.
+    # op must trace whole.
     x, W, b, A, B = make(20, 9, 12, 3, torch.float32, bias)
     x = x.reshape(4, 5, 12)  # the reshapes around the Function are traced too
 
     def step(x, A, B):
         return ops.lora_linear(x, W, b, A, B, 0.7, dropout_p=p, backend="torch")
 
-    torch._dynamo.reset()
-    results = []
-    for fn in (step, torch.compile(step, backend=compiler, fullgraph=True)):
-        torch.manual_seed(0)
-        leaves = [t.clone().requires_grad_() for t in (x, A, B)]
-        y = fn(*leaves)
-        y.square().sum().backward()
-        results.append([y.detach()] + [t.grad for t in leaves])
-    for got, want in zip(results[1], results[0]):
+    eager, compiled = _eager_then_compiled(step, (x, A, B), compiler)
+    for got, want in zip(compiled, eager):
         assert want.abs().max() > 0
         assert rel(got, want) < 1e-6
 
@@ -415,15 +421,8 @@ def test_compiled_triton_path_equals_eager(monkeypatch, limit, p):
     def step(x, A, B):
         return ops.lora_linear(x, W, b, A, B, 0.7, dropout_p=p, backend="triton")
 
-    torch._dynamo.reset()
-    results = []
-    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
-        torch.manual_seed(0)
-        leaves = [t.clone().requires_grad_() for t in (x, A, B)]
-        y = fn(*leaves)
-        y.square().sum().backward()
-        results.append([y.detach()] + [t.grad for t in leaves])
-    for got, want in zip(results[1], results[0]):
+    eager, compiled = _eager_then_compiled(step, (x, A, B))
+    for got, want in zip(compiled, eager):
         assert want.abs().max() > 0
         assert rel(got, want) < 1e-5  # the dy kernel's atomics may sum in another order on a GPU
 
@@ -440,14 +439,8 @@ def test_compiled_16bit_gradients_equal_eager(monkeypatch, backend, limit):
     def step(x, A, B):
         return ops.lora_linear(x, W, b, A, B, 0.7, backend=backend)
 
-    torch._dynamo.reset()
-    results = []
-    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
-        leaves = [t.clone().requires_grad_() for t in (x, A, B)]
-        y = fn(*leaves)
-        y.float().square().sum().backward()
-        results.append([y.detach()] + [t.grad for t in leaves])
-    for got, want in zip(results[1], results[0]):
+    eager, compiled = _eager_then_compiled(step, (x, A, B))
+    for got, want in zip(compiled, eager):
         assert want.abs().max() > 0 and got.dtype == want.dtype
         assert rel(got, want) < 1e-3
 
