@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from packaging.version import Version
 from torch.autograd.function import once_differentiable
 
 from ._backend import autotune, interpreting, on_device, resolve, sm_count, tf32_matmul, tuning_configs
@@ -410,14 +411,9 @@ def _mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- Triton launchers
-def _torch_at_least(major: int, minor: int) -> bool:
-    release = torch.__version__.split("+")[0].split(".")
-    return tuple(int(v) for v in release[:2] if v.isdigit()) >= (major, minor)
-
-
 # torch.mm(..., out_dtype=) exists from torch 2.8. Decided up front: under torch.compile a failing
 # call cannot be caught and retried, only eager falls back (and remembers it) if a build lacks it.
-_MM_OUT_DTYPE = _torch_at_least(2, 8)
+_MM_OUT_DTYPE = Version(torch.__version__).release >= (2, 8)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
