@@ -442,7 +442,7 @@ _cov_triangle_op = torch.library.custom_op(
     "corda_kernels::cov_triangle",
     mutates_args=("acc",),
     schema="(Tensor(a!) acc, Tensor x3, Tensor? idx, Tensor? count, Tensor? scale) -> ()",
-)(lambda acc, x3, idx, count, scale: _cov_triangle_launch(acc, x3, idx, count, scale))
+)(_cov_triangle_launch)
 
 
 @_cov_triangle_op.register_fake

@@ -508,8 +508,8 @@ def _gemm_lowrank(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
 #: two cuBLAS GEMMs took 0.067, 0.064 and 0.046 ms at r = 16, 64 and 128 against the
 #: kernel's 0.138, 0.161 and 0.147 ms (run 1; 2-3x slower in run 2 as well): its L2
 #: atomics for u cost more than the second read of dy saves. So the default path never
-#: takes it; the kernel stays, tested, for
-#: GPUs and shapes where a measurement says otherwise (at most DY_RANK_LIMIT).
+#: takes it; the kernel stays, tested, for GPUs and shapes where a measurement says
+#: otherwise (at most DY_RANK_LIMIT).
 MAX_FUSED_RANK = 0
 #: The largest rank DY_GPU_TILES are sized for (shared memory, tests/aot_compile.py).
 DY_RANK_LIMIT = 64
@@ -590,7 +590,7 @@ _gemm_lowrank_op = torch.library.custom_op(
     mutates_args=(),
     schema="(Tensor x, Tensor wt, Tensor? bias, Tensor low, Tensor rt, float alpha, Tensor? keep, "
     "float keep_scale) -> Tensor",
-)(lambda x, wt, bias, low, rt, alpha, keep, keep_scale: _gemm_lowrank(x, wt, bias, low, rt, alpha, keep, keep_scale))
+)(_gemm_lowrank)
 
 
 @_gemm_lowrank_op.register_fake
