@@ -166,34 +166,32 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return w
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside torch.compile's, DistributedDataParallel's and DataParallel's wrappers.
-
-    Their forwards take (*args, **kwargs) and their parameter names carry a prefix
-    (``_orig_mod.``, ``module.``) that a saved adapter must not.
-    """
+def _wrapper_chain(model: nn.Module):
+    """``model``, then each module inside torch.compile's and (Distributed)DataParallel's wrappers."""
     while True:
+        yield model
         inner = getattr(model, "_orig_mod", None)
         if isinstance(inner, nn.Module):
             model = inner
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         else:
-            return model
+            return
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's, DistributedDataParallel's and DataParallel's wrappers.
+
+    Their forwards take (*args, **kwargs) and their parameter names carry a prefix
+    (``_orig_mod.``, ``module.``) that a saved adapter must not.
+    """
+    *_, inner = _wrapper_chain(model)
+    return inner
 
 
 def ddp_wrapped(model: nn.Module) -> bool:
     """Whether a DistributedDataParallel wrapper sits anywhere between ``model`` and its inner module."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            return True
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-        elif isinstance(model, nn.DataParallel):
-            model = model.module
-        else:
-            return False
+    return any(isinstance(m, nn.parallel.DistributedDataParallel) for m in _wrapper_chain(model))
 
 
 #: The prefixes torch.compile's and (Distributed)DataParallel's wrappers put before every module name.

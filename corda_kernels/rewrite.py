@@ -72,7 +72,7 @@ def resolve_targets(model: nn.Module, covs: Mapping[str, torch.Tensor], targets:
         if module is None:
             hint = "were they collected on another model?"
             if name.startswith(WRAPPER_PREFIXES):
-                # corda_kernels before 2026-11-30 kept torch.compile's/DDP's prefix in the names.
+                # Until 2026-11-29, collect_cov kept torch.compile's/DDP's prefix in the names.
                 hint = (
                     "the name carries a torch.compile or DDP wrapper's prefix, which this version leaves out: "
                     "collect the covariances again"

@@ -618,7 +618,7 @@ def test_a_data_parallel_model_is_built_under_the_plain_names():
 
 
 def test_covariances_named_through_a_wrapper_prefix_get_a_pointed_error():
-    # corda_kernels before 2026-11-30 kept torch.compile's "_orig_mod." in the names it collected.
+    # Until 2026-11-29, collect_cov kept torch.compile's "_orig_mod." in the names it collected.
     model = tiny_llama()
     covs = ck.collect_cov(model, padded_batches(128, n_batches=1), progress=False, targets=["re:.*q_proj"])
     old = {f"_orig_mod.{n}": c for n, c in covs.items()}
