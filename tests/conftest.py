@@ -21,8 +21,9 @@ def _compiles_transformers_models() -> bool:
     # transformers 5 calls torch.compiler.is_exporting() inside its models, which torch 2.6 lacks: Dynamo
     # then fails on any transformers model, with or without this package.
     import transformers
+    from packaging.version import Version
 
-    return hasattr(torch.compiler, "is_exporting") or int(transformers.__version__.split(".")[0]) < 5
+    return hasattr(torch.compiler, "is_exporting") or Version(transformers.__version__).major < 5
 
 
 requires_compilable_transformers = pytest.mark.skipif(
