@@ -7,6 +7,9 @@
       H200/H100 SXM datasheet).
   (b) adapter linear, forward + backward, bf16: ops.lora_linear (Triton) vs the
       frozen base nn.Linear alone and vs PEFT's LoRA Linear.
+  In (a) and (b) the Triton kernels run twice where TMA is possible (Hopper on,
+  Triton >= 3.4): as by default, with pointer loads only, and with
+  CORDA_KERNELS_TMA=1, which adds the TMA configs to the autotuners' choice.
   (c) end to end on a Llama-shaped model built from a config (random weights):
       corda_kernels.collect_cov vs PEFT's CorDA covariance collection.
 
@@ -40,6 +43,38 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 PEAK_BF16 = 989e12  # dense bf16, H100/H200 SXM datasheet
 DEV, DTYPE = "cuda", torch.bfloat16  # module globals so a CPU smoke harness can swap them
+
+
+@contextlib.contextmanager
+def tma_env(on: bool):
+    """CORDA_KERNELS_TMA set (the kernels read it per call), restored after."""
+    old = os.environ.get("CORDA_KERNELS_TMA")
+    os.environ["CORDA_KERNELS_TMA"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CORDA_KERNELS_TMA", None)
+        else:
+            os.environ["CORDA_KERNELS_TMA"] = old
+
+
+def with_tma(fn):
+    """fn run with the TMA configs in the autotuners' choice."""
+
+    def run():
+        with tma_env(True):
+            return fn()
+
+    return run
+
+
+def tma_possible(t: torch.Tensor) -> bool:
+    """Whether CORDA_KERNELS_TMA=1 changes anything for t's device and dtype (else the TMA rows are skipped)."""
+    from corda_kernels.ops import _backend
+
+    with tma_env(True):
+        return _backend.tma_device(t) and t.dtype in (torch.float16, torch.bfloat16)
 
 
 def cuda_medians(cands: dict, iters: int, warmup: int = 2) -> dict:
@@ -156,6 +191,9 @@ def section_covariance(args) -> str:
                         )
                     except (TypeError, RuntimeError, NotImplementedError):
                         has_addmm_out_dtype = False
+                tma_name = "corda_kernels triangle (triton, CORDA_KERNELS_TMA=1)"
+                if tma_possible(x):
+                    cands[tma_name] = with_tma(lambda acc=acc, x=x: ops.covariance_update(acc, x, backend="triton"))
                 med = cuda_medians(cands, args.iters)
                 # Accuracy on a fresh accumulator (one update), against a float64 Gram matrix.
                 ref = x.double().t() @ x.double()
@@ -165,6 +203,11 @@ def section_covariance(args) -> str:
                 errs["corda_kernels triangle (triton)"] = (
                     ops.covariance_result(acc2).double() - ref
                 ).norm() / ref.norm()
+                if tma_name in cands:
+                    acc2.zero_()
+                    with tma_env(True):
+                        ops.covariance_update(acc2, x, backend="triton")
+                    errs[tma_name] = (ops.covariance_result(acc2).double() - ref).norm() / ref.norm()
                 if has_out_dtype:
                     full = torch.mm(x.t(), x, out_dtype=torch.float32).double()
                     errs["torch mm bf16, out_dtype=fp32 (+ add)"] = (full - ref).norm() / ref.norm()
@@ -247,6 +290,9 @@ def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
         ),
         "PEFT lora.Linear": step(lambda: peft_layer(x)),
     }
+    tma_name = "corda_kernels lora_linear (triton, CORDA_KERNELS_TMA=1)"
+    if tma_possible(x):
+        cands[tma_name] = with_tma(step(lambda: ops.lora_linear(x, W, b, A, B, scaling, backend="triton")))
     med = cuda_medians(cands, iters)
 
     def clear_grads():
@@ -259,14 +305,18 @@ def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
         clear_grads()
         peaks[name] = cuda_peak_mib(fn)
     clear_grads()
+    errs = {}
     with torch.no_grad():
-        y_ours = ops.lora_linear(x, W, b, A, B, scaling, backend="triton").double()
         y_peft = peft_layer(x).double()
-        err = float((y_ours - y_peft).norm() / y_peft.norm())
+        for name in ("corda_kernels lora_linear (triton)", tma_name):
+            if name in cands:
+                with tma_env(name == tma_name):
+                    y_ours = ops.lora_linear(x, W, b, A, B, scaling, backend="triton").double()
+                errs[name] = float((y_ours - y_peft).norm() / y_peft.norm())
     t_base, t_peft = med["base nn.Linear (frozen)"], med["PEFT lora.Linear"]
     rows = []
     for name, ms in med.items():
-        note = f"y vs PEFT rel diff {err:.1e}" if "triton" in name else ""
+        note = f"y vs PEFT rel diff {errs[name]:.1e}" if name in errs else ""
         mem = mib_cell(peaks[name])
         rows.append([M, D, r, name, f"{ms:.3f}", f"{ms / t_base:.3f}x", f"{t_peft / ms:.2f}x", mem, note])
 
@@ -298,6 +348,10 @@ def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
         ),
         "  forward GEMM: cuBLAS addmm, no adapter": lambda: torch.addmm(b, x.detach(), Wt),
     }
+    if tma_name in cands:
+        fwd["  forward GEMM: fused kernel, CORDA_KERNELS_TMA=1"] = with_tma(
+            lambda: lora_mod._gemm_lowrank(x.detach(), Wt, b, s32, Bt, scaling)
+        )
     fm = cuda_medians(fwd, iters)
     flops = 2.0 * M * D * D
     blas = fm["  forward GEMM: cuBLAS addmm, no adapter"]

@@ -2,11 +2,11 @@
 # One-shot GPU check for a lent H200 (no internet; the image's python3 has torch, triton, transformers, peft).
 #   1. the op tests on CUDA in parallel pytest processes (Triton kernels compiled for real, bf16
 #      included), every autotune config of every kernel forced in turn (tests/test_gpu_tiles.py,
-#      bf16), the device_map tests (a model split over cuda:0 and cpu, or two GPUs) and torch.compile
+#      bf16; the TMA configs on sm_90+, which no GPU has run yet), the device_map tests (a model split over cuda:0 and cpu, or two GPUs) and torch.compile
 #      of a model whose CordaLinear layers run the kernels;
 #   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end.
 # Budget: under 9 minutes in all, to fit one 10-minute device call (tests capped at 180 s; the bench
-# sections at 90 + 60 + 50 + 50 + 80 s, each in its own process so a CUDA fault or a hang loses only that one).
+# sections at 100 + 60 + 55 + 55 + 70 s, each in its own process so a CUDA fault or a hang loses only that one).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
 # Three files go to $OUT when set (the device tool's folder, which returns only a few files), else to
 # ./out/: gpu_pytest.log (every pytest process's log, with its exit code), gpu_bench.log and
@@ -34,7 +34,7 @@ fi
 echo "== pytest (CUDA) =="
 # Correctness only: one small config per kernel (CORDA_KERNELS_AUTOTUNE=0), so the run compiles each
 # specialization once instead of autotuning every test shape. The bench below autotunes for real.
-# Kernel compiles are CPU-bound and single-threaded: seven pytest processes share the host's cores
+# Kernel compiles are CPU-bound and single-threaded: eight pytest processes share the host's cores
 # (xdist is not assumed to be installed), each capped at 180 s (the slowest group took 71 s under the
 # CPU interpreter).
 WORK=$(mktemp -d)
@@ -43,13 +43,14 @@ run_tests() {  # name, pytest args...
     CORDA_KERNELS_AUTOTUNE=0 timeout -k 10 180 "$PY" -m pytest -q -p no:cacheprovider "$@" > "$WORK/$name.log" 2>&1
     echo $? > "$WORK/$name.rc"
 }
-GROUPS_RUN="covariance lora_a lora_b device_map tiles_gemm tiles_cov_dy compile"
+GROUPS_RUN="covariance lora_a lora_b device_map tiles_gemm tiles_cov_dy tiles_tma compile"
 run_tests covariance tests/test_ops_covariance.py &
 run_tests lora_a tests/test_ops_lora.py -k "bf16 or dropout or forward_and_grads" &
 run_tests lora_b tests/test_ops_lora.py -k "not (bf16 or dropout or forward_and_grads)" &
 run_tests device_map tests/test_device_map.py &
-run_tests tiles_gemm tests/test_gpu_tiles.py -k "gemm or tables or keys" &
-run_tests tiles_cov_dy tests/test_gpu_tiles.py -k "covariance or dy" &
+run_tests tiles_gemm tests/test_gpu_tiles.py -k "(gemm or tables or keys) and not tma" &
+run_tests tiles_cov_dy tests/test_gpu_tiles.py -k "(covariance or dy) and not tma" &
+run_tests tiles_tma tests/test_gpu_tiles.py -k "tma" &
 run_tests compile tests/test_compile_cuda.py &
 wait
 test_rc=0
@@ -72,7 +73,7 @@ rm -f "$LOG_DIR/RESULTS-gpu.md"
 # The adapter section runs one rank per process: each writes its table when done, so a timeout in
 # one (autotuning compiles ~8 GEMM configs per rank tile) loses only that rank. Compiled kernels are
 # cached on disk, so a later process reuses what an earlier one built.
-for part in a:90 b16:60 b64:50 b128:50 c:80; do
+for part in a:100 b16:60 b64:55 b128:55 c:70; do
     name=${part%%:*}; limit=${part##*:}
     sec=$name
     extra=()

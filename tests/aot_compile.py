@@ -60,9 +60,17 @@ class Variant:
     into shared memory (bf16 and fp16).
     """
 
-    def __init__(self, name, fn, sig, const, configs, unit=(), aligned=True, pipelined=False):
+    def __init__(self, name, fn, sig, const, configs, unit=(), aligned=True, pipelined=False, descriptors=None):
         self.name, self.fn, self.configs, self.pipelined, self.aligned = name, fn, configs, pipelined, aligned
         self.sig, self.const, self.attrs = dict(sig), dict(const), {}
+        # descriptors: argument name -> (dtype, cfg -> block shape) for the TMA configs, or -> None
+        # where the launcher never builds one for this specialization (no TMA configs then); the
+        # other configs get None there, as the launcher passes it.
+        self.descriptors = descriptors or {}
+        self.tma = bool(self.descriptors) and all(self.descriptors.values())
+        for n in self.descriptors:
+            self.sig[n] = "constexpr"
+            self.const[n] = None
         for n in unit:
             self.sig[n] = "constexpr"
             self.const[n] = 1
@@ -78,8 +86,17 @@ class Variant:
         pat = re.compile(r"async_copy_global_to_local .*: tensor<\d+x\d+x!tt\.ptr<" + elem + r">")
         return sum(1 for line in ttgir.splitlines() if pat.search(line))
 
+    @staticmethod
+    def tma_config(cfg) -> bool:
+        return bool(cfg.kwargs.get("USE_TMA"))
+
     def compile(self, cfg, target):
-        src = ASTSource(fn=self.fn, signature=self.sig, constexprs={**self.const, **cfg.kwargs}, attrs=self.attrs)
+        sig, const = dict(self.sig), {**self.const, **cfg.kwargs}
+        if self.tma_config(cfg):
+            for n, (dt, block) in self.descriptors.items():
+                sig[n] = "tensordesc<{}[{}]>".format(dt, ", ".join(str(b) for b in block(cfg.kwargs)))
+                del const[n]
+        src = ASTSource(fn=self.fn, signature=sig, constexprs=const, attrs=self.attrs)
         return triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
@@ -97,6 +114,15 @@ def kernels(dtype: str) -> list[Variant]:
     cov_cfgs = cov._cov_triangle_tuned.configs
     cov_unit = ("stride_xd", "stride_an")
 
+    def cov_descriptors(tma):
+        # What the launcher builds for unmasked, unscaled 16-bit rows (cov._tma_blocks sets the shapes).
+        if not tma or dtype == "fp32":
+            return {"xa_desc": None, "xb_desc": None}
+        return {
+            "xa_desc": (dt, lambda c: (c["BLOCK_R"], c["BLOCK_D"])),
+            "xb_desc": (dt, lambda c: (c["BLOCK_R"], c["WIDE"] * c["BLOCK_D"])),
+        }
+
     def cov_const(index, scale, three_d):
         return {"HAS_INDEX": index, "HAS_SCALE": scale, "THREE_D": three_d, "INPUT_PRECISION": precision}
 
@@ -107,8 +133,16 @@ def kernels(dtype: str) -> list[Variant]:
     )
     gemm_cfgs = lora._gemm_lowrank_tuned.configs
 
-    def gemm_const(bias, keep):
-        return {"HAS_BIAS": bias, "HAS_KEEP": keep, "INPUT_PRECISION": precision, "BLOCK_RANK": 64}
+    def gemm_const(bias, keep, w_nk):
+        return {"HAS_BIAS": bias, "HAS_KEEP": keep, "W_DESC_NK": w_nk, "INPUT_PRECISION": precision, "BLOCK_RANK": 64}
+
+    def gemm_descriptors(w_nk):
+        # What the launcher builds (lora._tma_descriptors) and the pre-hook shapes (lora._tma_blocks).
+        if dtype == "fp32":
+            return None
+        x = (dt, lambda c: (c["BLOCK_M"], c["BLOCK_K"]))
+        w = (dt, (lambda c: (c["BLOCK_N"], c["BLOCK_K"])) if w_nk else (lambda c: (c["BLOCK_K"], c["BLOCK_N"])))
+        return {"x_desc": x, "w_desc": w}
 
     dy_sig = signature(
         lora._dy_lowrank_kernel,
@@ -119,16 +153,18 @@ def kernels(dtype: str) -> list[Variant]:
     dy_const = {"NEED_U": True, "NEED_DB": True, "INPUT_PRECISION": precision, "BLOCK_RANK": dy_rank}
     return [
         Variant("covariance triangle (masked)", cov._cov_triangle_kernel, cov_sig, cov_const(True, False, False),
-                cov_cfgs, cov_unit, pipelined=half),
+                cov_cfgs, cov_unit, pipelined=half, descriptors=cov_descriptors(False)),
         Variant("covariance triangle (unmasked)", cov._cov_triangle_kernel, cov_sig, cov_const(False, False, False),
-                cov_cfgs, cov_unit, pipelined=half),
+                cov_cfgs, cov_unit, pipelined=half, descriptors=cov_descriptors(True)),
         Variant("covariance triangle (scaled 3-D, odd sizes)", cov._cov_triangle_kernel, cov_sig,
-                cov_const(True, True, True), cov_cfgs, cov_unit, aligned=False),
+                cov_const(True, True, True), cov_cfgs, cov_unit, aligned=False, descriptors=cov_descriptors(False)),
         # forward: x (M, K), wt = Wᵀ, l = s (M, r), rt = Bᵀ; dx: x = dy, wt = W, rt = A, keep (M, K)
-        Variant("adapter GEMM (forward)", lora._gemm_lowrank_kernel, gemm_sig, gemm_const(True, False), gemm_cfgs,
-                ("stride_on", "stride_xk", "stride_wk", "stride_lr", "stride_rr"), pipelined=half),
-        Variant("adapter GEMM (dx, dropout)", lora._gemm_lowrank_kernel, gemm_sig, gemm_const(False, True), gemm_cfgs,
-                ("stride_on", "stride_xk", "stride_wn", "stride_lr", "stride_rn", "stride_kn"), pipelined=half),
+        Variant("adapter GEMM (forward)", lora._gemm_lowrank_kernel, gemm_sig, gemm_const(True, False, True),
+                gemm_cfgs, ("stride_on", "stride_xk", "stride_wk", "stride_lr", "stride_rr"), pipelined=half,
+                descriptors=gemm_descriptors(True)),
+        Variant("adapter GEMM (dx, dropout)", lora._gemm_lowrank_kernel, gemm_sig, gemm_const(False, True, False),
+                gemm_cfgs, ("stride_on", "stride_xk", "stride_wn", "stride_lr", "stride_rn", "stride_kn"),
+                pipelined=half, descriptors=gemm_descriptors(False)),
         Variant("dy low-rank", lora._dy_lowrank_kernel, dy_sig, dy_const, lora._dy_lowrank_tuned.configs,
                 ("stride_dyn", "stride_br", "stride_sr", "stride_ur", "stride_dbr")),
     ]  # fmt: skip
@@ -149,6 +185,8 @@ def main(argv=None) -> int:
                 every = args.all or (cap == 90 and dtype == "bf16")
                 fits = 0
                 for cfg in v.configs:
+                    if Variant.tma_config(cfg) and (cap < 90 or not v.tma):
+                        continue  # the launcher gives descriptors on sm_90+ and to 16-bit operands only
                     label = f"sm_{cap} {dtype} {v.name} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
                     try:
                         k = v.compile(cfg, target)
@@ -163,9 +201,15 @@ def main(argv=None) -> int:
                     async_loads = ptx.count("cp.async.cg") + ptx.count("cp.async.ca") + ptx.count("cp.async.bulk")
                     print(
                         f"{'ok  ' if ok else 'big '} {label}: shared {smem} B, ptx {len(ptx)} chars, "
-                        f"{async_loads} async copies"
+                        f"{async_loads} async copies, {ptx.count('wgmma.mma_async')} wgmma"
                     )
-                    if ok and v.pipelined and cfg.num_stages > 1:
+                    if ok and Variant.tma_config(cfg):
+                        # Both operands' tiles must come through the copy engine (cp.async.bulk.tensor).
+                        tma = ptx.count("cp.async.bulk.tensor")
+                        if tma < 2:
+                            failures += 1
+                            print(f"FAIL {label}: {tma} TMA copies in the PTX (want the two operands' tiles)")
+                    elif ok and v.pipelined and cfg.num_stages > 1:
                         # A data-dependent branch or an unaligned access in the loop stops Triton's
                         # pipeliner; the kernel then waits on every load.
                         tiles = Variant.async_tile_loads(k.asm["ttgir"], dtype)

@@ -75,6 +75,24 @@ def test_adapter_section(gpu_bench):
     assert sum("vs cuBLAS" in r and "TFLOP/s" in r for r in rows) == 4
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an interpreter check; on a GPU the sections run for real")
+def test_tma_rows_in_fp16(gpu_bench, monkeypatch):
+    # The CORDA_KERNELS_TMA=1 rows run for 16-bit operands only: fp16 here (the interpreter mishandles bf16),
+    # with d and K on 16-byte row boundaries so that the descriptors are built.
+    from corda_kernels.ops._backend import tensor_descriptor_class
+
+    if tensor_descriptor_class() is None:
+        pytest.skip("this Triton has no TMA descriptors")
+    monkeypatch.setattr(gpu_bench, "DTYPE", torch.float16)
+    args = tiny_args()
+    args.cov_dims, args.lora_ranks = [48], [3]
+    cov = _check(gpu_bench.section_covariance(args), 5)
+    tma = [r for r in cov if "CORDA_KERNELS_TMA=1" in r]
+    assert len(tma) == 1 and float(tma[0].split("|")[-2]) < 1e-2  # fp16 rounding of x, against fp64
+    lora = _check(gpu_bench.section_lora(args), 10)
+    assert sum("CORDA_KERNELS_TMA=1" in r for r in lora) == 2
+
+
 def test_end_to_end_section(gpu_bench):
     rows = _check(gpu_bench.section_collect(tiny_args()), 3)
     ours = next(r for r in rows if r.startswith("| collect_cov"))
@@ -122,19 +140,17 @@ def test_sections_appended_from_separate_runs_and_errors_set_the_exit_code(gpu_b
 
 
 def test_autotune_picks_are_reported(gpu_bench, monkeypatch):
-    import triton
-
     from corda_kernels.ops import lora
 
     tuned = lora._gemm_lowrank_tuned
-    key = (8192, 4096, 4096, 16, True, False, 1, "torch.bfloat16")
-    cfg = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
+    key = (8192, 4096, 4096, 16, True, False, 1, 1, "torch.bfloat16")
+    cfg = lora._gemm_config(128, 256, 64, 8, 3, tma=True)
     monkeypatch.setattr(tuned, "cache", {key: cfg})
     text = gpu_bench.autotune_choices("b")
     assert text.splitlines()[0] == "### autotuner picks (this process, after section b)"
     row = next(line for line in text.splitlines() if line.startswith("| adapter GEMM"))
-    assert "M_BUCKET=8192" in row and "BLOCK_RANK=16" in row and "stride_wk=1 (torch.bfloat16)" in row
-    assert row.endswith("BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, warps=8, stages=3 |")
+    assert "M_BUCKET=8192" in row and "BLOCK_RANK=16" in row and "TMA_OK=1 (torch.bfloat16)" in row
+    assert row.endswith("GROUP_M=8, USE_TMA=True, PERSISTENT=False, warps=8, stages=3 |")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

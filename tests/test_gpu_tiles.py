@@ -18,6 +18,7 @@ from conftest import CUDA
 from corda_kernels import ops
 from corda_kernels.ops import covariance as cov_mod
 from corda_kernels.ops import lora as lora_mod
+from corda_kernels.ops._backend import tensor_descriptor_class
 from corda_kernels.ops.covariance import covariance_reference
 from corda_kernels.ops.lora import lora_linear_reference
 
@@ -38,17 +39,33 @@ class Fixed:
     callable sees them in ``meta`` exactly as the autotuner would pass them.
     """
 
-    def __init__(self, kernel, tiles: dict, num_warps: int, num_stages: int):
-        self.kernel, self.tiles = kernel, tiles
+    def __init__(self, kernel, tiles: dict, num_warps: int, num_stages: int, pre_hook=None):
+        self.kernel, self.tiles, self.pre_hook = kernel, tiles, pre_hook
         self.opts = {} if not CUDA else {"num_warps": num_warps, "num_stages": num_stages}
         self.launches = 0
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches += 1
+            if self.pre_hook is not None:  # as the autotuner calls it: every argument by name
+                self.pre_hook({**dict(zip(self.kernel.arg_names, args)), **kwargs, **self.tiles})
             return self.kernel[grid](*args, **kwargs, **self.tiles, **self.opts)
 
         return launch
+
+
+def _tma_usable():
+    if tensor_descriptor_class() is None:
+        return False
+    return torch.cuda.get_device_capability()[0] >= 9 if CUDA else True
+
+
+needs_tma = pytest.mark.skipif(not _tma_usable(), reason="TMA descriptors need Triton >= 3.4 and, on a GPU, sm_90+")
+
+
+@pytest.fixture
+def tma_on(monkeypatch):
+    monkeypatch.setenv("CORDA_KERNELS_TMA", "1")
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -67,9 +84,16 @@ def test_tile_tables_are_what_the_autotuner_would_use(monkeypatch):
     def table(configs, keys):
         return [tuple(c.kwargs[k] for k in keys) + (c.num_warps, c.num_stages) for c in configs]
 
-    assert table(cov_mod._cov_configs(), ["BLOCK_D", "WIDE", "BLOCK_R"]) == list(cov_mod.GPU_TILES)
-    gemm = table(lora_mod._gemm_configs(), ["BLOCK_M", "BLOCK_N", "BLOCK_K"])
-    assert gemm == list(lora_mod.GEMM_GPU_TILES)
+    cov = table(cov_mod._cov_configs(), ["BLOCK_D", "WIDE", "BLOCK_R", "USE_TMA"])
+    assert cov == [t[:3] + (False,) + t[3:] for t in cov_mod.GPU_TILES] + [
+        t[:3] + (True,) + t[3:] for t in cov_mod.TMA_TILES
+    ]
+    assert all(c.pre_hook is cov_mod._tma_blocks for c in cov_mod._cov_configs() if c.kwargs["USE_TMA"])
+    gemm = table(lora_mod._gemm_configs(), ["BLOCK_M", "BLOCK_N", "BLOCK_K", "USE_TMA", "PERSISTENT"])
+    assert gemm == [t[:3] + (False, False) + t[3:] for t in lora_mod.GEMM_GPU_TILES] + [
+        t[:3] + (True, bool(t[5])) + t[3:5] for t in lora_mod.GEMM_TMA_TILES
+    ]
+    assert all(c.pre_hook is lora_mod._tma_blocks for c in lora_mod._gemm_configs() if c.kwargs["USE_TMA"])
     assert table(lora_mod._dy_configs(), ["BLOCK_M", "BLOCK_N"]) == list(lora_mod.DY_GPU_TILES)
 
 
@@ -88,7 +112,8 @@ def test_autotune_keys_name_kernel_arguments(tuned):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_covariance_every_tile(monkeypatch, tile, dtype):
     bd, wide, br, warps, stages = tile
-    fixed = Fixed(cov_mod._cov_triangle_kernel, {"BLOCK_D": bd, "WIDE": wide, "BLOCK_R": br}, warps, stages)
+    fixed = Fixed(cov_mod._cov_triangle_kernel, {"BLOCK_D": bd, "WIDE": wide, "BLOCK_R": br, "USE_TMA": False},
+                  warps, stages)  # fmt: skip
     monkeypatch.setattr(cov_mod, "_cov_triangle_tuned", fixed)
     # d = 129 is ragged against 32, 64 and 128 and gives a triangle of several tiles at each;
     # three sequences of 70 rows from a view whose sequences are not back to back (a transposed
@@ -109,6 +134,71 @@ def test_covariance_every_tile(monkeypatch, tile, dtype):
     assert rel(ops.covariance_result(acc).double().cpu() - start, ref) < TOL[dtype]
 
 
+@needs_tma
+@pytest.mark.parametrize(
+    "tile", cov_mod.TMA_TILES, ids=lambda t: "D{}x{}-R{}-w{}-s{}".format(t[0], t[0] * t[1], *t[2:])
+)
+def test_covariance_every_tma_tile(monkeypatch, tma_on, tile):
+    bd, wide, br, warps, stages = tile
+    tiles = {"BLOCK_D": bd, "WIDE": wide, "BLOCK_R": br, "USE_TMA": True}
+    fixed = Fixed(cov_mod._cov_triangle_kernel, tiles, warps, stages, pre_hook=cov_mod._tma_blocks)
+    monkeypatch.setattr(cov_mod, "_cov_triangle_tuned", fixed)
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    # d = 264 keeps rows on 16-byte boundaries, as TMA needs, is ragged against every tile and
+    # gives wide tiles two columns; 150 rows leave a partial row chunk at every BLOCK_R. The
+    # second update is a (B, T, d) batch whose sequences sit back to back, read as one matrix.
+    d = 264
+    x = torch.randn(150, d, device=DEV).to(dtype)
+    xb = torch.randn(3, 41, d, device=DEV).to(dtype)
+    acc = torch.randn(d, d, device=DEV)
+    start = ops.covariance_result(acc).double().cpu()
+    ops.covariance_update(acc, x, backend="triton")
+    ops.covariance_update(acc, xb, backend="triton")
+    assert fixed.launches == 2  # both through descriptors: the pre-hook needs them
+    ref = covariance_reference(x).cpu() + covariance_reference(xb).cpu()
+    assert rel(ops.covariance_result(acc).double().cpu() - start, ref) < TOL[dtype]
+
+
+@needs_tma
+def test_covariance_descriptors_only_for_plain_rows(monkeypatch, tma_on):
+    # Masked, scaled, strided-sequence and misaligned updates keep pointer loads (TMA_OK = 0).
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                named = dict(zip(cov_mod._cov_triangle_kernel.arg_names, args))
+                seen.append((named["xa_desc"] is not None, named["TMA_OK"]))
+
+            return launch
+
+    monkeypatch.setattr(cov_mod, "_cov_triangle_tuned", Spy())
+    dt = torch.bfloat16 if CUDA else torch.float16
+    d = 136
+    x = torch.randn(4, 50, d, device=DEV).to(dt)
+    acc = torch.zeros(d, d, device=DEV)
+    ops.covariance_update(acc, x, backend="triton")
+    ops.covariance_update(acc, x[:, 0], backend="triton")  # one row per sequence: rows 50·d apart
+    ops.covariance_update(acc, x, torch.ones(4, 50, dtype=torch.bool, device=DEV), backend="triton")
+    ops.covariance_update(acc, x, scale=torch.rand(4, device=DEV), backend="triton")
+    ops.covariance_update(acc, x[:, :30], backend="triton")  # sequences not back to back
+    ops.covariance_update(acc, torch.randn(50, d + 3, device=DEV).to(dt)[:, 3:], backend="triton")
+    ops.covariance_update(acc, x.float(), backend="triton")
+    assert seen == [(True, 1), (True, 1)] + [(False, 0)] * 5
+    monkeypatch.setenv("CORDA_KERNELS_TMA", "0")
+    ops.covariance_update(acc, x, backend="triton")
+    assert seen[-1] == (False, 0)
+
+
+def test_covariance_prune_drops_tma_configs_without_descriptors():
+    pointer = [cov_mod._cov_config(*t) for t in cov_mod.GPU_TILES]
+    configs = pointer + [cov_mod._cov_config(*t, tma=True) for t in cov_mod.TMA_TILES]
+    assert cov_mod._cov_prune(configs, {"D": 4096, "TMA_OK": 0}) == pointer
+    assert cov_mod._cov_prune(configs, {"D": 4096, "TMA_OK": 1}) == configs
+    small = cov_mod._cov_prune(configs, {"D": 300, "TMA_OK": 1})
+    assert len(small) == 1 and not small[0].kwargs["USE_TMA"]
+
+
 def _gemm_tile_id(t):
     return "M{}-N{}-K{}-w{}-s{}".format(*t)
 
@@ -118,8 +208,8 @@ def _gemm_tile_id(t):
 @pytest.mark.parametrize("rank, dropout_p", [(5, 0.0), (70, 0.2)])
 def test_adapter_gemm_every_tile(monkeypatch, tile, dtype, rank, dropout_p):
     bm, bn, bk, warps, stages = tile
-    fixed = Fixed(lora_mod._gemm_lowrank_kernel, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                  warps, stages)  # fmt: skip
+    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": False, "PERSISTENT": False}
+    fixed = Fixed(lora_mod._gemm_lowrank_kernel, tiles, warps, stages)
     monkeypatch.setattr(lora_mod, "_gemm_lowrank_tuned", fixed)
     # M = 300 and N = 257 are ragged against every tile and give several row groups;
     # K = 70 leaves a partial K step; rank 70 takes two chunks of the 64-wide rank tile.
@@ -149,6 +239,75 @@ def test_adapter_gemm_every_tile(monkeypatch, tile, dtype, rank, dropout_p):
         assert rel(got.grad, ref.grad) < TOL[dtype]
 
 
+@needs_tma
+@pytest.mark.parametrize("tile", lora_mod.GEMM_TMA_TILES, ids=lambda t: "M{}-N{}-K{}-w{}-s{}-p{}".format(*t))
+@pytest.mark.parametrize("dtype", [torch.bfloat16] if CUDA else [torch.float16])
+@pytest.mark.parametrize("rank, dropout_p", [(5, 0.0), (70, 0.2)])
+def test_adapter_gemm_every_tma_tile(monkeypatch, tma_on, tile, dtype, rank, dropout_p):
+    bm, bn, bk, warps, stages, persistent = tile
+    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": True, "PERSISTENT": bool(persistent)}
+    fixed = Fixed(lora_mod._gemm_lowrank_kernel, tiles, warps, stages, pre_hook=lora_mod._tma_blocks)
+    monkeypatch.setattr(lora_mod, "_gemm_lowrank_tuned", fixed)
+    # Rows on 16-byte boundaries (K = 72, N = 264 halves), as TMA needs, yet ragged against every
+    # tile: the copy engine's zero fill past M, N and K stands in for the pointer path's masks.
+    # The persistent configs run 3 programs under the interpreter, each walking several tiles.
+    M, N, K = 300, 264, 72
+    x = torch.randn(3, M // 3, K, device=DEV).to(dtype)
+    W = (torch.randn(N, K, device=DEV) / K**0.5).to(dtype)
+    b = torch.randn(N, device=DEV).to(dtype)
+    A = (torch.randn(rank, K, device=DEV) / K**0.5).to(dtype)
+    Bm = (torch.randn(N, rank, device=DEV) / rank**0.5).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, A, Bm)]
+    torch.manual_seed(7)
+    y = ops.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 1.7, dropout_p=dropout_p, backend="triton")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert fixed.launches == 2  # forward and dx, both through descriptors (the pre-hook needs them)
+
+    keep = None
+    if dropout_p:
+        torch.manual_seed(7)
+        keep = (torch.rand_like(x.reshape(-1, K), dtype=torch.float32) >= dropout_p).reshape(x.shape)
+    refs = [t.detach().double().requires_grad_() for t in (x, A, Bm)]
+    yr = lora_linear_reference(refs[0], W, b, refs[1], refs[2], 1.7, keep=keep, dropout_p=dropout_p)
+    yr.backward(dy.double())
+    assert rel(y, yr) < TOL[dtype]
+    for got, ref in zip(leaves, refs):
+        assert rel(got.grad, ref.grad) < TOL[dtype]
+
+
+@needs_tma
+def test_tma_descriptors_only_where_the_layout_allows(monkeypatch, tma_on):
+    dt = torch.bfloat16 if CUDA else torch.float16
+    W = torch.randn(264, 72, device=DEV).to(dt)
+    x = torch.randn(300, 72, device=DEV).to(dt)
+    xd, wd, w_nk = lora_mod._tma_descriptors(x, W.t())  # forward: Wt is a view of W
+    assert xd is not None and wd is not None and w_nk and wd.base.data_ptr() == W.data_ptr()
+    xd, wd, w_nk = lora_mod._tma_descriptors(torch.randn(300, 264, device=DEV).to(dt), W)  # dx: W as it is
+    assert wd is not None and not w_nk
+    # Rows off 16-byte boundaries, a strided inner dim, fp32, and the switch: pointer loads.
+    assert lora_mod._tma_descriptors(torch.randn(300, 70, device=DEV).to(dt), W[:, :70].t())[0] is None
+    assert lora_mod._tma_descriptors(torch.randn(300, 144, device=DEV).to(dt)[:, ::2], W.t())[0] is None
+    assert lora_mod._tma_descriptors(x.float(), W.float().t())[0] is None
+    shifted = torch.randn(300 * 72 + 8, device=DEV).to(dt)[1 : 1 + 300 * 72].view(300, 72)
+    assert lora_mod._tma_descriptors(shifted, W.t())[0] is None  # base 2 bytes past a 16-byte boundary
+    for off in ("0", ""):
+        monkeypatch.setenv("CORDA_KERNELS_TMA", off)
+        assert lora_mod._tma_descriptors(x, W.t())[0] is None
+    monkeypatch.delenv("CORDA_KERNELS_TMA")
+    assert lora_mod._tma_descriptors(x, W.t())[0] is None  # off unless asked for
+
+
+def test_gemm_prune_drops_tma_configs_without_descriptors():
+    configs = [lora_mod._gemm_config(*t) for t in lora_mod.GEMM_GPU_TILES] + [
+        lora_mod._gemm_config(*t[:5], tma=True, persistent=bool(t[5])) for t in lora_mod.GEMM_TMA_TILES
+    ]
+    big = {"M": 8192, "N": 4096, "K": 4096}
+    kept = lora_mod._gemm_prune(configs, {**big, "TMA_OK": 0})
+    assert kept == configs[: len(lora_mod.GEMM_GPU_TILES)]
+    assert lora_mod._gemm_prune(configs, {**big, "TMA_OK": 1}) == configs
+
+
 @pytest.mark.parametrize("tile", lora_mod.DY_GPU_TILES, ids=lambda t: "M{}-N{}-w{}-s{}".format(*t))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rank", [5, 64, 100])
@@ -175,7 +334,7 @@ def test_triangle_walk_covers_each_upper_entry_once(monkeypatch, wide):
     # a tile computed twice doubles its entries, a tile skipped leaves them at zero.
     if CUDA:
         pytest.skip("the walk is the same on a GPU; this is an interpreter check of the index arithmetic")
-    fixed = Fixed(cov_mod._cov_triangle_kernel, {"BLOCK_D": 16, "WIDE": wide, "BLOCK_R": 16}, 4, 1)
+    fixed = Fixed(cov_mod._cov_triangle_kernel, {"BLOCK_D": 16, "WIDE": wide, "BLOCK_R": 16, "USE_TMA": False}, 4, 1)
     monkeypatch.setattr(cov_mod, "_cov_triangle_tuned", fixed)
     d = 700
     x = torch.randn(3, d)

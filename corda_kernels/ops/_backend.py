@@ -12,6 +12,7 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 _ENV = "CORDA_KERNELS_BACKEND"
 _AUTOTUNE_ENV = "CORDA_KERNELS_AUTOTUNE"
+_TMA_ENV = "CORDA_KERNELS_TMA"
 
 
 @functools.cache  # asked on every op call; a failing import is slow and its answer cannot change
@@ -62,6 +63,46 @@ def resolve(backend: str, *tensors: torch.Tensor, supported: bool = True) -> str
         return "triton"
     ok = supported and all(t.is_cuda for t in tensors)
     return "triton" if ok and triton_available() else "torch"
+
+
+@functools.cache
+def tensor_descriptor_class():
+    """Triton's host-side TMA descriptor class, or None where Triton lacks it (before 3.4)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except Exception:
+        return None
+    return TensorDescriptor
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def tma_device(t: torch.Tensor) -> bool:
+    """Whether kernels may read ``t`` through TMA descriptors: opted into with
+    ``CORDA_KERNELS_TMA=1``, on a Hopper or newer GPU (or under the interpreter, which
+    emulates them) with a Triton that has them. Off by default until timed on a GPU: the TMA
+    configs compile for sm_90 and pass the interpreter tests, but have not run on hardware."""
+    if os.environ.get(_TMA_ENV, "0").strip().lower() not in ("1", "true", "yes", "on"):
+        return False
+    if tensor_descriptor_class() is None:
+        return False
+    if t.is_cuda:
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        return _capability(index)[0] >= 9
+    return interpreting()
+
+
+def tma_rows(t: torch.Tensor) -> bool:
+    """Whether a 2-D ``t`` can back a TMA descriptor as it is laid out: 16-bit elements,
+    unit stride along dim 1, and base and row stride on 16-byte boundaries (the copy engine
+    moves 16-byte units). Callers fall back to pointer loads otherwise."""
+    if t.dim() != 2 or t.dtype not in (torch.float16, torch.bfloat16) or min(t.shape) < 1:
+        return False
+    size = t.element_size()
+    return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 @functools.cache

@@ -14,7 +14,18 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import autotune, interpreting, on_device, resolve, tf32_matmul, tuning_configs
+from ._backend import (
+    autotune,
+    autotune_enabled,
+    interpreting,
+    on_device,
+    resolve,
+    tensor_descriptor_class,
+    tf32_matmul,
+    tma_device,
+    tma_rows,
+    tuning_configs,
+)
 
 try:
     import triton
@@ -89,6 +100,21 @@ GPU_TILES = (
     (64, 2, 64, 4, 4),
 )
 
+#: Candidates that read x's panels through TMA descriptors (Hopper and newer), same fields.
+#: They apply to unmasked, unscaled 16-bit rows that sit at one stride on 16-byte boundaries
+#: (the masked update gathers rows through a list, which TMA on Hopper cannot). With
+#: CORDA_KERNELS_TMA=1 they join GPU_TILES in one autotuner. Opt-in because not yet run on a
+#: GPU; tests/aot_compile.py checks which fit shared memory and that both panels arrive as
+#: TMA copies.
+TMA_TILES = (
+    (128, 1, 64, 8, 3),
+    (128, 1, 64, 4, 4),
+    (128, 1, 32, 4, 5),
+    (128, 1, 128, 4, 3),
+    (128, 2, 64, 8, 3),
+    (128, 2, 32, 8, 4),
+)
+
 ACC_DTYPES = (torch.float32, torch.float64)
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 x takes the torch path
@@ -121,6 +147,11 @@ TRITON_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 x ta
 # inputs still run on tensor cores): the tile is then the exact Gram matrix of
 # round(s·x), a perturbation of one rounding in x's own dtype, and it stays
 # positive semi-definite, which scaling only one side by s² would not.
+#
+# On Hopper and newer, unmasked and unscaled 16-bit rows at one stride may instead
+# arrive through TMA descriptors (USE_TMA configs): the copy engine moves both
+# panels into shared memory, zero-filling past the last row and column, so the
+# loop carries no address arithmetic or masks.
 if triton is not None:
 
     @triton.jit
@@ -142,6 +173,8 @@ if triton is not None:
     def _cov_triangle_kernel(
         acc_ptr,
         x_ptr,
+        xa_desc,
+        xb_desc,
         idx_ptr,
         count_ptr,
         scale_ptr,
@@ -153,6 +186,7 @@ if triton is not None:
         stride_xd,
         stride_am,
         stride_an,
+        TMA_OK,  # autotuning key only: 1 when xa_desc and xb_desc are given
         HAS_INDEX: tl.constexpr,
         HAS_SCALE: tl.constexpr,
         THREE_D: tl.constexpr,
@@ -160,6 +194,7 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
         WIDE: tl.constexpr,
         BLOCK_R: tl.constexpr,
+        USE_TMA: tl.constexpr,
     ):
         # Program id -> tile (bi, bj); column bj holds WIDE·(bj + 1) tiles, so the columns
         # before it hold WIDE·T(bj) (T(n) = n(n+1)/2) and q = pid // WIDE has T(bj) <= q < T(bj + 1).
@@ -189,53 +224,73 @@ if triton is not None:
             n_rows = R
         # In the last column a wide tile's row block can start past d: nothing to sum there.
         n_rows = tl.where(bi * BLOCK_D < D, n_rows, 0)
-        for r0 in range(0, n_rows, BLOCK_R):
-            pos = r0 + tl.arange(0, BLOCK_R)
-            in_r = pos < n_rows
-            if HAS_INDEX:
-                rows = tl.load(idx_ptr + pos, mask=in_r, other=0)
-            else:
-                rows = pos
-            if THREE_D:
-                row_off = (rows // T).to(tl.int64) * stride_xb + (rows % T).to(tl.int64) * stride_xt
-            else:
-                row_off = rows.to(tl.int64) * stride_xt
-            tile = _cov_rows(
-                tile, x_ptr, scale_ptr, rows, row_off, in_r, col_i, col_j, in_i, in_j,
-                HAS_SCALE, INPUT_PRECISION,
-            )  # fmt: skip
+        if USE_TMA:
+            # Both panels through the copy engine, which zero-fills rows and columns past the end.
+            for r0 in range(0, n_rows, BLOCK_R):
+                a = xa_desc.load([r0, bi * BLOCK_D])
+                b = xb_desc.load([r0, bj * BJ])
+                tile = tl.dot(tl.trans(a), b, tile, input_precision=INPUT_PRECISION)
+        else:
+            for r0 in range(0, n_rows, BLOCK_R):
+                pos = r0 + tl.arange(0, BLOCK_R)
+                in_r = pos < n_rows
+                if HAS_INDEX:
+                    rows = tl.load(idx_ptr + pos, mask=in_r, other=0)
+                else:
+                    rows = pos
+                if THREE_D:
+                    row_off = (rows // T).to(tl.int64) * stride_xb + (rows % T).to(tl.int64) * stride_xt
+                else:
+                    row_off = rows.to(tl.int64) * stride_xt
+                tile = _cov_rows(
+                    tile, x_ptr, scale_ptr, rows, row_off, in_r, col_i, col_j, in_i, in_j,
+                    HAS_SCALE, INPUT_PRECISION,
+                )  # fmt: skip
 
         acc_ptrs = acc_ptr + offs_i[:, None].to(tl.int64) * stride_am + offs_j[None, :].to(tl.int64) * stride_an
         in_tile = in_i[:, None] & in_j[None, :]
         old = tl.load(acc_ptrs, mask=in_tile, other=0.0)
         tl.store(acc_ptrs, old + tile.to(old.dtype), mask=in_tile)
 
+    def _tma_blocks(nargs):
+        # Autotune pre-hook of the TMA configs: a descriptor carries its tile shape, which is the config's.
+        bd, br = nargs["BLOCK_D"], nargs["BLOCK_R"]
+        nargs["xa_desc"].block_shape = [br, bd]
+        nargs["xb_desc"].block_shape = [br, nargs["WIDE"] * bd]
+
+    def _cov_config(bd, wide, br, w, s, tma=False):
+        tiles = {"BLOCK_D": bd, "WIDE": wide, "BLOCK_R": br, "USE_TMA": tma}
+        return triton.Config(tiles, num_warps=w, num_stages=s, pre_hook=_tma_blocks if tma else None)
+
     def _cov_configs():
         if interpreting():
             # The interpreter runs every program in numpy: few, mid-sized tiles are fastest,
             # and autotuning there would only burn time.
-            return [triton.Config({"BLOCK_D": 32, "WIDE": 1, "BLOCK_R": 32}, num_warps=4, num_stages=1)]
-        return tuning_configs(
-            [
-                triton.Config({"BLOCK_D": bd, "WIDE": wide, "BLOCK_R": br}, num_warps=w, num_stages=s)
-                for bd, wide, br, w, s in GPU_TILES
-            ]
-        )
+            return [_cov_config(32, 1, 32, 4, 1)]
+        pointer = [_cov_config(*t) for t in GPU_TILES]
+        # Without autotuning only the smallest pointer config remains: it runs on any GPU and layout.
+        return tuning_configs(pointer) + ([_cov_config(*t, tma=True) for t in TMA_TILES] if autotune_enabled() else [])
 
     def _cov_prune(configs, named_args, **kwargs):
+        # The TMA configs need descriptors, which the launcher gives only where they work.
+        if not named_args["TMA_OK"]:
+            configs = [c for c in configs if not c.kwargs["USE_TMA"]]
         # A small triangle is launch-bound and has few tiles: tuning it costs more than it wins.
         d = named_args["D"]
         if d <= 512 and len(configs) > 1:
-            small = [c for c in configs if c.kwargs["BLOCK_D"] == 64 and c.kwargs["WIDE"] == 1]
+            small = [
+                c for c in configs if c.kwargs["BLOCK_D"] == 64 and c.kwargs["WIDE"] == 1 and not c.kwargs["USE_TMA"]
+            ]
             return small[:1] or configs[:1]
         return configs
 
     # The kernel adds into acc, so every benchmarking run of the autotuner must start from
-    # the caller's values: restore_value puts acc back after each trial.
+    # the caller's values: restore_value puts acc back after each trial. Whether TMA can read
+    # x changes the best tile, so it is part of the key.
     _cov_triangle_tuned = autotune(
         _cov_triangle_kernel,
         configs=_cov_configs(),
-        key=["D"],
+        key=["D", "TMA_OK"],
         prune_configs_by={"early_config_prune": _cov_prune},
         restore_value=["acc_ptr"],
     )
@@ -409,6 +464,13 @@ def _cov_triangle_launch(acc, x3, idx, count, scale32) -> None:
     # 16-bit operands ignore the setting.
     precision = "tf32" if x3.dtype != torch.float32 or (x3.is_cuda and tf32_matmul()) else "ieee"
 
+    xa_desc = xb_desc = None
+    if idx is None and scale32 is None and not three_d and tma_device(x3):
+        rows2 = x3.as_strided((rows, d), (st, sd))  # evenly spaced rows as one (rows, d) matrix
+        if tma_rows(rows2):
+            desc = tensor_descriptor_class()
+            xa_desc, xb_desc = desc.from_tensor(rows2, [16, 16]), desc.from_tensor(rows2, [16, 16])
+
     def grid(meta):
         nb = triton.cdiv(d, meta["BLOCK_D"] * meta["WIDE"])
         return (meta["WIDE"] * (nb * (nb + 1) // 2),)
@@ -417,6 +479,8 @@ def _cov_triangle_launch(acc, x3, idx, count, scale32) -> None:
         _cov_triangle_tuned[grid](
             acc,
             x3,
+            xa_desc,
+            xb_desc,
             idx if idx is not None else x3,  # never read without HAS_INDEX
             count if count is not None else x3,
             scale32 if scale32 is not None else x3,
@@ -428,6 +492,7 @@ def _cov_triangle_launch(acc, x3, idx, count, scale32) -> None:
             sd,
             acc.stride(0),
             acc.stride(1),
+            int(xa_desc is not None),
             HAS_INDEX=idx is not None,
             HAS_SCALE=scale32 is not None,
             THREE_D=three_d,

@@ -18,7 +18,19 @@ import torch
 from packaging.version import Version
 from torch.autograd.function import once_differentiable
 
-from ._backend import autotune, interpreting, on_device, resolve, sm_count, tf32_matmul, tuning_configs
+from ._backend import (
+    autotune,
+    autotune_enabled,
+    interpreting,
+    on_device,
+    resolve,
+    sm_count,
+    tensor_descriptor_class,
+    tf32_matmul,
+    tma_device,
+    tma_rows,
+    tuning_configs,
+)
 
 try:
     import triton
@@ -48,6 +60,21 @@ GEMM_GPU_TILES = (
     (128, 64, 64, 4, 4),
     (64, 64, 64, 4, 3),
 )
+#: Autotune candidates of the fused GEMM that read x and W through TMA descriptors (Hopper and
+#: newer, 16-bit operands whose rows sit on 16-byte boundaries), as (BLOCK_M, BLOCK_N, BLOCK_K,
+#: num_warps, num_stages, persistent). With CORDA_KERNELS_TMA=1 they join GEMM_GPU_TILES in one
+#: autotuner, so each shape runs whichever loads measure faster. Persistent ones launch one
+#: program per SM, each walking several tiles. Opt-in because not yet run on a GPU (the pointer
+#: kernel reached 81% of cuBLAS on an H200; TMA is the usual way past that on Hopper):
+#: tests/aot_compile.py checks which fit shared memory and that their loads compile to TMA copies.
+GEMM_TMA_TILES = (
+    (128, 256, 64, 8, 3, 0),
+    (128, 256, 64, 8, 4, 0),
+    (128, 128, 64, 8, 4, 0),
+    (128, 128, 64, 4, 4, 0),
+    (128, 256, 64, 8, 3, 1),
+    (128, 128, 64, 8, 4, 1),
+)
 #: Autotune candidates of the dy kernel, as (BLOCK_M, BLOCK_N, num_warps, num_stages). With s
 #: in dy's dtype and the rank tile at most 64 (DY_RANK_LIMIT), tests/aot_compile.py checks
 #: which fit shared memory when compiled as the runtime does (aligned, pipelined); the
@@ -75,6 +102,12 @@ DY_GPU_TILES = ((64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 
 # ordered in groups of GROUP_M row-tiles so neighbours reuse the same Wt panel
 # from L2. With dropout, keep ⊙ (·) cannot be folded into a shared accumulator,
 # so the adapter term gets its own and is masked once in the epilogue.
+#
+# Two ways to load X and Wt share the epilogue, chosen per config (USE_TMA): pointer
+# loads, which take any strides and any GPU, and TMA descriptors (Hopper on), which
+# need 16-bit operands with a unit inner stride and 16-byte aligned rows. Wt is read
+# through a descriptor over whichever of Wt or its transpose (W itself, in forward)
+# is row-major (W_DESC_NK).
 if triton is not None:
 
     @triton.jit
@@ -115,10 +148,57 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # Tiles in groups of GROUP_M row-tiles, so neighbours reuse the same Wt panel from L2.
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % group_rows
+        pid_n = (tile % per_group) // group_rows
+        return pid_m, pid_n
+
+    @triton.jit
+    def _epilogue(
+        acc, out_ptr, bias_ptr, l_ptr, r_ptr, keep_ptr, offs_m, offs_n, M, N, RANK, alpha, keep_scale,
+        stride_om, stride_on, stride_lm, stride_lr, stride_rr, stride_rn, stride_km, stride_kn,
+        HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_RANK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        in_m = offs_m < M
+        in_n = offs_n < N
+        # With a dropout mask the rank-r term needs its own accumulator, masked in the epilogue;
+        # without one it runs on in the GEMM's.
+        if HAS_KEEP:
+            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            low = acc
+        low = _lowrank_dot(
+            low, l_ptr, r_ptr, offs_m, offs_n, M, N, RANK, alpha,
+            stride_lm, stride_lr, stride_rr, stride_rn, INPUT_PRECISION, BLOCK_RANK,
+        )  # fmt: skip
+        if HAS_KEEP:
+            keep = tl.load(
+                keep_ptr + offs_m[:, None].to(tl.int64) * stride_km + offs_n[None, :] * stride_kn,
+                mask=in_m[:, None] & in_n[None, :],
+                other=0,
+            )
+            acc += tl.where(keep != 0, low * keep_scale, 0.0)
+        else:
+            acc = low
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+
+    @triton.jit
     def _gemm_lowrank_kernel(
         out_ptr,
         x_ptr,
         w_ptr,
+        x_desc,
+        w_desc,
         bias_ptr,
         l_ptr,
         r_ptr,
@@ -142,80 +222,90 @@ if triton is not None:
         stride_km,
         stride_kn,
         M_BUCKET,  # autotuning key only: M rounded up to a power of two
+        TMA_OK,  # autotuning key only: 1 when x_desc and w_desc are given
         HAS_BIAS: tl.constexpr,
         HAS_KEEP: tl.constexpr,
+        W_DESC_NK: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         BLOCK_RANK: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        USE_TMA: tl.constexpr,
+        PERSISTENT: tl.constexpr,  # read by the launcher's grid only
     ):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        in_m = offs_m < M
-        in_n = offs_n < N
-        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-        w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
-
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            in_k = kk < K
-            kk64 = kk.to(tl.int64)  # a transposed operand's K stride can be M or N: keep products in 64 bits
-            a = tl.load(x_rows + kk64[None, :] * stride_xk, mask=in_m[:, None] & in_k[None, :], other=0.0)
-            b = tl.load(w_cols + kk64[:, None] * stride_wk, mask=in_k[:, None] & in_n[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-        # With a dropout mask the rank-r term needs its own accumulator, masked in the epilogue;
-        # without one it runs on in the GEMM's.
-        if HAS_KEEP:
-            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if USE_TMA:
+            # Operand tiles arrive through the copy engine (TMA): no address arithmetic or masks in
+            # the K loop (the engine zero-fills past the edges), which pointer loads pay for in
+            # registers. A program may own several tiles (the launcher caps the grid for the
+            # persistent configs), walked in the grouped order.
+            num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+            for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+                pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+                off_m = pid_m * BLOCK_M
+                off_n = pid_n * BLOCK_N
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    a = x_desc.load([off_m, k0])
+                    if W_DESC_NK:  # the descriptor is over W (N, K): Wt's tile is its transpose
+                        b = w_desc.load([off_n, k0]).T
+                    else:
+                        b = w_desc.load([k0, off_n])
+                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                _epilogue(
+                    acc, out_ptr, bias_ptr, l_ptr, r_ptr, keep_ptr,
+                    off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), M, N, RANK, alpha, keep_scale,
+                    stride_om, stride_on, stride_lm, stride_lr, stride_rr, stride_rn, stride_km, stride_kn,
+                    HAS_BIAS, HAS_KEEP, INPUT_PRECISION, BLOCK_RANK, BLOCK_M, BLOCK_N,
+                )  # fmt: skip
         else:
-            low = acc
-        low = _lowrank_dot(
-            low, l_ptr, r_ptr, offs_m, offs_n, M, N, RANK, alpha,
-            stride_lm, stride_lr, stride_rr, stride_rn, INPUT_PRECISION, BLOCK_RANK,
-        )  # fmt: skip
-        if HAS_KEEP:
-            keep = tl.load(
-                keep_ptr + offs_m[:, None].to(tl.int64) * stride_km + offs_n[None, :] * stride_kn,
-                mask=in_m[:, None] & in_n[None, :],
-                other=0,
-            )
-            acc += tl.where(keep != 0, low * keep_scale, 0.0)
-        else:
-            acc = low
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+            pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_k = tl.arange(0, BLOCK_K)
+            in_m = offs_m < M
+            in_n = offs_n < N
+            x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+            w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
 
-        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                in_k = kk < K
+                kk64 = kk.to(tl.int64)  # a transposed operand's K stride can be M or N: keep products in 64 bits
+                a = tl.load(x_rows + kk64[None, :] * stride_xk, mask=in_m[:, None] & in_k[None, :], other=0.0)
+                b = tl.load(w_cols + kk64[:, None] * stride_wk, mask=in_k[:, None] & in_n[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            _epilogue(
+                acc, out_ptr, bias_ptr, l_ptr, r_ptr, keep_ptr, offs_m, offs_n, M, N, RANK, alpha, keep_scale,
+                stride_om, stride_on, stride_lm, stride_lr, stride_rr, stride_rn, stride_km, stride_kn,
+                HAS_BIAS, HAS_KEEP, INPUT_PRECISION, BLOCK_RANK, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+
+    def _tma_blocks(nargs):
+        # Autotune pre-hook of the TMA configs: a descriptor carries its tile shape, which is the config's.
+        bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+        nargs["x_desc"].block_shape = [bm, bk]
+        nargs["w_desc"].block_shape = [bn, bk] if nargs["W_DESC_NK"] else [bk, bn]
+
+    def _gemm_config(bm, bn, bk, w, s, tma=False, persistent=False):
+        tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma, "PERSISTENT": persistent}
+        return triton.Config(tiles, num_warps=w, num_stages=s, pre_hook=_tma_blocks if tma else None)
 
     def _gemm_configs():
         if interpreting():
             # The interpreter runs every program in numpy: one mid-sized config, no autotuning.
-            return [
-                triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)
-            ]
-        return tuning_configs(
-            [
-                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                for bm, bn, bk, w, s in GEMM_GPU_TILES
-            ]
-        )
+            return [_gemm_config(32, 32, 32, 4, 1)]
+        pointer = [_gemm_config(*t) for t in GEMM_GPU_TILES]
+        tma = [_gemm_config(*t[:5], tma=True, persistent=bool(t[5])) for t in GEMM_TMA_TILES]
+        # Without autotuning only the smallest pointer config remains: it runs on any GPU and layout.
+        return tuning_configs(pointer) + (tma if autotune_enabled() else [])
 
     def _gemm_prune(configs, named_args, **kwargs):
+        # The TMA configs need descriptors, which the launcher gives only where they work.
+        if not named_args["TMA_OK"]:
+            configs = [c for c in configs if not c.kwargs["USE_TMA"]]
         # Tiles larger than the problem only add masked work; tiny problems get one config.
         m, n, k = named_args["M"], named_args["N"], named_args["K"]
         if len(configs) == 1:
@@ -225,12 +315,13 @@ if triton is not None:
         return configs
 
     # Each trial writes out from scratch, so autotuning needs no restore. The rank tile, the
-    # epilogue and W's layout (forward reads Wᵀ, the input gradient W) change the best tile,
-    # so they are part of the key: one shape's forward, dx and every rank tune separately.
+    # epilogue, W's layout (forward reads Wᵀ, the input gradient W) and whether TMA can read
+    # the operands change the best tile, so they are part of the key: one shape's forward, dx
+    # and every rank tune separately.
     _gemm_lowrank_tuned = autotune(
         _gemm_lowrank_kernel,
         configs=_gemm_configs(),
-        key=["M_BUCKET", "N", "K", "BLOCK_RANK", "HAS_BIAS", "HAS_KEEP", "stride_wk"],
+        key=["M_BUCKET", "N", "K", "BLOCK_RANK", "HAS_BIAS", "HAS_KEEP", "stride_wk", "TMA_OK"],
         prune_configs_by={"early_config_prune": _gemm_prune},
     )
 
@@ -464,14 +555,19 @@ def _gemm_lowrank(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
     block_rank = min(64, max(16, triton.next_power_of_2(rank)))
     keep_arg = keep.view(torch.uint8) if keep is not None else x  # uint8: bool pointers vary across triton versions
     keep_strides = keep.stride() if keep is not None else (0, 0)
+    x_desc, w_desc, w_nk = _tma_descriptors(x, wt)
+    n_programs = _persistent_programs(x)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, n_programs) if meta["PERSISTENT"] else tiles,)
 
     _gemm_lowrank_tuned[grid](
         out,
         x,
         wt,
+        x_desc,
+        w_desc,
         bias if bias is not None else x,
         low,
         rt,
@@ -495,12 +591,37 @@ def _gemm_lowrank(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
         keep_strides[0],
         keep_strides[1],
         triton.next_power_of_2(M),
+        int(x_desc is not None),
         HAS_BIAS=bias is not None,
         HAS_KEEP=keep is not None,
+        W_DESC_NK=w_nk,
         INPUT_PRECISION=_dot_precision(x),
         BLOCK_RANK=block_rank,
     )
     return out
+
+
+def _tma_descriptors(x, wt):
+    """(x_desc, w_desc, w_nk): descriptors for the TMA configs, or (None, None, False) where x or
+    Wt cannot back one. Their tile shapes are placeholders until a config's pre-hook sets them."""
+    if not tma_device(x):
+        return None, None, False
+    if wt.stride(0) == 1 and wt.stride(1) != 1:
+        w_src, w_nk = wt.t(), True  # forward: Wt is a view of W (N, K), which is the row-major one
+    else:
+        w_src, w_nk = wt, False
+    if not (tma_rows(x) and tma_rows(w_src) and x.dtype == w_src.dtype):
+        return None, None, False
+    desc = tensor_descriptor_class()
+    return desc.from_tensor(x, [16, 16]), desc.from_tensor(w_src, [16, 16]), w_nk
+
+
+def _persistent_programs(t: torch.Tensor) -> int:
+    """Grid size of a persistent config: one program per SM (a few under the interpreter, so
+    that each program walks several tiles there too)."""
+    if t.is_cuda:
+        return sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return 3
 
 
 #: Largest rank for which backward takes the fused dy kernel; above it, two torch GEMMs
