@@ -289,6 +289,7 @@ def test_tma_descriptors_only_where_the_layout_allows(monkeypatch, tma_on):
     assert lora_mod._tma_descriptors(torch.randn(300, 70, device=DEV).to(dt), W[:, :70].t())[0] is None
     assert lora_mod._tma_descriptors(torch.randn(300, 144, device=DEV).to(dt)[:, ::2], W.t())[0] is None
     assert lora_mod._tma_descriptors(x.float(), W.float().t())[0] is None
+    assert lora_mod._tma_descriptors(x[:1].expand(300, 72), W.t())[0] is None  # one row, broadcast
     shifted = torch.randn(300 * 72 + 8, device=DEV).to(dt)[1 : 1 + 300 * 72].view(300, 72)
     assert lora_mod._tma_descriptors(shifted, W.t())[0] is None  # base 2 bytes past a 16-byte boundary
     for off in ("0", ""):

@@ -97,12 +97,13 @@ def tma_device(t: torch.Tensor) -> bool:
 
 def tma_rows(t: torch.Tensor) -> bool:
     """Whether a 2-D ``t`` can back a TMA descriptor as it is laid out: 16-bit elements,
-    unit stride along dim 1, and base and row stride on 16-byte boundaries (the copy engine
+    unit stride along dim 1, rows that do not overlap (a broadcast row has stride 0, which a
+    tensor map cannot encode), and base and row stride on 16-byte boundaries (the copy engine
     moves 16-byte units). Callers fall back to pointer loads otherwise."""
     if t.dim() != 2 or t.dtype not in (torch.float16, torch.bfloat16) or min(t.shape) < 1:
         return False
     size = t.element_size()
-    return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+    return t.stride(1) == 1 and t.stride(0) >= t.shape[1] and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 @functools.cache
