@@ -146,16 +146,19 @@ def test_covariance_every_tma_tile(monkeypatch, tma_on, tile):
     dtype = torch.bfloat16 if CUDA else torch.float16
     # d = 264 keeps rows on 16-byte boundaries, as TMA needs, is ragged against every tile and
     # gives wide tiles two columns; 150 rows leave a partial row chunk at every BLOCK_R. The
-    # second update is a (B, T, d) batch whose sequences sit back to back, read as one matrix.
+    # second update is a (B, T, d) batch whose sequences sit back to back, read as one matrix;
+    # the third, rows spaced wider than d.
     d = 264
     x = torch.randn(150, d, device=DEV).to(dtype)
     xb = torch.randn(3, 41, d, device=DEV).to(dtype)
+    xs = torch.randn(70, 3, d, device=DEV).to(dtype)[:, 1]  # rows 3·d apart, off the storage's start
     acc = torch.randn(d, d, device=DEV)
     start = ops.covariance_result(acc).double().cpu()
     ops.covariance_update(acc, x, backend="triton")
     ops.covariance_update(acc, xb, backend="triton")
-    assert fixed.launches == 2  # both through descriptors: the pre-hook needs them
-    ref = covariance_reference(x).cpu() + covariance_reference(xb).cpu()
+    ops.covariance_update(acc, xs, backend="triton")
+    assert fixed.launches == 3  # all through descriptors: the pre-hook needs them
+    ref = covariance_reference(x).cpu() + covariance_reference(xb).cpu() + covariance_reference(xs).cpu()
     assert rel(ops.covariance_result(acc).double().cpu() - start, ref) < TOL[dtype]
 
 
