@@ -5,8 +5,8 @@
 #      bf16; the TMA configs on sm_90+, which no GPU has run yet), the device_map tests (a model split over cuda:0 and cpu, or two GPUs) and torch.compile
 #      of a model whose CordaLinear layers run the kernels;
 #   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end.
-# Budget: under 9 minutes in all, to fit one 10-minute device call (tests capped at 180 s; the bench
-# sections at 100 + 60 + 55 + 55 + 70 s, each in its own process so a CUDA fault or a hang loses only that one).
+# Budget: under 9 minutes in all, to fit one 10-minute device call (tests capped at 150 s; the bench
+# sections at 100 + 75 + 70 + 70 + 70 s, each in its own process so a CUDA fault or a hang loses only that one).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
 # Three files go to $OUT when set (the device tool's folder, which returns only a few files), else to
 # ./out/: gpu_pytest.log (every pytest process's log, with its exit code), gpu_bench.log and
@@ -35,12 +35,12 @@ echo "== pytest (CUDA) =="
 # Correctness only: one small config per kernel (CORDA_KERNELS_AUTOTUNE=0), so the run compiles each
 # specialization once instead of autotuning every test shape. The bench below autotunes for real.
 # Kernel compiles are CPU-bound and single-threaded: eight pytest processes share the host's cores
-# (xdist is not assumed to be installed), each capped at 180 s (the slowest group took 71 s under the
+# (xdist is not assumed to be installed), each capped at 150 s (the slowest group took 71 s under the
 # CPU interpreter).
 WORK=$(mktemp -d)
 run_tests() {  # name, pytest args...
     local name=$1; shift
-    CORDA_KERNELS_AUTOTUNE=0 timeout -k 10 180 "$PY" -m pytest -q -p no:cacheprovider "$@" > "$WORK/$name.log" 2>&1
+    CORDA_KERNELS_AUTOTUNE=0 timeout -k 10 150 "$PY" -m pytest -q -p no:cacheprovider "$@" > "$WORK/$name.log" 2>&1
     echo $? > "$WORK/$name.rc"
 }
 GROUPS_RUN="covariance lora_a lora_b device_map tiles_gemm tiles_cov_dy tiles_tma compile"
@@ -71,9 +71,10 @@ echo "== gpu_bench.py =="
 bench_rc=0
 rm -f "$LOG_DIR/RESULTS-gpu.md"
 # The adapter section runs one rank per process: each writes its table when done, so a timeout in
-# one (autotuning compiles ~8 GEMM configs per rank tile) loses only that rank. Compiled kernels are
+# one (autotuning compiles 9 pointer GEMM configs per rank tile, and 6 TMA ones more for the
+# CORDA_KERNELS_TMA=1 rows) loses only that rank. Compiled kernels are
 # cached on disk, so a later process reuses what an earlier one built.
-for part in a:100 b16:60 b64:55 b128:55 c:70; do
+for part in a:100 b16:75 b64:70 b128:70 c:70; do
     name=${part%%:*}; limit=${part##*:}
     sec=$name
     extra=()

@@ -87,14 +87,22 @@ class Variant:
         return sum(1 for line in ttgir.splitlines() if pat.search(line))
 
     @staticmethod
+    def tma_loads_missing(ttgir: str, descriptors) -> list[str]:
+        """The descriptor arguments that no asynchronous TMA copy reads from."""
+        return [n for n in descriptors if f"async_tma_copy_global_to_local %{n}[" not in ttgir]
+
+    @staticmethod
     def tma_config(cfg) -> bool:
         return bool(cfg.kwargs.get("USE_TMA"))
 
-    def compile(self, cfg, target):
+    def compile(self, cfg, target, descriptors_given=False):
+        """``descriptors_given``: a pointer config launched while the launcher built descriptors
+        (TMA on, the autotuner picked pointer loads): they arrive with their placeholder tile."""
         sig, const = dict(self.sig), {**self.const, **cfg.kwargs}
-        if self.tma_config(cfg):
+        if self.tma_config(cfg) or descriptors_given:
             for n, (dt, block) in self.descriptors.items():
-                sig[n] = "tensordesc<{}[{}]>".format(dt, ", ".join(str(b) for b in block(cfg.kwargs)))
+                shape = block(cfg.kwargs) if self.tma_config(cfg) else (16, 16)
+                sig[n] = "tensordesc<{}[{}]>".format(dt, ", ".join(str(b) for b in shape))
                 del const[n]
         src = ASTSource(fn=self.fn, signature=sig, constexprs=const, attrs=self.attrs)
         return triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -139,7 +147,7 @@ def kernels(dtype: str) -> list[Variant]:
     def gemm_descriptors(w_nk):
         # What the launcher builds (lora._tma_descriptors) and the pre-hook shapes (lora._tma_blocks).
         if dtype == "fp32":
-            return None
+            return {"x_desc": None, "w_desc": None}
         x = (dt, lambda c: (c["BLOCK_M"], c["BLOCK_K"]))
         w = (dt, (lambda c: (c["BLOCK_N"], c["BLOCK_K"])) if w_nk else (lambda c: (c["BLOCK_K"], c["BLOCK_N"])))
         return {"x_desc": x, "w_desc": w}
@@ -204,11 +212,12 @@ def main(argv=None) -> int:
                         f"{async_loads} async copies, {ptx.count('wgmma.mma_async')} wgmma"
                     )
                     if ok and Variant.tma_config(cfg):
-                        # Both operands' tiles must come through the copy engine (cp.async.bulk.tensor).
-                        tma = ptx.count("cp.async.bulk.tensor")
-                        if tma < 2:
+                        # Every descriptor's tiles must come through the copy engine: one asynchronous
+                        # TMA copy from each in the TTGIR (a tl.load of one operand would leave it out).
+                        missing = Variant.tma_loads_missing(k.asm["ttgir"], v.descriptors)
+                        if missing:
                             failures += 1
-                            print(f"FAIL {label}: {tma} TMA copies in the PTX (want the two operands' tiles)")
+                            print(f"FAIL {label}: no TMA copy from {', '.join(missing)}")
                     elif ok and v.pipelined and cfg.num_stages > 1:
                         # A data-dependent branch or an unaligned access in the loop stops Triton's
                         # pipeliner; the kernel then waits on every load.
@@ -221,6 +230,21 @@ def main(argv=None) -> int:
                 if not fits:
                     failures += 1
                     print(f"FAIL sm_{cap} {dtype} {v.name}: no config fits in {SMEM_LIMIT[cap]} B of shared memory")
+                if v.tma and cap == 90:
+                    # A pointer config with the (unread) descriptors as arguments must still compile
+                    # and pipeline its loads.
+                    cfg = v.configs[0]
+                    label = (
+                        f"sm_{cap} {dtype} {v.name} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}, descriptors given"
+                    )
+                    try:
+                        k = v.compile(cfg, target, descriptors_given=True)
+                        tiles = Variant.async_tile_loads(k.asm["ttgir"], dtype)
+                        print(f"{'ok  ' if tiles >= 2 else 'FAIL'} {label}: {tiles} pipelined tile loads")
+                        failures += tiles < 2
+                    except Exception as e:  # noqa: BLE001
+                        failures += 1
+                        print(f"FAIL {label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     print(f"{'FAILED' if failures else 'passed'}: {failures} failure(s) in {time.perf_counter() - start:.0f} s")
     return 1 if failures else 0
 

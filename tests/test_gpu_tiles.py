@@ -65,7 +65,12 @@ needs_tma = pytest.mark.skipif(not _tma_usable(), reason="TMA descriptors need T
 
 @pytest.fixture
 def tma_on(monkeypatch):
+    # Descriptors as on a GPU with TMA opted into, for these small shapes too (the launchers skip
+    # shapes the autotuner leaves untuned), whatever CORDA_KERNELS_AUTOTUNE the run has.
     monkeypatch.setenv("CORDA_KERNELS_TMA", "1")
+    monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "1")
+    monkeypatch.setattr(lora_mod, "SMALL_GEMM", 0)
+    monkeypatch.setattr(cov_mod, "SMALL_D", 0)
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -188,6 +193,10 @@ def test_covariance_descriptors_only_for_plain_rows(monkeypatch, tma_on):
     ops.covariance_update(acc, torch.randn(50, d + 3, device=DEV).to(dt)[:, 3:], backend="triton")
     ops.covariance_update(acc, x.float(), backend="triton")
     assert seen == [(True, 1), (True, 1)] + [(False, 0)] * 5
+    monkeypatch.setattr(cov_mod, "SMALL_D", d)  # a triangle left untuned
+    ops.covariance_update(acc, x, backend="triton")
+    assert seen[-1] == (False, 0)
+    monkeypatch.setattr(cov_mod, "SMALL_D", 0)
     monkeypatch.setenv("CORDA_KERNELS_TMA", "0")
     ops.covariance_update(acc, x, backend="triton")
     assert seen[-1] == (False, 0)
@@ -295,6 +304,13 @@ def test_tma_descriptors_only_where_the_layout_allows(monkeypatch, tma_on):
     assert lora_mod._tma_descriptors(x[:1].expand(300, 72), W.t())[0] is None  # one row, broadcast
     shifted = torch.randn(300 * 72 + 8, device=DEV).to(dt)[1 : 1 + 300 * 72].view(300, 72)
     assert lora_mod._tma_descriptors(shifted, W.t())[0] is None  # base 2 bytes past a 16-byte boundary
+    monkeypatch.setattr(lora_mod, "SMALL_GEMM", 300 * 72 * 264)  # a GEMM left untuned: no descriptors
+    assert lora_mod._tma_descriptors(x, W.t())[0] is None
+    monkeypatch.setattr(lora_mod, "SMALL_GEMM", 300 * 72 * 264 - 1)
+    assert lora_mod._tma_descriptors(x, W.t())[0] is not None
+    monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "0")  # one pointer config only
+    assert lora_mod._tma_descriptors(x, W.t())[0] is None
+    monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "1")
     for off in ("0", ""):
         monkeypatch.setenv("CORDA_KERNELS_TMA", off)
         assert lora_mod._tma_descriptors(x, W.t())[0] is None

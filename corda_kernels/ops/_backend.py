@@ -87,6 +87,8 @@ def tma_device(t: torch.Tensor) -> bool:
     configs compile for sm_90 and pass the interpreter tests, but have not run on hardware."""
     if os.environ.get(_TMA_ENV, "0").strip().lower() not in ("1", "true", "yes", "on"):
         return False
+    if not autotune_enabled():  # one pointer config then: descriptors would only cost host time
+        return False
     if tensor_descriptor_class() is None:
         return False
     if t.is_cuda:

@@ -115,6 +115,10 @@ TMA_TILES = (
     (128, 2, 32, 8, 4),
 )
 
+#: Triangles of at most this width run one small pointer config, untuned (launch-bound, few
+#: tiles: tuning costs more than it wins), and no TMA descriptors are built for them.
+SMALL_D = 512
+
 ACC_DTYPES = (torch.float32, torch.float64)
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 x takes the torch path
@@ -277,7 +281,7 @@ if triton is not None:
             configs = [c for c in configs if not c.kwargs["USE_TMA"]]
         # A small triangle is launch-bound and has few tiles: tuning it costs more than it wins.
         d = named_args["D"]
-        if d <= 512 and len(configs) > 1:
+        if d <= SMALL_D and len(configs) > 1:
             small = [
                 c for c in configs if c.kwargs["BLOCK_D"] == 64 and c.kwargs["WIDE"] == 1 and not c.kwargs["USE_TMA"]
             ]
@@ -465,7 +469,7 @@ def _cov_triangle_launch(acc, x3, idx, count, scale32) -> None:
     precision = "tf32" if x3.dtype != torch.float32 or (x3.is_cuda and tf32_matmul()) else "ieee"
 
     xa_desc = xb_desc = None
-    if idx is None and scale32 is None and not three_d and tma_device(x3):
+    if idx is None and scale32 is None and not three_d and d > SMALL_D and tma_device(x3):
         rows2 = x3.as_strided((rows, d), (st, sd))  # evenly spaced rows as one (rows, d) matrix
         if tma_rows(rows2):
             desc = tensor_descriptor_class()

@@ -75,6 +75,9 @@ GEMM_TMA_TILES = (
     (128, 256, 64, 8, 3, 1),
     (128, 128, 64, 8, 4, 1),
 )
+#: GEMMs of at most this many multiply-adds (M·N·K) run one small pointer config, untuned:
+#: tuning them costs more than it wins, and no TMA descriptors are built for them.
+SMALL_GEMM = 1 << 24
 #: Autotune candidates of the dy kernel, as (BLOCK_M, BLOCK_N, num_warps, num_stages). With s
 #: in dy's dtype and the rank tile at most 64 (DY_RANK_LIMIT), tests/aot_compile.py checks
 #: which fit shared memory when compiled as the runtime does (aligned, pipelined); the
@@ -310,7 +313,7 @@ if triton is not None:
         m, n, k = named_args["M"], named_args["N"], named_args["K"]
         if len(configs) == 1:
             return configs
-        if m * n * k <= 1 << 24:
+        if m * n * k <= SMALL_GEMM:
             return [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64][:1] or configs[:1]
         return configs
 
@@ -603,8 +606,12 @@ def _gemm_lowrank(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
 
 def _tma_descriptors(x, wt):
     """(x_desc, w_desc, w_nk): descriptors for the TMA configs, or (None, None, False) where x or
-    Wt cannot back one. Their tile shapes are placeholders until a config's pre-hook sets them."""
-    if not tma_device(x):
+    Wt cannot back one, or where no TMA config would run (a GEMM the autotuner leaves untuned).
+
+    Their tile shapes are placeholders until a TMA config's pre-hook sets them. A pointer config
+    timed after one during tuning sees the changed shape in its signature: one extra compile
+    per tuning key, never a wrong result (the pointer branch does not read the descriptors)."""
+    if not tma_device(x) or x.shape[0] * x.shape[1] * wt.shape[1] <= SMALL_GEMM:
         return None, None, False
     if wt.stride(0) == 1 and wt.stride(1) != 1:
         w_src, w_nk = wt.t(), True  # forward: Wt is a view of W (N, K), which is the row-major one
