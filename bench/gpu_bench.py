@@ -10,6 +10,9 @@
   In (a) and (b) the Triton kernels run twice where TMA is possible (Hopper on,
   Triton >= 3.4): as by default, with pointer loads only, and with
   CORDA_KERNELS_TMA=1, which adds the TMA configs to the autotuners' choice.
+  --tma off drops those rows; --tma only keeps just our kernels with and without
+  TMA (and the base linear and cuBLAS rows they are read against), so that
+  gpu_check.sh can run the untried TMA configs in processes of their own.
   (c) end to end on a Llama-shaped model built from a config (random weights):
       corda_kernels.collect_cov vs PEFT's CorDA covariance collection.
 
@@ -43,6 +46,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 PEAK_BF16 = 989e12  # dense bf16, H100/H200 SXM datasheet
 DEV, DTYPE = "cuda", torch.bfloat16  # module globals so a CPU smoke harness can swap them
+
+
+TMA_TITLE = {"only": ": TMA configs (CORDA_KERNELS_TMA=1) against the default, ours alone"}
 
 
 @contextlib.contextmanager
@@ -192,8 +198,10 @@ def section_covariance(args) -> str:
                     except (TypeError, RuntimeError, NotImplementedError):
                         has_addmm_out_dtype = False
                 tma_name = "corda_kernels triangle (triton, CORDA_KERNELS_TMA=1)"
-                if tma_possible(x):
+                if tma_possible(x) and args.tma != "off":
                     cands[tma_name] = with_tma(lambda acc=acc, x=x: ops.covariance_update(acc, x, backend="triton"))
+                if args.tma == "only":
+                    cands = {k: v for k, v in cands.items() if k.startswith("corda_kernels triangle (triton")}
                 med = cuda_medians(cands, args.iters)
                 # Accuracy on a fresh accumulator (one update), against a float64 Gram matrix.
                 ref = x.double().t() @ x.double()
@@ -246,11 +254,11 @@ def section_covariance(args) -> str:
         f"(a) covariance update, bf16 x, fp32 accumulator (bf16 peak {PEAK_BF16 / 1e12:.0f} TFLOP/s datasheet, "
         f"{measured / 1e12:.0f} measured by a {pn}^3 mm; useful flops n·d·(d+1); autotune key d only)"
     )
-    return table(title, header, rows)
+    return table(title + TMA_TITLE.get(args.tma, ""), header, rows)
 
 
 # ----------------------------------------------------------------------------- (b) adapter linear
-def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
+def _lora_case(M: int, D: int, r: int, iters: int, tma: str = "both") -> list[list[str]]:
     import torch.nn as nn
     from peft_layer import peft_lora_linear
 
@@ -291,8 +299,11 @@ def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
         "PEFT lora.Linear": step(lambda: peft_layer(x)),
     }
     tma_name = "corda_kernels lora_linear (triton, CORDA_KERNELS_TMA=1)"
-    if tma_possible(x):
+    if tma_possible(x) and tma != "off":
         cands[tma_name] = with_tma(step(lambda: ops.lora_linear(x, W, b, A, B, scaling, backend="triton")))
+    if tma == "only":
+        keep = ("base nn.Linear (frozen)", "corda_kernels lora_linear (triton)", tma_name)
+        cands = {k: v for k, v in cands.items() if k in keep}
     med = cuda_medians(cands, iters)
 
     def clear_grads():
@@ -313,12 +324,13 @@ def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
                 with tma_env(name == tma_name):
                     y_ours = ops.lora_linear(x, W, b, A, B, scaling, backend="triton").double()
                 errs[name] = float((y_ours - y_peft).norm() / y_peft.norm())
-    t_base, t_peft = med["base nn.Linear (frozen)"], med["PEFT lora.Linear"]
+    t_base, t_peft = med["base nn.Linear (frozen)"], med.get("PEFT lora.Linear")
     rows = []
     for name, ms in med.items():
         note = f"y vs PEFT rel diff {errs[name]:.1e}" if name in errs else ""
         mem = mib_cell(peaks[name])
-        rows.append([M, D, r, name, f"{ms:.3f}", f"{ms / t_base:.3f}x", f"{t_peft / ms:.2f}x", mem, note])
+        vs_peft = f"{t_peft / ms:.2f}x" if t_peft is not None else ""
+        rows.append([M, D, r, name, f"{ms:.3f}", f"{ms / t_base:.3f}x", vs_peft, mem, note])
 
     # The rank-sized backward products alone (u = dy·B, dB = dyᵀ·s): the fused one-read kernel
     # against two GEMMs over dy. This is the measurement that should set lora.MAX_FUSED_RANK.
@@ -330,13 +342,16 @@ def _lora_case(M: int, D: int, r: int, iters: int) -> list[list[str]]:
         "  dy products: fused kernel, one read of dy": lambda: lora_mod._dy_lowrank(dy, Bd, s),
         "  dy products: two GEMMs over dy": lambda: (lora_mod._mm_f32(dy, Bd), lora_mod._mm_f32(dy.t(), s)),
     }
-    pm = cuda_medians(pair, iters)
-    pair_peaks = {name: cuda_peak_mib(fn) for name, fn in pair.items()}
-    two = pm["  dy products: two GEMMs over dy"]
-    used = "fused" if r <= lora_mod.MAX_FUSED_RANK else "two GEMMs"
-    for name, ms in pm.items():
-        note = f"backward uses: {used} (MAX_FUSED_RANK={lora_mod.MAX_FUSED_RANK})" if "fused" in name else ""
-        rows.append([M, D, r, name, f"{ms:.3f}", "", f"{two / ms:.2f}x vs two GEMMs", mib_cell(pair_peaks[name]), note])
+    if tma != "only":  # --tma only: the TMA comparison alone
+        pm = cuda_medians(pair, iters)
+        pair_peaks = {name: cuda_peak_mib(fn) for name, fn in pair.items()}
+        two = pm["  dy products: two GEMMs over dy"]
+        used = "fused" if r <= lora_mod.MAX_FUSED_RANK else "two GEMMs"
+        for name, ms in pm.items():
+            note = f"backward uses: {used} (MAX_FUSED_RANK={lora_mod.MAX_FUSED_RANK})" if "fused" in name else ""
+            rows.append(
+                [M, D, r, name, f"{ms:.3f}", "", f"{two / ms:.2f}x vs two GEMMs", mib_cell(pair_peaks[name]), note]
+            )
 
     # Where the rest of the time goes: the fused forward GEMM (x·Wᵀ + b + scaling·s·Bᵀ, written
     # once) against cuBLAS's x·Wᵀ + b alone, which is the floor the fused kernel should approach.
@@ -366,13 +381,13 @@ def section_lora(args) -> str:
     rows = []
     for r in args.lora_ranks:
         try:
-            rows += _lora_case(args.lora_m, args.lora_d, r, args.iters)
+            rows += _lora_case(args.lora_m, args.lora_d, r, args.iters, args.tma)
         except Exception as exc:  # noqa: BLE001 - report and go on
             rows.append(error_row(len(header), f"adapter r={r}", exc))
             traceback.print_exc()
         torch.cuda.empty_cache()
     title = "(b) adapter linear forward + backward, bf16 (x requires grad, base frozen); peak MiB: one run"
-    return table(title, header, rows)
+    return table(title + TMA_TITLE.get(args.tma, ""), header, rows)
 
 
 # ----------------------------------------------------------------------------- (c) end to end
@@ -545,6 +560,12 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--tma",
+        choices=["off", "both", "only"],
+        default="both",
+        help="rows with CORDA_KERNELS_TMA=1 in (a) and (b): none, next to every other row, or with ours alone",
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--markdown", default=None, help="also write the report, dated, to this markdown file")
     ap.add_argument("--append", action="store_true", help="append to --markdown (header only if it is new)")

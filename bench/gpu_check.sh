@@ -2,11 +2,14 @@
 # One-shot GPU check for a lent H200 (no internet; the image's python3 has torch, triton, transformers, peft).
 #   1. the op tests on CUDA in parallel pytest processes (Triton kernels compiled for real, bf16
 #      included), every autotune config of every kernel forced in turn (tests/test_gpu_tiles.py,
-#      bf16; the TMA configs on sm_90+, which no GPU has run yet), the device_map tests (a model split over cuda:0 and cpu, or two GPUs) and torch.compile
-#      of a model whose CordaLinear layers run the kernels;
-#   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end.
-# Budget: under 9 minutes in all, to fit one 10-minute device call (tests capped at 150 s; the bench
-# sections at 100 + 75 + 70 + 70 + 70 s, each in its own process so a CUDA fault or a hang loses only that one).
+#      bf16; the TMA configs on sm_90+, which no GPU has run yet), the device_map tests (a model
+#      split over cuda:0 and cpu, or two GPUs) and torch.compile of a model whose CordaLinear
+#      layers run the kernels;
+#   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end, then
+#      the TMA configs against the default kernels.
+# Budget: under 9.5 minutes in all, to fit one 10-minute device call (tests capped at 130 s; the bench
+# sections at 90 + 55 + 50 + 50 + 70 s, and 60 + 60 s for the TMA rows, each in its own process so a CUDA
+# fault or a hang loses only that one).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
 # Three files go to $OUT when set (the device tool's folder, which returns only a few files), else to
 # ./out/: gpu_pytest.log (every pytest process's log, with its exit code), gpu_bench.log and
@@ -35,12 +38,12 @@ echo "== pytest (CUDA) =="
 # Correctness only: one small config per kernel (CORDA_KERNELS_AUTOTUNE=0), so the run compiles each
 # specialization once instead of autotuning every test shape. The bench below autotunes for real.
 # Kernel compiles are CPU-bound and single-threaded: eight pytest processes share the host's cores
-# (xdist is not assumed to be installed), each capped at 150 s (the slowest group took 71 s under the
+# (xdist is not assumed to be installed), each capped at 130 s (the slowest group took 71 s under the
 # CPU interpreter).
 WORK=$(mktemp -d)
 run_tests() {  # name, pytest args...
     local name=$1; shift
-    CORDA_KERNELS_AUTOTUNE=0 timeout -k 10 150 "$PY" -m pytest -q -p no:cacheprovider "$@" > "$WORK/$name.log" 2>&1
+    CORDA_KERNELS_AUTOTUNE=0 timeout -k 10 130 "$PY" -m pytest -q -p no:cacheprovider "$@" > "$WORK/$name.log" 2>&1
     echo $? > "$WORK/$name.rc"
 }
 GROUPS_RUN="covariance lora_a lora_b device_map tiles_gemm tiles_cov_dy tiles_tma compile"
@@ -71,14 +74,19 @@ echo "== gpu_bench.py =="
 bench_rc=0
 rm -f "$LOG_DIR/RESULTS-gpu.md"
 # The adapter section runs one rank per process: each writes its table when done, so a timeout in
-# one (autotuning compiles 9 pointer GEMM configs per rank tile, and 6 TMA ones more for the
-# CORDA_KERNELS_TMA=1 rows) loses only that rank. Compiled kernels are
-# cached on disk, so a later process reuses what an earlier one built.
-for part in a:100 b16:75 b64:70 b128:70 c:70; do
+# one (autotuning compiles 9 pointer GEMM configs per rank tile, 6 TMA ones more in b_tma) loses
+# only that rank. Compiled kernels are cached on disk, so a later process reuses what an earlier
+# one built.
+# The TMA configs (CORDA_KERNELS_TMA=1, never yet run on a GPU) get processes of their own, last:
+# should one fault the GPU, only its own rows are lost.
+for part in a:90 b16:55 b64:50 b128:50 c:70 a_tma:60 b_tma:60; do
     name=${part%%:*}; limit=${part##*:}
-    sec=$name
-    extra=()
-    case $name in b*) extra=(--lora-ranks "${name#b}"); sec=b ;; esac
+    case $name in
+        a_tma) sec=a; extra=(--tma only) ;;
+        b_tma) sec=b; extra=(--tma only --lora-ranks 16 64) ;;
+        b*) sec=b; extra=(--tma off --lora-ranks "${name#b}") ;;
+        *) sec=$name; extra=(--tma off) ;;
+    esac
     # The user's arguments first: the per-process section and rank come last and win.
     timeout -k 10 "$limit" "$PY" bench/gpu_bench.py "$@" --sections "$sec" ${extra[@]+"${extra[@]}"} \
         --markdown "$LOG_DIR/RESULTS-gpu.md" --append 2>&1 \

@@ -49,7 +49,7 @@ def gpu_bench(monkeypatch):
 def tiny_args():
     return argparse.Namespace(
         iters=1, cov_dims=[40], cov_rows=[33], peak_n=64, lora_m=40, lora_d=48, lora_ranks=[3, 16],
-        hidden=128, intermediate=344, layers=2, seqs=4, seq=16, batch=2, repeats=1,
+        hidden=128, intermediate=344, layers=2, seqs=4, seq=16, batch=2, repeats=1, tma="both",
     )  # fmt: skip
 
 
@@ -92,6 +92,15 @@ def test_tma_rows_in_fp16(gpu_bench, monkeypatch):
     assert len(tma) == 1 and float(tma[0].split("|")[-2]) < 1e-2  # fp16 rounding of x, against fp64
     lora = _check(gpu_bench.section_lora(args), 10)
     assert sum("CORDA_KERNELS_TMA=1" in r for r in lora) == 2
+    # gpu_check.sh's split: the established rows without TMA, and ours with and without it apart.
+    args.tma = "off"
+    assert not any("TMA" in r for r in _check(gpu_bench.section_covariance(args), 4))
+    assert not any("TMA" in r for r in _check(gpu_bench.section_lora(args), 8))
+    args.tma = "only"
+    cov = _check(gpu_bench.section_covariance(args), 2)
+    assert all("corda_kernels triangle (triton" in r for r in cov)
+    lora = _check(gpu_bench.section_lora(args), 6)  # base, ours, ours with TMA; 3 forward-GEMM rows
+    assert sum("CORDA_KERNELS_TMA=1" in r for r in lora) == 2 and not any("PEFT lora" in r for r in lora)
 
 
 def test_end_to_end_section(gpu_bench):
