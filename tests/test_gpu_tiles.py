@@ -211,22 +211,9 @@ def test_covariance_prune_drops_tma_configs_without_descriptors():
     assert len(small) == 1 and not small[0].kwargs["USE_TMA"]
 
 
-def _gemm_tile_id(t):
-    return "M{}-N{}-K{}-w{}-s{}".format(*t)
-
-
-@pytest.mark.parametrize("tile", lora_mod.GEMM_GPU_TILES, ids=_gemm_tile_id)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rank, dropout_p", [(5, 0.0), (70, 0.2)])
-def test_adapter_gemm_every_tile(monkeypatch, tile, dtype, rank, dropout_p):
-    bm, bn, bk, warps, stages = tile
-    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": False, "PERSISTENT": False}
-    fixed = Fixed(lora_mod._gemm_lowrank_kernel, tiles, warps, stages)
-    monkeypatch.setattr(lora_mod, "_gemm_lowrank_tuned", fixed)
-    # M = 300 and N = 257 are ragged against every tile and give several row groups;
-    # K = 70 leaves a partial K step; rank 70 takes two chunks of the 64-wide rank tile.
-    M, N, K = 300, 257, 70
-    x = torch.randn(4, M // 4, 2 * K, device=DEV).to(dtype)[..., ::2]  # non-contiguous
+def _adapter_matches_reference(fixed, x, N, rank, dropout_p):
+    """lora_linear through the forced config ``fixed``: output and every gradient against float64."""
+    dtype, K = x.dtype, x.shape[-1]
     W = (torch.randn(N, K, device=DEV) / K**0.5).to(dtype)
     b = torch.randn(N, device=DEV).to(dtype)
     A = (torch.randn(rank, K, device=DEV) / K**0.5).to(dtype)
@@ -251,6 +238,25 @@ def test_adapter_gemm_every_tile(monkeypatch, tile, dtype, rank, dropout_p):
         assert rel(got.grad, ref.grad) < TOL[dtype]
 
 
+def _gemm_tile_id(t):
+    return "M{}-N{}-K{}-w{}-s{}".format(*t)
+
+
+@pytest.mark.parametrize("tile", lora_mod.GEMM_GPU_TILES, ids=_gemm_tile_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank, dropout_p", [(5, 0.0), (70, 0.2)])
+def test_adapter_gemm_every_tile(monkeypatch, tile, dtype, rank, dropout_p):
+    bm, bn, bk, warps, stages = tile
+    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": False, "PERSISTENT": False}
+    fixed = Fixed(lora_mod._gemm_lowrank_kernel, tiles, warps, stages)
+    monkeypatch.setattr(lora_mod, "_gemm_lowrank_tuned", fixed)
+    # M = 300 and N = 257 are ragged against every tile and give several row groups;
+    # K = 70 leaves a partial K step; rank 70 takes two chunks of the 64-wide rank tile.
+    M, N, K = 300, 257, 70
+    x = torch.randn(4, M // 4, 2 * K, device=DEV).to(dtype)[..., ::2]  # non-contiguous
+    _adapter_matches_reference(fixed, x, N, rank, dropout_p)
+
+
 @needs_tma
 @pytest.mark.parametrize("tile", lora_mod.GEMM_TMA_TILES, ids=lambda t: "M{}-N{}-K{}-w{}-s{}-p{}".format(*t))
 @pytest.mark.parametrize("dtype", [torch.bfloat16] if CUDA else [torch.float16])
@@ -265,27 +271,7 @@ def test_adapter_gemm_every_tma_tile(monkeypatch, tma_on, tile, dtype, rank, dro
     # The persistent configs run 3 programs under the interpreter, each walking several tiles.
     M, N, K = 300, 264, 72
     x = torch.randn(3, M // 3, K, device=DEV).to(dtype)
-    W = (torch.randn(N, K, device=DEV) / K**0.5).to(dtype)
-    b = torch.randn(N, device=DEV).to(dtype)
-    A = (torch.randn(rank, K, device=DEV) / K**0.5).to(dtype)
-    Bm = (torch.randn(N, rank, device=DEV) / rank**0.5).to(dtype)
-    leaves = [t.clone().requires_grad_() for t in (x, A, Bm)]
-    torch.manual_seed(7)
-    y = ops.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 1.7, dropout_p=dropout_p, backend="triton")
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    assert fixed.launches == 2  # forward and dx, both through descriptors (the pre-hook needs them)
-
-    keep = None
-    if dropout_p:
-        torch.manual_seed(7)
-        keep = (torch.rand_like(x.reshape(-1, K), dtype=torch.float32) >= dropout_p).reshape(x.shape)
-    refs = [t.detach().double().requires_grad_() for t in (x, A, Bm)]
-    yr = lora_linear_reference(refs[0], W, b, refs[1], refs[2], 1.7, keep=keep, dropout_p=dropout_p)
-    yr.backward(dy.double())
-    assert rel(y, yr) < TOL[dtype]
-    for got, ref in zip(leaves, refs):
-        assert rel(got.grad, ref.grad) < TOL[dtype]
+    _adapter_matches_reference(fixed, x, N, rank, dropout_p)  # both launches: the pre-hook needs descriptors
 
 
 @needs_tma
