@@ -7,10 +7,12 @@
 #      layers run the kernels;
 #   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end, then
 #      the TMA configs against the default kernels.
-# Budget: under 9.5 minutes in all, to fit one 10-minute device call (tests capped at 130 s; the bench
-# sections at 90 + 55 + 50 + 50 + 70 s, and 60 + 60 s for the TMA rows, each in its own process so a CUDA
-# fault or a hang loses only that one).
+# Budget: under 9.5 minutes in all, to fit one 10-minute device call (tests capped at 110 s; the bench
+# sections at 60 + 50 + 50 + 35 + 65 s, and 45 + 70 + 70 s for the TMA rows, each in its own process so a
+# CUDA fault or a hang loses only that one; on the H200 of 2026-11-30 they took 33-48 s each).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
+# A shorter second call runs a subset: GPU_CHECK_TESTS="tiles_tma" (test groups, "" for none),
+# GPU_CHECK_BENCH="b64_tma:150" (bench parts, name:seconds), GPU_CHECK_TEST_LIMIT=100.
 # Three files go to $OUT when set (the device tool's folder, which returns only a few files), else to
 # ./out/: gpu_pytest.log (every pytest process's log, with its exit code), gpu_bench.log and
 # RESULTS-gpu.md, the dated report (autotuner picks included), ready to paste into bench/RESULTS.md.
@@ -38,23 +40,40 @@ echo "== pytest (CUDA) =="
 # Correctness only: one small config per kernel (CORDA_KERNELS_AUTOTUNE=0), so the run compiles each
 # specialization once instead of autotuning every test shape. The bench below autotunes for real.
 # Kernel compiles are CPU-bound and single-threaded: eight pytest processes share the host's cores
-# (xdist is not assumed to be installed), each capped at 130 s (the slowest group took 71 s under the
-# CPU interpreter).
+# (xdist is not assumed to be installed), each capped at $TEST_LIMIT s (the slowest group took 75 s
+# on the H200 of 2026-11-30).
 WORK=$(mktemp -d)
+TEST_LIMIT=${GPU_CHECK_TEST_LIMIT:-110}
 run_tests() {  # name, pytest args...
     local name=$1; shift
-    CORDA_KERNELS_AUTOTUNE=0 timeout -k 10 130 "$PY" -m pytest -q -p no:cacheprovider "$@" > "$WORK/$name.log" 2>&1
+    CORDA_KERNELS_AUTOTUNE=0 timeout -k 10 "$TEST_LIMIT" "$PY" -m pytest -q -p no:cacheprovider "$@" > "$WORK/$name.log" 2>&1
     echo $? > "$WORK/$name.rc"
 }
-GROUPS_RUN="covariance lora_a lora_b device_map tiles_gemm tiles_cov_dy tiles_tma compile"
-run_tests covariance tests/test_ops_covariance.py &
-run_tests lora_a tests/test_ops_lora.py -k "bf16 or dropout or forward_and_grads" &
-run_tests lora_b tests/test_ops_lora.py -k "not (bf16 or dropout or forward_and_grads)" &
-run_tests device_map tests/test_device_map.py &
-run_tests tiles_gemm tests/test_gpu_tiles.py -k "(gemm or tables or keys) and not tma" &
-run_tests tiles_cov_dy tests/test_gpu_tiles.py -k "(covariance or dy) and not tma" &
-run_tests tiles_tma tests/test_gpu_tiles.py -k "tma" &
-run_tests compile tests/test_compile_cuda.py &
+# Groups by node id, not by -k: -k also matches the names of parent folders, and a checkout
+# folder whose name happens to contain "tma" once put every tile test into the TMA group.
+# tests/test_gpu_check_script.py checks that these groups cover every test of test_gpu_tiles.py.
+T=tests/test_gpu_tiles.py
+TILES_GEMM="$T::test_tile_tables_are_what_the_autotuner_would_use $T::test_autotune_keys_name_kernel_arguments
+    $T::test_adapter_gemm_every_tile $T::test_gemm_prune_drops_tma_configs_without_descriptors"
+TILES_COV_DY="$T::test_covariance_every_tile $T::test_dy_kernel_every_tile
+    $T::test_triangle_walk_covers_each_upper_entry_once $T::test_covariance_prune_drops_tma_configs_without_descriptors"
+TILES_TMA="$T::test_covariance_every_tma_tile $T::test_covariance_descriptors_only_for_plain_rows
+    $T::test_adapter_gemm_every_tma_tile $T::test_tma_descriptors_only_where_the_layout_allows"
+# GPU_CHECK_TESTS and GPU_CHECK_BENCH pick a subset (names as below), for a second, shorter call.
+GROUPS_RUN=${GPU_CHECK_TESTS-"covariance lora_a lora_b device_map tiles_gemm tiles_cov_dy tiles_tma compile"}
+for name in $GROUPS_RUN; do
+    case $name in
+        covariance) run_tests "$name" tests/test_ops_covariance.py & ;;
+        lora_a) run_tests "$name" tests/test_ops_lora.py -k "bf16 or dropout or forward_and_grads" & ;;
+        lora_b) run_tests "$name" tests/test_ops_lora.py -k "not (bf16 or dropout or forward_and_grads)" & ;;
+        device_map) run_tests "$name" tests/test_device_map.py & ;;
+        tiles_gemm) run_tests "$name" $TILES_GEMM & ;;
+        tiles_cov_dy) run_tests "$name" $TILES_COV_DY & ;;
+        tiles_tma) run_tests "$name" $TILES_TMA & ;;
+        compile) run_tests "$name" tests/test_compile_cuda.py & ;;
+        *) echo "unknown test group: $name"; echo 98 > "$WORK/$name.rc" ;;
+    esac
+done
 wait
 test_rc=0
 summary=""
@@ -79,11 +98,11 @@ rm -f "$LOG_DIR/RESULTS-gpu.md"
 # one built.
 # The TMA configs (CORDA_KERNELS_TMA=1, never yet run on a GPU) get processes of their own, last:
 # should one fault the GPU, only its own rows are lost.
-for part in a:90 b16:55 b64:50 b128:50 c:70 a_tma:60 b_tma:60; do
+for part in ${GPU_CHECK_BENCH-"a:60 b16:50 b64:50 b128:35 c:65 a_tma:45 b16_tma:70 b64_tma:70"}; do
     name=${part%%:*}; limit=${part##*:}
     case $name in
         a_tma) sec=a; extra=(--tma only) ;;
-        b_tma) sec=b; extra=(--tma only --lora-ranks 16 64) ;;
+        b*_tma) r=${name#b}; sec=b; extra=(--tma only --lora-ranks "${r%_tma}") ;;
         b*) sec=b; extra=(--tma off --lora-ranks "${name#b}") ;;
         *) sec=$name; extra=(--tma off) ;;
     esac

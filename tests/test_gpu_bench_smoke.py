@@ -173,3 +173,17 @@ def test_gpu_check_refuses_to_pass_without_cuda(tmp_path):
     done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "FATAL: torch sees no CUDA device" in done.stdout
     assert not (tmp_path / "gpu_pytest.log").exists()
+
+
+def test_gpu_check_tile_groups_cover_every_tile_test_once():
+    # The tile tests run in three groups named by node id; a test left out of all three would
+    # never run on a GPU, and one named twice would cost its compiles twice inside the time cap.
+    import ast
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    script = open(os.path.join(root, "bench", "gpu_check.sh")).read()
+    named = re.findall(r"\$T::(test_\w+)", script)
+    tree = ast.parse(open(os.path.join(root, "tests", "test_gpu_tiles.py")).read())
+    defined = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+    assert sorted(named) == sorted(defined)
