@@ -8,11 +8,11 @@
   (b) adapter linear, forward + backward, bf16: ops.lora_linear (Triton) vs the
       frozen base nn.Linear alone and vs PEFT's LoRA Linear.
   In (a) and (b) the Triton kernels run twice where TMA is possible (Hopper on,
-  Triton >= 3.4): as by default, with pointer loads only, and with
-  CORDA_KERNELS_TMA=1, which adds the TMA configs to the autotuners' choice.
-  --tma off drops those rows; --tma only keeps just our kernels with and without
-  TMA (and the base linear and cuBLAS rows they are read against), so that
-  gpu_check.sh can run the untried TMA configs in processes of their own.
+  Triton >= 3.4): as by default, with the TMA configs in the autotuners' choice,
+  and with CORDA_KERNELS_TMA=0, pointer loads only. --tma off drops those rows;
+  --tma only keeps just our kernels with and without TMA (and the base linear and
+  cuBLAS rows they are read against), so that gpu_check.sh can time the two
+  apart, in processes of their own.
   (c) end to end on a Llama-shaped model built from a config (random weights):
       corda_kernels.collect_cov vs PEFT's CorDA covariance collection.
 
@@ -48,7 +48,7 @@ PEAK_BF16 = 989e12  # dense bf16, H100/H200 SXM datasheet
 DEV, DTYPE = "cuda", torch.bfloat16  # module globals so a CPU smoke harness can swap them
 
 
-TMA_TITLE = {"only": ": TMA configs (CORDA_KERNELS_TMA=1) against the default, ours alone"}
+TMA_TITLE = {"only": ": by default (TMA configs included) against pointer loads only (CORDA_KERNELS_TMA=0), ours alone"}
 
 
 @contextlib.contextmanager
@@ -65,30 +65,37 @@ def tma_env(on: bool):
             os.environ["CORDA_KERNELS_TMA"] = old
 
 
-def with_tma(fn):
-    """fn run with the TMA configs in the autotuners' choice."""
+def pointer_only(fn):
+    """fn run with the TMA configs out of the autotuners' choice (CORDA_KERNELS_TMA=0)."""
 
     def run():
-        with tma_env(True):
+        with tma_env(False):
             return fn()
 
     return run
 
 
 def tma_possible(t: torch.Tensor) -> bool:
-    """Whether CORDA_KERNELS_TMA=1 changes anything for t's device and dtype (else the TMA rows are skipped)."""
+    """Whether TMA configs may run for t's device and dtype (else the CORDA_KERNELS_TMA=0 rows are skipped)."""
     from corda_kernels.ops import _backend
 
     with tma_env(True):
         return _backend.tma_device(t) and t.dtype in (torch.float16, torch.bfloat16)
 
 
-def cuda_medians(cands: dict, iters: int, warmup: int = 2) -> dict:
+def cuda_medians(cands: dict, iters: int, warmup: int = 2, busy_s: float = 0.3) -> dict:
     """Median milliseconds per candidate, each timed with CUDA events, candidates interleaved."""
     for fn in cands.values():
         for _ in range(warmup):
             fn()
     torch.cuda.synchronize()
+    # Autotuning leaves the GPU idle for seconds while kernels compile, and its clocks drop: on the
+    # H200 the first shape timed after a compile ran up to 1.8x slow. Keep it busy a while first.
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < busy_s:
+        for fn in cands.values():
+            fn()
+        torch.cuda.synchronize()
     events = {name: [] for name in cands}
     for _ in range(iters):
         for name, fn in cands.items():
@@ -197,9 +204,9 @@ def section_covariance(args) -> str:
                         )
                     except (TypeError, RuntimeError, NotImplementedError):
                         has_addmm_out_dtype = False
-                tma_name = "corda_kernels triangle (triton, CORDA_KERNELS_TMA=1)"
+                tma_name = "corda_kernels triangle (triton, CORDA_KERNELS_TMA=0)"
                 if tma_possible(x) and args.tma != "off":
-                    cands[tma_name] = with_tma(lambda acc=acc, x=x: ops.covariance_update(acc, x, backend="triton"))
+                    cands[tma_name] = pointer_only(lambda acc=acc, x=x: ops.covariance_update(acc, x, backend="triton"))
                 if args.tma == "only":
                     cands = {k: v for k, v in cands.items() if k.startswith("corda_kernels triangle (triton")}
                 med = cuda_medians(cands, args.iters)
@@ -213,7 +220,7 @@ def section_covariance(args) -> str:
                 ).norm() / ref.norm()
                 if tma_name in cands:
                     acc2.zero_()
-                    with tma_env(True):
+                    with tma_env(False):
                         ops.covariance_update(acc2, x, backend="triton")
                     errs[tma_name] = (ops.covariance_result(acc2).double() - ref).norm() / ref.norm()
                 if has_out_dtype:
@@ -298,9 +305,9 @@ def _lora_case(M: int, D: int, r: int, iters: int, tma: str = "both") -> list[li
         ),
         "PEFT lora.Linear": step(lambda: peft_layer(x)),
     }
-    tma_name = "corda_kernels lora_linear (triton, CORDA_KERNELS_TMA=1)"
+    tma_name = "corda_kernels lora_linear (triton, CORDA_KERNELS_TMA=0)"
     if tma_possible(x) and tma != "off":
-        cands[tma_name] = with_tma(step(lambda: ops.lora_linear(x, W, b, A, B, scaling, backend="triton")))
+        cands[tma_name] = pointer_only(step(lambda: ops.lora_linear(x, W, b, A, B, scaling, backend="triton")))
     if tma == "only":
         keep = ("base nn.Linear (frozen)", "corda_kernels lora_linear (triton)", tma_name)
         cands = {k: v for k, v in cands.items() if k in keep}
@@ -321,7 +328,7 @@ def _lora_case(M: int, D: int, r: int, iters: int, tma: str = "both") -> list[li
         y_peft = peft_layer(x).double()
         for name in ("corda_kernels lora_linear (triton)", tma_name):
             if name in cands:
-                with tma_env(name == tma_name):
+                with tma_env(False) if name == tma_name else contextlib.nullcontext():
                     y_ours = ops.lora_linear(x, W, b, A, B, scaling, backend="triton").double()
                 errs[name] = float((y_ours - y_peft).norm() / y_peft.norm())
     t_base, t_peft = med["base nn.Linear (frozen)"], med.get("PEFT lora.Linear")
@@ -364,7 +371,7 @@ def _lora_case(M: int, D: int, r: int, iters: int, tma: str = "both") -> list[li
         "  forward GEMM: cuBLAS addmm, no adapter": lambda: torch.addmm(b, x.detach(), Wt),
     }
     if tma_name in cands:
-        fwd["  forward GEMM: fused kernel, CORDA_KERNELS_TMA=1"] = with_tma(
+        fwd["  forward GEMM: fused kernel, CORDA_KERNELS_TMA=0"] = pointer_only(
             lambda: lora_mod._gemm_lowrank(x.detach(), Wt, b, s32, Bt, scaling)
         )
     fm = cuda_medians(fwd, iters)
@@ -564,7 +571,7 @@ def main(argv=None):
         "--tma",
         choices=["off", "both", "only"],
         default="both",
-        help="rows with CORDA_KERNELS_TMA=1 in (a) and (b): none, next to every other row, or with ours alone",
+        help="rows with CORDA_KERNELS_TMA=0 (pointer loads) in (a) and (b): none, next to every other row, or with ours alone",
     )
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--markdown", default=None, help="also write the report, dated, to this markdown file")

@@ -2,14 +2,14 @@
 # One-shot GPU check for a lent H200 (no internet; the image's python3 has torch, triton, transformers, peft).
 #   1. the op tests on CUDA in parallel pytest processes (Triton kernels compiled for real, bf16
 #      included), every autotune config of every kernel forced in turn (tests/test_gpu_tiles.py,
-#      bf16; the TMA configs on sm_90+, which no GPU has run yet), the device_map tests (a model
+#      bf16; the TMA configs on sm_90+ among them), the device_map tests (a model
 #      split over cuda:0 and cpu, or two GPUs) and torch.compile of a model whose CordaLinear
 #      layers run the kernels;
 #   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end, then
-#      the TMA configs against the default kernels.
+#      our kernels by default (TMA configs in the autotuners' choice) against pointer loads only.
 # Budget: under 9.5 minutes in all, to fit one 10-minute device call (tests capped at 110 s; the bench
-# sections at 60 + 50 + 50 + 35 + 65 s, and 45 + 70 + 70 s for the TMA rows, each in its own process so a
-# CUDA fault or a hang loses only that one; on the H200 of 2026-11-30 they took 33-48 s each).
+# sections at 60 + 60 + 60 + 60 + 65 s, and 45 + 70 s for the pointer-only rows, each in its own process
+# so a CUDA fault or a hang loses only that one; on the H200 of 2026-11-30 they took 33-55 s each).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
 # A shorter second call runs a subset: GPU_CHECK_TESTS="tiles_tma" (test groups, "" for none),
 # GPU_CHECK_BENCH="b64_tma:150" (bench parts, name:seconds), GPU_CHECK_TEST_LIMIT=100.
@@ -93,12 +93,10 @@ echo "== gpu_bench.py =="
 bench_rc=0
 rm -f "$LOG_DIR/RESULTS-gpu.md"
 # The adapter section runs one rank per process: each writes its table when done, so a timeout in
-# one (autotuning compiles 9 pointer GEMM configs per rank tile, 6 TMA ones more in b_tma) loses
-# only that rank. Compiled kernels are cached on disk, so a later process reuses what an earlier
-# one built.
-# The TMA configs (CORDA_KERNELS_TMA=1, never yet run on a GPU) get processes of their own, last:
-# should one fault the GPU, only its own rows are lost.
-for part in ${GPU_CHECK_BENCH-"a:60 b16:50 b64:50 b128:35 c:65 a_tma:45 b16_tma:70 b64_tma:70"}; do
+# one (autotuning compiles 9 pointer and 6 TMA GEMM configs per rank tile) loses only that rank.
+# Compiled kernels are cached on disk, so a later process reuses what an earlier one built.
+# The *_tma parts time our kernels by default and with CORDA_KERNELS_TMA=0 (pointer loads) apart.
+for part in ${GPU_CHECK_BENCH-"a:60 b16:60 b64:60 b128:60 c:65 a_tma:45 b16_tma:70"}; do
     name=${part%%:*}; limit=${part##*:}
     case $name in
         a_tma) sec=a; extra=(--tma only) ;;

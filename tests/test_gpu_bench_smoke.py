@@ -88,10 +88,10 @@ def test_tma_rows_in_fp16(gpu_bench, monkeypatch):
     args = tiny_args()
     args.cov_dims, args.lora_ranks = [48], [3]
     cov = _check(gpu_bench.section_covariance(args), 5)
-    tma = [r for r in cov if "CORDA_KERNELS_TMA=1" in r]
+    tma = [r for r in cov if "CORDA_KERNELS_TMA=0" in r]
     assert len(tma) == 1 and float(tma[0].split("|")[-2]) < 1e-2  # fp16 rounding of x, against fp64
     lora = _check(gpu_bench.section_lora(args), 10)
-    assert sum("CORDA_KERNELS_TMA=1" in r for r in lora) == 2
+    assert sum("CORDA_KERNELS_TMA=0" in r for r in lora) == 2
     # gpu_check.sh's split: the established rows without TMA, and ours with and without it apart.
     args.tma = "off"
     assert not any("TMA" in r for r in _check(gpu_bench.section_covariance(args), 4))
@@ -100,7 +100,7 @@ def test_tma_rows_in_fp16(gpu_bench, monkeypatch):
     cov = _check(gpu_bench.section_covariance(args), 2)
     assert all("corda_kernels triangle (triton" in r for r in cov)
     lora = _check(gpu_bench.section_lora(args), 6)  # base, ours, ours with TMA; 3 forward-GEMM rows
-    assert sum("CORDA_KERNELS_TMA=1" in r for r in lora) == 2 and not any("PEFT lora" in r for r in lora)
+    assert sum("CORDA_KERNELS_TMA=0" in r for r in lora) == 2 and not any("PEFT lora" in r for r in lora)
 
 
 def test_end_to_end_section(gpu_bench):

@@ -71,6 +71,7 @@ def tma_on(monkeypatch):
     monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "1")
     monkeypatch.setattr(lora_mod, "SMALL_GEMM", 0)
     monkeypatch.setattr(cov_mod, "SMALL_D", 0)
+    monkeypatch.setattr(cov_mod, "TMA_MIN_MACS", 0)
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -197,6 +198,12 @@ def test_covariance_descriptors_only_for_plain_rows(monkeypatch, tma_on):
     ops.covariance_update(acc, x, backend="triton")
     assert seen[-1] == (False, 0)
     monkeypatch.setattr(cov_mod, "SMALL_D", 0)
+    monkeypatch.setattr(cov_mod, "TMA_MIN_MACS", 200 * d * d + 1)  # an update too small to gain
+    ops.covariance_update(acc, x, backend="triton")
+    assert seen[-1] == (False, 0)
+    monkeypatch.setattr(cov_mod, "TMA_MIN_MACS", 200 * d * d)
+    ops.covariance_update(acc, x, backend="triton")
+    assert seen[-1] == (True, 1)
     monkeypatch.setenv("CORDA_KERNELS_TMA", "0")
     ops.covariance_update(acc, x, backend="triton")
     assert seen[-1] == (False, 0)
@@ -297,11 +304,12 @@ def test_tma_descriptors_only_where_the_layout_allows(monkeypatch, tma_on):
     monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "0")  # one pointer config only
     assert lora_mod._tma_descriptors(x, W.t())[0] is None
     monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "1")
-    for off in ("0", ""):
+    for off in ("0", "off"):
         monkeypatch.setenv("CORDA_KERNELS_TMA", off)
         assert lora_mod._tma_descriptors(x, W.t())[0] is None
     monkeypatch.delenv("CORDA_KERNELS_TMA")
-    assert lora_mod._tma_descriptors(x, W.t())[0] is None  # off unless asked for
+    # The default: on for Hopper GPUs; the interpreter emulates TMA only when asked for by name.
+    assert (lora_mod._tma_descriptors(x, W.t())[0] is not None) == CUDA
 
 
 def test_gemm_prune_drops_tma_configs_without_descriptors():

@@ -102,10 +102,9 @@ GPU_TILES = (
 
 #: Candidates that read x's panels through TMA descriptors (Hopper and newer), same fields.
 #: They apply to unmasked, unscaled 16-bit rows that sit at one stride on 16-byte boundaries
-#: (the masked update gathers rows through a list, which TMA on Hopper cannot). With
-#: CORDA_KERNELS_TMA=1 they join GPU_TILES in one autotuner. Opt-in because not yet run on a
-#: GPU; tests/aot_compile.py checks which fit shared memory and that both panels arrive as
-#: TMA copies.
+#: (the masked update gathers rows through a list, which TMA on Hopper cannot). They join
+#: GPU_TILES in one autotuner unless CORDA_KERNELS_TMA=0; tests/aot_compile.py checks which fit
+#: shared memory and that both panels arrive as TMA copies.
 TMA_TILES = (
     (128, 1, 64, 8, 3),
     (128, 1, 64, 4, 4),
@@ -118,6 +117,10 @@ TMA_TILES = (
 #: Triangles of at most this width run one small pointer config, untuned (launch-bound, few
 #: tiles: tuning costs more than it wins), and no TMA descriptors are built for them.
 SMALL_D = 512
+#: Updates of fewer multiply-adds (rows·d²) keep pointer loads. On the H200 (2026-11-30) TMA ran
+#: 6-15% faster at 8192 rows (d = 4096, 11008) and at 2048 rows × d = 11008, and 16% slower at
+#: 2048 rows × d = 4096, the one update of the four below this line.
+TMA_MIN_MACS = 1 << 36
 
 ACC_DTYPES = (torch.float32, torch.float64)
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -469,7 +472,8 @@ def _cov_triangle_launch(acc, x3, idx, count, scale32) -> None:
     precision = "tf32" if x3.dtype != torch.float32 or (x3.is_cuda and tf32_matmul()) else "ieee"
 
     xa_desc = xb_desc = None
-    if idx is None and scale32 is None and not three_d and d > SMALL_D and tma_device(x3):
+    plain = idx is None and scale32 is None and not three_d
+    if plain and d > SMALL_D and rows * d * d >= TMA_MIN_MACS and tma_device(x3):
         rows2 = x3.as_strided((rows, d), (st, sd))  # evenly spaced rows as one (rows, d) matrix
         if tma_rows(rows2):
             desc = tensor_descriptor_class()
