@@ -65,8 +65,9 @@ needs_tma = pytest.mark.skipif(not _tma_usable(), reason="TMA descriptors need T
 
 @pytest.fixture
 def tma_on(monkeypatch):
-    # Descriptors as on a GPU with TMA opted into, for these small shapes too (the launchers skip
-    # shapes the autotuner leaves untuned), whatever CORDA_KERNELS_AUTOTUNE the run has.
+    # Descriptors wherever a layout allows them (CORDA_KERNELS_TMA=1: the interpreter and dx's GEMM too),
+    # for these small shapes as well (the launchers skip shapes the autotuner leaves untuned), whatever
+    # CORDA_KERNELS_AUTOTUNE the run has.
     monkeypatch.setenv("CORDA_KERNELS_TMA", "1")
     monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "1")
     monkeypatch.setattr(lora_mod, "SMALL_GEMM", 0)
@@ -308,8 +309,12 @@ def test_tma_descriptors_only_where_the_layout_allows(monkeypatch, tma_on):
         monkeypatch.setenv("CORDA_KERNELS_TMA", off)
         assert lora_mod._tma_descriptors(x, W.t())[0] is None
     monkeypatch.delenv("CORDA_KERNELS_TMA")
-    # The default: on for Hopper GPUs; the interpreter emulates TMA only when asked for by name.
+    # The default: the forward GEMM on Hopper GPUs, not dx's (W as it is), and the interpreter only
+    # when asked for by name.
     assert (lora_mod._tma_descriptors(x, W.t())[0] is not None) == CUDA
+    monkeypatch.setattr(lora_mod, "tma_device", lambda t: True)  # a Hopper GPU, also on the CPU
+    assert lora_mod._tma_descriptors(x, W.t())[0] is not None
+    assert lora_mod._tma_descriptors(torch.randn(300, 264, device=DEV).to(dt), W)[0] is None
 
 
 def test_gemm_prune_drops_tma_configs_without_descriptors():

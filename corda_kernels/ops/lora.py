@@ -28,6 +28,7 @@ from ._backend import (
     tensor_descriptor_class,
     tf32_matmul,
     tma_device,
+    tma_requested,
     tma_rows,
     tuning_configs,
 )
@@ -62,8 +63,9 @@ GEMM_GPU_TILES = (
 )
 #: Autotune candidates of the fused GEMM that read x and W through TMA descriptors (Hopper and
 #: newer, 16-bit operands whose rows sit on 16-byte boundaries), as (BLOCK_M, BLOCK_N, BLOCK_K,
-#: num_warps, num_stages, persistent). They join GEMM_GPU_TILES in one autotuner unless
-#: CORDA_KERNELS_TMA=0, so each shape runs whichever loads measure faster. Persistent ones launch
+#: num_warps, num_stages, persistent). For the forward GEMM they join GEMM_GPU_TILES in one
+#: autotuner unless CORDA_KERNELS_TMA=0, so each shape runs whichever loads measure faster; for
+#: dx's GEMM only with CORDA_KERNELS_TMA=1 (see _tma_descriptors). Persistent ones launch
 #: one program per SM, each walking several tiles. On the H200 (2026-11-30) they took the
 #: 8192×4096×4096 forward GEMM from 645 to 728-743 TFLOP/s (cuBLAS: 796). tests/aot_compile.py
 #: checks which fit shared memory and that their loads compile to TMA copies.
@@ -615,6 +617,10 @@ def _tma_descriptors(x, wt):
         return None, None, False
     if wt.stride(0) == 1 and wt.stride(1) != 1:
         w_src, w_nk = wt.t(), True  # forward: Wt is a view of W (N, K), which is the row-major one
+    elif not tma_requested():
+        # dx's GEMM (W as it is) only when asked for: on the H200 its one TMA measurement was
+        # mixed (fwd+bwd 6% faster at r = 64, 28% slower at r = 16), the forward's was not.
+        return None, None, False
     else:
         w_src, w_nk = wt, False
     if not (tma_rows(x) and tma_rows(w_src) and x.dtype == w_src.dtype):
