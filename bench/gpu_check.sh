@@ -9,7 +9,9 @@
 #      our kernels by default (TMA configs in the autotuners' choice) against pointer loads only.
 # Budget: under 9.5 minutes in all, to fit one 10-minute device call (tests capped at 110 s; the bench
 # sections at 60 + 60 + 60 + 60 + 65 s, and 45 + 70 s for the pointer-only rows, each in its own process
-# so a CUDA fault or a hang loses only that one; on the H200 of 2026-11-30 they took 33-55 s each).
+# so a CUDA fault or a hang loses only that one). On the H200 of 2026-11-30 they took 18-48 s each
+# with pointer loads only, and 55 s for one rank autotuning pointer and TMA configs for both GEMMs,
+# more than the default now does (TMA for the forward GEMM only).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
 # A shorter second call runs a subset: GPU_CHECK_TESTS="tiles_tma" (test groups, "" for none),
 # GPU_CHECK_BENCH="b64_tma:150" (bench parts, name:seconds), GPU_CHECK_TEST_LIMIT=100.
@@ -38,7 +40,8 @@ fi
 
 echo "== pytest (CUDA) =="
 # Correctness only: one small config per kernel (CORDA_KERNELS_AUTOTUNE=0), so the run compiles each
-# specialization once instead of autotuning every test shape. The bench below autotunes for real.
+# specialization once instead of autotuning every test shape. The bench below autotunes for real,
+# and its rows check the autotuned default path (TMA configs included) against float64 or PEFT.
 # Kernel compiles are CPU-bound and single-threaded: eight pytest processes share the host's cores
 # (xdist is not assumed to be installed), each capped at $TEST_LIMIT s (the slowest group took 75 s
 # on the H200 of 2026-11-30).
@@ -58,7 +61,8 @@ TILES_GEMM="$T::test_tile_tables_are_what_the_autotuner_would_use $T::test_autot
 TILES_COV_DY="$T::test_covariance_every_tile $T::test_dy_kernel_every_tile
     $T::test_triangle_walk_covers_each_upper_entry_once $T::test_covariance_prune_drops_tma_configs_without_descriptors"
 TILES_TMA="$T::test_covariance_every_tma_tile $T::test_covariance_descriptors_only_for_plain_rows
-    $T::test_adapter_gemm_every_tma_tile $T::test_tma_descriptors_only_where_the_layout_allows"
+    $T::test_adapter_gemm_every_tma_tile $T::test_tma_descriptors_only_where_the_layout_allows
+    $T::test_tma_default_by_device_and_setting $T::test_covariance_tma_threshold_sits_between_the_measured_updates"
 # GPU_CHECK_TESTS and GPU_CHECK_BENCH pick a subset (names as below), for a second, shorter call.
 GROUPS_RUN=${GPU_CHECK_TESTS-"covariance lora_a lora_b device_map tiles_gemm tiles_cov_dy tiles_tma compile"}
 for name in $GROUPS_RUN; do
@@ -93,15 +97,19 @@ echo "== gpu_bench.py =="
 bench_rc=0
 rm -f "$LOG_DIR/RESULTS-gpu.md"
 # The adapter section runs one rank per process: each writes its table when done, so a timeout in
-# one (autotuning compiles 9 pointer and 6 TMA GEMM configs per rank tile) loses only that rank.
+# one (autotuning compiles 9 pointer configs per rank tile for dx's GEMM, 6 TMA ones more for the
+# forward's) loses only that rank.
 # Compiled kernels are cached on disk, so a later process reuses what an earlier one built.
 # The *_tma parts time our kernels by default and with CORDA_KERNELS_TMA=0 (pointer loads) apart.
-for part in ${GPU_CHECK_BENCH-"a:60 b16:60 b64:60 b128:60 c:65 a_tma:45 b16_tma:70"}; do
+PARTS=${GPU_CHECK_BENCH-"a:60 b16:60 b64:60 b128:60 c:65 a_tma:45 b16_tma:70"}
+for part in $PARTS; do
     name=${part%%:*}; limit=${part##*:}
+    [[ $part == *:* ]] || limit=60
+    r=${name#b}; r=${r%_tma}  # the rank of b16 or b64_tma; empty for b and b_tma (every rank)
     case $name in
         a_tma) sec=a; extra=(--tma only) ;;
-        b*_tma) r=${name#b}; sec=b; extra=(--tma only --lora-ranks "${r%_tma}") ;;
-        b*) sec=b; extra=(--tma off --lora-ranks "${name#b}") ;;
+        b*_tma) sec=b; extra=(--tma only ${r:+--lora-ranks "$r"}) ;;
+        b*) sec=b; extra=(--tma off ${r:+--lora-ranks "$r"}) ;;
         *) sec=$name; extra=(--tma off) ;;
     esac
     # The user's arguments first: the per-process section and rank come last and win.

@@ -77,7 +77,7 @@ def test_adapter_section(gpu_bench):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="an interpreter check; on a GPU the sections run for real")
 def test_tma_rows_in_fp16(gpu_bench, monkeypatch):
-    # The CORDA_KERNELS_TMA=1 rows exist for 16-bit operands only: fp16 here (the interpreter mishandles
+    # The CORDA_KERNELS_TMA=0 rows exist for 16-bit operands only: fp16 here (the interpreter mishandles
     # bf16). This checks the bench's wiring only: under the interpreter each autotuner holds one pointer
     # config, so no TMA kernel runs here (tests/test_gpu_tiles.py checks their arithmetic).
     from corda_kernels.ops._backend import tensor_descriptor_class
@@ -92,14 +92,14 @@ def test_tma_rows_in_fp16(gpu_bench, monkeypatch):
     assert len(tma) == 1 and float(tma[0].split("|")[-2]) < 1e-2  # fp16 rounding of x, against fp64
     lora = _check(gpu_bench.section_lora(args), 10)
     assert sum("CORDA_KERNELS_TMA=0" in r for r in lora) == 2
-    # gpu_check.sh's split: the established rows without TMA, and ours with and without it apart.
+    # gpu_check.sh's split: the established rows without the pointer-only ones, and ours with and without TMA apart.
     args.tma = "off"
     assert not any("TMA" in r for r in _check(gpu_bench.section_covariance(args), 4))
     assert not any("TMA" in r for r in _check(gpu_bench.section_lora(args), 8))
     args.tma = "only"
     cov = _check(gpu_bench.section_covariance(args), 2)
     assert all("corda_kernels triangle (triton" in r for r in cov)
-    lora = _check(gpu_bench.section_lora(args), 6)  # base, ours, ours with TMA; 3 forward-GEMM rows
+    lora = _check(gpu_bench.section_lora(args), 6)  # base, ours, ours with pointer loads only; 3 forward-GEMM rows
     assert sum("CORDA_KERNELS_TMA=0" in r for r in lora) == 2 and not any("PEFT lora" in r for r in lora)
 
 
@@ -187,3 +187,53 @@ def test_gpu_check_tile_groups_cover_every_tile_test_once():
     tree = ast.parse(open(os.path.join(root, "tests", "test_gpu_tiles.py")).read())
     defined = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
     assert sorted(named) == sorted(defined)
+
+
+def _dry_run_gpu_check(tmp_path, **env_extra):
+    """gpu_check.sh with a stand-in python that records its arguments (a GPU machine, as far as the
+    script can tell): the pytest and gpu_bench.py command lines it would run, in order."""
+    import stat
+    import subprocess
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> "{calls}"\nexit 0\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.sh")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PY": str(fake), **env_extra}
+    done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = calls.read_text().splitlines()
+    pytest_runs = [line for line in lines if line.startswith("-m pytest")]
+    bench_runs = [
+        line.split("--markdown")[0].split("gpu_bench.py ")[1].strip() for line in lines if "gpu_bench.py" in line
+    ]
+    return pytest_runs, bench_runs
+
+
+def test_gpu_check_runs_every_part_by_default(tmp_path):
+    pytest_runs, bench_runs = _dry_run_gpu_check(tmp_path)
+    assert len(pytest_runs) == 8 and sum("tests/test_gpu_tiles.py::" in r for r in pytest_runs) == 3
+    assert bench_runs == [
+        "--sections a --tma off",
+        "--sections b --tma off --lora-ranks 16",
+        "--sections b --tma off --lora-ranks 64",
+        "--sections b --tma off --lora-ranks 128",
+        "--sections c --tma off",
+        "--sections a --tma only",
+        "--sections b --tma only --lora-ranks 16",
+    ]
+
+
+def test_gpu_check_subsets(tmp_path):
+    pytest_runs, bench_runs = _dry_run_gpu_check(
+        tmp_path, GPU_CHECK_TESTS="tiles_tma", GPU_CHECK_BENCH="b64_tma:150 b_tma b:30", GPU_CHECK_TEST_LIMIT="5"
+    )
+    assert len(pytest_runs) == 1 and "test_adapter_gemm_every_tma_tile" in pytest_runs[0]
+    assert bench_runs == [
+        "--sections b --tma only --lora-ranks 64",
+        "--sections b --tma only",
+        "--sections b --tma off",
+    ]
+    (tmp_path / "none").mkdir()
+    assert _dry_run_gpu_check(tmp_path / "none", GPU_CHECK_TESTS="", GPU_CHECK_BENCH="") == ([], [])

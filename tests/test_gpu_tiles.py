@@ -317,6 +317,41 @@ def test_tma_descriptors_only_where_the_layout_allows(monkeypatch, tma_on):
     assert lora_mod._tma_descriptors(torch.randn(300, 264, device=DEV).to(dt), W)[0] is None
 
 
+def test_tma_default_by_device_and_setting(monkeypatch):
+    # On by default on sm_90 only (the one chip timed); CORDA_KERNELS_TMA=0 turns it off there,
+    # =1 turns it on for newer chips and the interpreter; any other value is the default.
+    from types import SimpleNamespace
+
+    from corda_kernels.ops import _backend
+
+    if tensor_descriptor_class() is None:
+        pytest.skip("this Triton has no TMA descriptors")
+    gpu = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "1")
+    for setting in (None, "", "auto", "garbage", "0", "off", "False", "no", "1", "on", "TRUE", "yes"):
+        if setting is None:
+            monkeypatch.delenv("CORDA_KERNELS_TMA", raising=False)
+        else:
+            monkeypatch.setenv("CORDA_KERNELS_TMA", setting)
+        off = setting is not None and setting.lower() in ("0", "off", "false", "no")
+        asked = setting is not None and setting.lower() in ("1", "on", "true", "yes")
+        assert _backend.tma_requested() == asked, setting
+        for major, expected in ((8, False), (9, not off), (10, asked), (12, asked)):
+            monkeypatch.setattr(_backend, "_capability", lambda index, major=major: (major, 0))
+            assert _backend.tma_device(gpu) == expected, (setting, major)
+        assert _backend.tma_device(cpu) == asked, setting
+    monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "0")  # one pointer config: descriptors would go unread
+    monkeypatch.setattr(_backend, "_capability", lambda index: (9, 0))
+    assert not _backend.tma_device(gpu)
+
+
+def test_covariance_tma_threshold_sits_between_the_measured_updates():
+    # H200, 2026-11-30: TMA lost at 2048 rows × d = 4096 and won at 2048 rows × d = 11008.
+    assert 2048 * 4096**2 < cov_mod.TMA_MIN_MACS <= 2048 * 11008**2
+
+
 def test_gemm_prune_drops_tma_configs_without_descriptors():
     configs = [lora_mod._gemm_config(*t) for t in lora_mod.GEMM_GPU_TILES] + [
         lora_mod._gemm_config(*t[:5], tma=True, persistent=bool(t[5])) for t in lora_mod.GEMM_TMA_TILES

@@ -81,9 +81,10 @@ def _capability(index: int) -> tuple[int, int]:
 
 
 def tma_device(t: torch.Tensor) -> bool:
-    """Whether kernels may read ``t`` through TMA descriptors: on a Hopper or newer GPU with a
+    """Whether kernels may read ``t`` through TMA descriptors: on a Hopper GPU (sm_90) with a
     Triton that has them (3.4+), unless ``CORDA_KERNELS_TMA=0``. ``CORDA_KERNELS_TMA=1`` also
-    turns them on under the interpreter, which emulates them (the CPU tests of the TMA configs).
+    turns them on for newer GPUs and under the interpreter, which emulates them (the CPU tests
+    of the TMA configs).
     On by default since an H200 run (2026-11-30, bench/RESULTS.md): the TMA configs passed every
     tile test there, and made the forward GEMM 13-15% and the large covariance updates 6-15%
     faster than pointer loads."""
@@ -95,7 +96,9 @@ def tma_device(t: torch.Tensor) -> bool:
         return False
     if t.is_cuda:
         index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        return _capability(index)[0] >= 9
+        major = _capability(index)[0]
+        # Timed and compile-checked on sm_90 only; newer chips differ in shared memory: when asked for.
+        return major == 9 or (major > 9 and tma_requested())
     return interpreting() and tma_requested()
 
 

@@ -119,7 +119,8 @@ TMA_TILES = (
 SMALL_D = 512
 #: Updates of fewer multiply-adds (rows·d²) keep pointer loads. On the H200 (2026-11-30) TMA ran
 #: 6-15% faster at 8192 rows (d = 4096, 11008) and at 2048 rows × d = 11008, and 16% slower at
-#: 2048 rows × d = 4096, the one update of the four below this line.
+#: 2048 rows × d = 4096, the one update of the four below this line. That row was timed on a
+#: GPU still cold from compiling (both candidates 1.8× slow), so the line is provisional.
 TMA_MIN_MACS = 1 << 36
 
 ACC_DTYPES = (torch.float32, torch.float64)
