@@ -7,12 +7,13 @@
       H200/H100 SXM datasheet).
   (b) adapter linear, forward + backward, bf16: ops.lora_linear (Triton) vs the
       frozen base nn.Linear alone and vs PEFT's LoRA Linear.
-  In (a) and (b) the Triton kernels run twice where TMA is possible (Hopper on,
-  Triton >= 3.4): as by default, with the TMA configs in the autotuners' choice,
-  and with CORDA_KERNELS_TMA=0, pointer loads only. --tma off drops those rows;
-  --tma only keeps just our kernels with and without TMA (and the base linear and
-  cuBLAS rows they are read against), so that gpu_check.sh can time the two
-  apart, in processes of their own.
+  In (a) and (b) the Triton kernels run three times where TMA is possible (sm_90,
+  Triton >= 3.4): as by default; with CORDA_KERNELS_TMA=0, pointer loads only; and
+  with CORDA_KERNELS_TMA=1, TMA configs also where the default leaves them out
+  (dx's GEMM, small covariance updates). --tma off drops those rows; --tma only
+  keeps just our kernels (and the base linear and cuBLAS rows they are read
+  against), so that gpu_check.sh can time the settings apart, in processes of
+  their own.
   (c) end to end on a Llama-shaped model built from a config (random weights):
       corda_kernels.collect_cov vs PEFT's CorDA covariance collection.
 
@@ -48,14 +49,15 @@ PEAK_BF16 = 989e12  # dense bf16, H100/H200 SXM datasheet
 DEV, DTYPE = "cuda", torch.bfloat16  # module globals so a CPU smoke harness can swap them
 
 
-TMA_TITLE = {"only": ": by default (TMA configs included) against pointer loads only (CORDA_KERNELS_TMA=0), ours alone"}
+TMA_TITLE = {"only": ": by default, with pointer loads only (CORDA_KERNELS_TMA=0) and with TMA wherever allowed (=1)"}
+TMA_SETTINGS = ("0", "1")
 
 
 @contextlib.contextmanager
-def tma_env(on: bool):
-    """CORDA_KERNELS_TMA set (the kernels read it per call), restored after."""
+def tma_env(value: str):
+    """CORDA_KERNELS_TMA set to value (the kernels read it per call), restored after."""
     old = os.environ.get("CORDA_KERNELS_TMA")
-    os.environ["CORDA_KERNELS_TMA"] = "1" if on else "0"
+    os.environ["CORDA_KERNELS_TMA"] = value
     try:
         yield
     finally:
@@ -65,21 +67,21 @@ def tma_env(on: bool):
             os.environ["CORDA_KERNELS_TMA"] = old
 
 
-def pointer_only(fn):
-    """fn run with the TMA configs out of the autotuners' choice (CORDA_KERNELS_TMA=0)."""
+def with_tma_setting(value: str, fn):
+    """fn run with CORDA_KERNELS_TMA=value."""
 
     def run():
-        with tma_env(False):
+        with tma_env(value):
             return fn()
 
     return run
 
 
 def tma_possible(t: torch.Tensor) -> bool:
-    """Whether TMA configs may run for t's device and dtype (else the CORDA_KERNELS_TMA=0 rows are skipped)."""
+    """Whether TMA configs may run for t's device and dtype (else the CORDA_KERNELS_TMA rows are skipped)."""
     from corda_kernels.ops import _backend
 
-    with tma_env(True):
+    with tma_env("1"):
         return _backend.tma_device(t) and t.dtype in (torch.float16, torch.bfloat16)
 
 
@@ -204,9 +206,14 @@ def section_covariance(args) -> str:
                         )
                     except (TypeError, RuntimeError, NotImplementedError):
                         has_addmm_out_dtype = False
-                tma_name = "corda_kernels triangle (triton, CORDA_KERNELS_TMA=0)"
+                tma_names = {}
                 if tma_possible(x) and args.tma != "off":
-                    cands[tma_name] = pointer_only(lambda acc=acc, x=x: ops.covariance_update(acc, x, backend="triton"))
+                    for value in TMA_SETTINGS:
+                        name = f"corda_kernels triangle (triton, CORDA_KERNELS_TMA={value})"
+                        tma_names[name] = value
+                        cands[name] = with_tma_setting(
+                            value, lambda acc=acc, x=x: ops.covariance_update(acc, x, backend="triton")
+                        )
                 if args.tma == "only":
                     cands = {k: v for k, v in cands.items() if k.startswith("corda_kernels triangle (triton")}
                 med = cuda_medians(cands, args.iters)
@@ -218,11 +225,11 @@ def section_covariance(args) -> str:
                 errs["corda_kernels triangle (triton)"] = (
                     ops.covariance_result(acc2).double() - ref
                 ).norm() / ref.norm()
-                if tma_name in cands:
+                for name, value in tma_names.items():
                     acc2.zero_()
-                    with tma_env(False):
+                    with tma_env(value):
                         ops.covariance_update(acc2, x, backend="triton")
-                    errs[tma_name] = (ops.covariance_result(acc2).double() - ref).norm() / ref.norm()
+                    errs[name] = (ops.covariance_result(acc2).double() - ref).norm() / ref.norm()
                 if has_out_dtype:
                     full = torch.mm(x.t(), x, out_dtype=torch.float32).double()
                     errs["torch mm bf16, out_dtype=fp32 (+ add)"] = (full - ref).norm() / ref.norm()
@@ -305,11 +312,16 @@ def _lora_case(M: int, D: int, r: int, iters: int, tma: str = "both") -> list[li
         ),
         "PEFT lora.Linear": step(lambda: peft_layer(x)),
     }
-    tma_name = "corda_kernels lora_linear (triton, CORDA_KERNELS_TMA=0)"
+    tma_names = {}
     if tma_possible(x) and tma != "off":
-        cands[tma_name] = pointer_only(step(lambda: ops.lora_linear(x, W, b, A, B, scaling, backend="triton")))
+        for value in TMA_SETTINGS:
+            name = f"corda_kernels lora_linear (triton, CORDA_KERNELS_TMA={value})"
+            tma_names[name] = value
+            cands[name] = with_tma_setting(
+                value, step(lambda: ops.lora_linear(x, W, b, A, B, scaling, backend="triton"))
+            )
     if tma == "only":
-        keep = ("base nn.Linear (frozen)", "corda_kernels lora_linear (triton)", tma_name)
+        keep = ("base nn.Linear (frozen)", "corda_kernels lora_linear (triton)", *tma_names)
         cands = {k: v for k, v in cands.items() if k in keep}
     med = cuda_medians(cands, iters)
 
@@ -326,9 +338,9 @@ def _lora_case(M: int, D: int, r: int, iters: int, tma: str = "both") -> list[li
     errs = {}
     with torch.no_grad():
         y_peft = peft_layer(x).double()
-        for name in ("corda_kernels lora_linear (triton)", tma_name):
+        for name in ("corda_kernels lora_linear (triton)", *tma_names):
             if name in cands:
-                with tma_env(False) if name == tma_name else contextlib.nullcontext():
+                with tma_env(tma_names[name]) if name in tma_names else contextlib.nullcontext():
                     y_ours = ops.lora_linear(x, W, b, A, B, scaling, backend="triton").double()
                 errs[name] = float((y_ours - y_peft).norm() / y_peft.norm())
     t_base, t_peft = med["base nn.Linear (frozen)"], med.get("PEFT lora.Linear")
@@ -370,9 +382,9 @@ def _lora_case(M: int, D: int, r: int, iters: int, tma: str = "both") -> list[li
         ),
         "  forward GEMM: cuBLAS addmm, no adapter": lambda: torch.addmm(b, x.detach(), Wt),
     }
-    if tma_name in cands:
-        fwd["  forward GEMM: fused kernel, CORDA_KERNELS_TMA=0"] = pointer_only(
-            lambda: lora_mod._gemm_lowrank(x.detach(), Wt, b, s32, Bt, scaling)
+    if tma_names:  # =1 runs the forward GEMM as the default does
+        fwd["  forward GEMM: fused kernel, CORDA_KERNELS_TMA=0"] = with_tma_setting(
+            "0", lambda: lora_mod._gemm_lowrank(x.detach(), Wt, b, s32, Bt, scaling)
         )
     fm = cuda_medians(fwd, iters)
     flops = 2.0 * M * D * D
@@ -571,7 +583,7 @@ def main(argv=None):
         "--tma",
         choices=["off", "both", "only"],
         default="both",
-        help="rows with CORDA_KERNELS_TMA=0 (pointer loads) in (a) and (b): none, next to every other row, or with ours alone",
+        help="rows with CORDA_KERNELS_TMA=0 and =1 in (a) and (b): none, next to every other row, or with ours alone",
     )
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--markdown", default=None, help="also write the report, dated, to this markdown file")

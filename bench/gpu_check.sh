@@ -6,12 +6,13 @@
 #      split over cuda:0 and cpu, or two GPUs) and torch.compile of a model whose CordaLinear
 #      layers run the kernels;
 #   2. bench/gpu_bench.py: covariance kernel, fused adapter linear, collect_cov end to end, then
-#      our kernels by default (TMA configs in the autotuners' choice) against pointer loads only.
+#      our kernels by default, with pointer loads only (CORDA_KERNELS_TMA=0) and with TMA wherever a
+#      layout allows (=1), which is how the default's exceptions (dx's GEMM, small updates) get re-timed.
 # Budget: under 9.5 minutes in all, to fit one 10-minute device call (tests capped at 110 s; the bench
-# sections at 60 + 60 + 60 + 60 + 65 s, and 45 + 70 s for the pointer-only rows, each in its own process
+# sections at 60 + 60 + 60 + 60 + 65 s, and 50 + 80 s for the TMA settings, each in its own process
 # so a CUDA fault or a hang loses only that one). On the H200 of 2026-11-30 they took 18-48 s each
-# with pointer loads only, and 55 s for one rank autotuning pointer and TMA configs for both GEMMs,
-# more than the default now does (TMA for the forward GEMM only).
+# with pointer loads only, and 55 s for one rank autotuning pointer and TMA configs for both GEMMs
+# (what the b*_tma parts do).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
 # A shorter second call runs a subset: GPU_CHECK_TESTS="tiles_tma" (test groups, "" for none),
 # GPU_CHECK_BENCH="b64_tma:150" (bench parts, name:seconds), GPU_CHECK_TEST_LIMIT=100.
@@ -100,8 +101,8 @@ rm -f "$LOG_DIR/RESULTS-gpu.md"
 # one (autotuning compiles 9 pointer configs per rank tile for dx's GEMM, 6 TMA ones more for the
 # forward's) loses only that rank.
 # Compiled kernels are cached on disk, so a later process reuses what an earlier one built.
-# The *_tma parts time our kernels by default and with CORDA_KERNELS_TMA=0 (pointer loads) apart.
-PARTS=${GPU_CHECK_BENCH-"a:60 b16:60 b64:60 b128:60 c:65 a_tma:45 b16_tma:70"}
+# The *_tma parts time our kernels by default and with CORDA_KERNELS_TMA=0 and =1, interleaved.
+PARTS=${GPU_CHECK_BENCH-"a:60 b16:60 b64:60 b128:60 c:65 a_tma:50 b16_tma:80"}
 for part in $PARTS; do
     name=${part%%:*}; limit=${part##*:}
     [[ $part == *:* ]] || limit=60

@@ -77,7 +77,7 @@ def test_adapter_section(gpu_bench):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="an interpreter check; on a GPU the sections run for real")
 def test_tma_rows_in_fp16(gpu_bench, monkeypatch):
-    # The CORDA_KERNELS_TMA=0 rows exist for 16-bit operands only: fp16 here (the interpreter mishandles
+    # The CORDA_KERNELS_TMA=0 and =1 rows exist for 16-bit operands only: fp16 here (the interpreter mishandles
     # bf16). This checks the bench's wiring only: under the interpreter each autotuner holds one pointer
     # config, so no TMA kernel runs here (tests/test_gpu_tiles.py checks their arithmetic).
     from corda_kernels.ops._backend import tensor_descriptor_class
@@ -87,19 +87,19 @@ def test_tma_rows_in_fp16(gpu_bench, monkeypatch):
     monkeypatch.setattr(gpu_bench, "DTYPE", torch.float16)
     args = tiny_args()
     args.cov_dims, args.lora_ranks = [48], [3]
-    cov = _check(gpu_bench.section_covariance(args), 5)
-    tma = [r for r in cov if "CORDA_KERNELS_TMA=0" in r]
-    assert len(tma) == 1 and float(tma[0].split("|")[-2]) < 1e-2  # fp16 rounding of x, against fp64
-    lora = _check(gpu_bench.section_lora(args), 10)
-    assert sum("CORDA_KERNELS_TMA=0" in r for r in lora) == 2
+    cov = _check(gpu_bench.section_covariance(args), 6)
+    tma = [r for r in cov if "CORDA_KERNELS_TMA=" in r]
+    assert len(tma) == 2 and all(float(r.split("|")[-2]) < 1e-2 for r in tma)  # fp16 rounding of x, against fp64
+    lora = _check(gpu_bench.section_lora(args), 11)
+    assert sum("CORDA_KERNELS_TMA=0" in r for r in lora) == 2 and sum("CORDA_KERNELS_TMA=1" in r for r in lora) == 1
     # gpu_check.sh's split: the established rows without the pointer-only ones, and ours with and without TMA apart.
     args.tma = "off"
     assert not any("TMA" in r for r in _check(gpu_bench.section_covariance(args), 4))
     assert not any("TMA" in r for r in _check(gpu_bench.section_lora(args), 8))
     args.tma = "only"
-    cov = _check(gpu_bench.section_covariance(args), 2)
+    cov = _check(gpu_bench.section_covariance(args), 3)
     assert all("corda_kernels triangle (triton" in r for r in cov)
-    lora = _check(gpu_bench.section_lora(args), 6)  # base, ours, ours with pointer loads only; 3 forward-GEMM rows
+    lora = _check(gpu_bench.section_lora(args), 7)  # base, ours by default, =0, =1; 3 forward-GEMM rows
     assert sum("CORDA_KERNELS_TMA=0" in r for r in lora) == 2 and not any("PEFT lora" in r for r in lora)
 
 

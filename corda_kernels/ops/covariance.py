@@ -23,6 +23,7 @@ from ._backend import (
     tensor_descriptor_class,
     tf32_matmul,
     tma_device,
+    tma_requested,
     tma_rows,
     tuning_configs,
 )
@@ -120,7 +121,8 @@ SMALL_D = 512
 #: Updates of fewer multiply-adds (rows·d²) keep pointer loads. On the H200 (2026-11-30) TMA ran
 #: 6-15% faster at 8192 rows (d = 4096, 11008) and at 2048 rows × d = 11008, and 16% slower at
 #: 2048 rows × d = 4096, the one update of the four below this line. That row was timed on a
-#: GPU still cold from compiling (both candidates 1.8× slow), so the line is provisional.
+#: GPU still cold from compiling (both candidates 1.8× slow), so the line is provisional;
+#: CORDA_KERNELS_TMA=1 ignores it, which is how bench/gpu_bench.py re-measures it.
 TMA_MIN_MACS = 1 << 36
 
 ACC_DTYPES = (torch.float32, torch.float64)
@@ -474,7 +476,8 @@ def _cov_triangle_launch(acc, x3, idx, count, scale32) -> None:
 
     xa_desc = xb_desc = None
     plain = idx is None and scale32 is None and not three_d
-    if plain and d > SMALL_D and rows * d * d >= TMA_MIN_MACS and tma_device(x3):
+    big = rows * d * d >= TMA_MIN_MACS or tma_requested()
+    if plain and d > SMALL_D and big and tma_device(x3):
         rows2 = x3.as_strided((rows, d), (st, sd))  # evenly spaced rows as one (rows, d) matrix
         if tma_rows(rows2):
             desc = tensor_descriptor_class()
