@@ -121,7 +121,7 @@ SMALL_D = 512
 #: Updates of fewer multiply-adds (rows·d²) keep pointer loads. On the H200 (2026-11-30) TMA ran
 #: 6-15% faster at 8192 rows (d = 4096, 11008) and at 2048 rows × d = 11008, and 16% slower at
 #: 2048 rows × d = 4096, the one update of the four below this line. That row was timed on a
-#: GPU still cold from compiling (both candidates 1.8× slow), so the line is provisional;
+#: GPU still cold from compiling (about 1.8× slow), so the line is provisional;
 #: CORDA_KERNELS_TMA=1 ignores it, which is how bench/gpu_bench.py re-measures it.
 TMA_MIN_MACS = 1 << 36
 
