@@ -78,11 +78,15 @@ def with_tma_setting(value: str, fn):
 
 
 def tma_possible(t: torch.Tensor) -> bool:
-    """Whether TMA configs may run for t's device and dtype (else the CORDA_KERNELS_TMA rows are skipped)."""
+    """Whether the default runs TMA configs for t's device and dtype (sm_90; under the interpreter,
+    as =1 would: the CPU smoke runs), else the CORDA_KERNELS_TMA rows are skipped. On newer GPUs the
+    default is pointer loads, and =1 would be the only TMA row: set it for the whole run there."""
     from corda_kernels.ops import _backend
 
-    with tma_env("1"):
-        return _backend.tma_device(t) and t.dtype in (torch.float16, torch.bfloat16)
+    if t.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    with tma_env("" if t.is_cuda else "1"):
+        return _backend.tma_device(t)
 
 
 def cuda_medians(cands: dict, iters: int, warmup: int = 2, busy_s: float = 0.3) -> dict:
@@ -156,6 +160,7 @@ def error_row(ncols: int, where: str, exc: BaseException) -> list[str]:
 # ----------------------------------------------------------------------------- (a) covariance
 def section_covariance(args) -> str:
     from corda_kernels import ops
+    from corda_kernels.ops import covariance as cov_mod
 
     # The roofline two ways: the datasheet's dense bf16 peak, and what a large bf16 GEMM reaches here.
     pn = args.peak_n
@@ -208,7 +213,10 @@ def section_covariance(args) -> str:
                         has_addmm_out_dtype = False
                 tma_names = {}
                 if tma_possible(x) and args.tma != "off":
-                    for value in TMA_SETTINGS:
+                    # One of the two repeats the default: =1 where the default already reads through
+                    # TMA (updates above the threshold on sm_90), else =0. Only the other one is timed.
+                    default_tma = x.is_cuda and n * d * d >= cov_mod.TMA_MIN_MACS
+                    for value in [v for v in TMA_SETTINGS if v != ("1" if default_tma else "0")]:
                         name = f"corda_kernels triangle (triton, CORDA_KERNELS_TMA={value})"
                         tma_names[name] = value
                         cands[name] = with_tma_setting(
@@ -338,15 +346,25 @@ def _lora_case(M: int, D: int, r: int, iters: int, tma: str = "both") -> list[li
     errs = {}
     with torch.no_grad():
         y_peft = peft_layer(x).double()
-        for name in ("corda_kernels lora_linear (triton)", *tma_names):
-            if name in cands:
-                with tma_env(tma_names[name]) if name in tma_names else contextlib.nullcontext():
+    step(lambda: peft_layer(x))()
+    dx_peft = x.grad.double()
+    for name in ("corda_kernels lora_linear (triton)", *tma_names):
+        if name in cands:
+            # The output, and dx (=1 differs from the default only in dx's GEMM on sm_90).
+            with tma_env(tma_names[name]) if name in tma_names else contextlib.nullcontext():
+                with torch.no_grad():
                     y_ours = ops.lora_linear(x, W, b, A, B, scaling, backend="triton").double()
-                errs[name] = float((y_ours - y_peft).norm() / y_peft.norm())
+                step(lambda: ops.lora_linear(x, W, b, A, B, scaling, backend="triton"))()
+            dx_ours = x.grad.double()
+            errs[name] = (
+                f"y vs PEFT rel diff {float((y_ours - y_peft).norm() / y_peft.norm()):.1e}, "
+                f"dx {float((dx_ours - dx_peft).norm() / dx_peft.norm()):.1e}"
+            )
+    clear_grads()
     t_base, t_peft = med["base nn.Linear (frozen)"], med.get("PEFT lora.Linear")
     rows = []
     for name, ms in med.items():
-        note = f"y vs PEFT rel diff {errs[name]:.1e}" if name in errs else ""
+        note = errs.get(name, "")
         mem = mib_cell(peaks[name])
         vs_peft = f"{t_peft / ms:.2f}x" if t_peft is not None else ""
         rows.append([M, D, r, name, f"{ms:.3f}", f"{ms / t_base:.3f}x", vs_peft, mem, note])
@@ -608,6 +626,9 @@ def main(argv=None):
     except Exception:  # noqa: BLE001
         tv = "missing"
     head = f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {tv}; CUDA {torch.version.cuda}"
+    tma_setting = os.environ.get("CORDA_KERNELS_TMA")
+    if tma_setting is not None:  # "by default" rows then run this setting
+        head += f"; CORDA_KERNELS_TMA={tma_setting}"
     print(head)
     print()
     fresh = not (args.append and args.markdown and os.path.exists(args.markdown) and os.path.getsize(args.markdown))

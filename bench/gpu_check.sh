@@ -26,7 +26,7 @@ LOG_DIR=${OUT:-out}
 mkdir -p "$LOG_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET CORDA_KERNELS_BACKEND
+unset TRITON_INTERPRET CORDA_KERNELS_BACKEND CORDA_KERNELS_TMA  # the rows say which setting they ran
 
 start=$(date +%s)
 mkdir -p "$LOG_DIR"

@@ -202,21 +202,18 @@ def test_covariance_descriptors_only_for_plain_rows(monkeypatch, tma_on):
     monkeypatch.setattr(cov_mod, "TMA_MIN_MACS", 200 * d * d + 1)  # an update too small to gain
     ops.covariance_update(acc, x, backend="triton")
     assert seen[-1] == (True, 1)  # CORDA_KERNELS_TMA=1: TMA below the threshold too
-    monkeypatch.delenv("CORDA_KERNELS_TMA")
-    monkeypatch.setattr(cov_mod, "tma_device", lambda t: True)  # the default on a Hopper GPU
-    ops.covariance_update(acc, x, backend="triton")
-    assert seen[-1] == (False, 0)
-    monkeypatch.setattr(cov_mod, "TMA_MIN_MACS", 200 * d * d)
-    ops.covariance_update(acc, x, backend="triton")
-    assert seen[-1] == (True, 1)
-    monkeypatch.undo()  # the real tma_device again, and the fixture's settings gone
-    monkeypatch.setattr(cov_mod, "_cov_triangle_tuned", Spy())
-    monkeypatch.setattr(cov_mod, "SMALL_D", 0)
-    monkeypatch.setattr(cov_mod, "TMA_MIN_MACS", 0)
-    monkeypatch.setenv("CORDA_KERNELS_AUTOTUNE", "1")
-    monkeypatch.setenv("CORDA_KERNELS_TMA", "0")
-    ops.covariance_update(acc, x, backend="triton")
-    assert seen[-1] == (False, 0)
+    with monkeypatch.context() as m:
+        m.delenv("CORDA_KERNELS_TMA")
+        m.setattr(cov_mod, "tma_device", lambda t: True)  # the default on a Hopper GPU
+        ops.covariance_update(acc, x, backend="triton")
+        assert seen[-1] == (False, 0)
+        m.setattr(cov_mod, "TMA_MIN_MACS", 200 * d * d)
+        ops.covariance_update(acc, x, backend="triton")
+        assert seen[-1] == (True, 1)
+        # Whatever the size, the device check has the last word (test_tma_default_by_device_and_setting).
+        m.setattr(cov_mod, "tma_device", lambda t: False)
+        ops.covariance_update(acc, x, backend="triton")
+        assert seen[-1] == (False, 0)
 
 
 def test_covariance_prune_drops_tma_configs_without_descriptors():
