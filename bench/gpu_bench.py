@@ -215,7 +215,8 @@ def section_covariance(args) -> str:
                 if tma_possible(x) and args.tma != "off":
                     # One of the two repeats the default: =1 where the default already reads through
                     # TMA (updates above the threshold on sm_90), else =0. Only the other one is timed.
-                    default_tma = x.is_cuda and n * d * d >= cov_mod.TMA_MIN_MACS
+                    with tma_env(""):  # the default's own size rule
+                        default_tma = x.is_cuda and cov_mod._tma_size_ok(n, d)
                     for value in [v for v in TMA_SETTINGS if v != ("1" if default_tma else "0")]:
                         name = f"corda_kernels triangle (triton, CORDA_KERNELS_TMA={value})"
                         tma_names[name] = value

@@ -457,6 +457,12 @@ def covariance_update_triton(acc: torch.Tensor, x: torch.Tensor, mask=None, scal
     return acc
 
 
+def _tma_size_ok(rows: int, d: int) -> bool:
+    """Whether an update of ``rows`` rows of width ``d`` is one the TMA configs may run: tuned at
+    all, and at least TMA_MIN_MACS, unless CORDA_KERNELS_TMA=1 lifts that line."""
+    return d > SMALL_D and (rows * d * d >= TMA_MIN_MACS or tma_requested())
+
+
 def _cov_triangle_launch(acc, x3, idx, count, scale32) -> None:
     """acc[upper tiles] += Σ over x3's rows (the first count[0] of idx when given) of (s·x)(s·x)ᵀ."""
     d = acc.shape[0]
@@ -476,8 +482,7 @@ def _cov_triangle_launch(acc, x3, idx, count, scale32) -> None:
 
     xa_desc = xb_desc = None
     plain = idx is None and scale32 is None and not three_d
-    big = rows * d * d >= TMA_MIN_MACS or tma_requested()
-    if plain and d > SMALL_D and big and tma_device(x3):
+    if plain and _tma_size_ok(rows, d) and tma_device(x3):
         rows2 = x3.as_strided((rows, d), (st, sd))  # evenly spaced rows as one (rows, d) matrix
         if tma_rows(rows2):
             desc = tensor_descriptor_class()

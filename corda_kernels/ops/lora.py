@@ -561,11 +561,10 @@ def _gemm_lowrank(x, wt, bias, low, rt, alpha, keep=None, keep_scale=1.0):
     keep_arg = keep.view(torch.uint8) if keep is not None else x  # uint8: bool pointers vary across triton versions
     keep_strides = keep.stride() if keep is not None else (0, 0)
     x_desc, w_desc, w_nk = _tma_descriptors(x, wt)
-    n_programs = _persistent_programs(x)
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (min(tiles, n_programs) if meta["PERSISTENT"] else tiles,)
+        return (min(tiles, _persistent_programs(x)) if meta["PERSISTENT"] else tiles,)
 
     _gemm_lowrank_tuned[grid](
         out,
