@@ -108,6 +108,37 @@ def test_scaled_rows(backend, dtype, per):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_flat_per_row_scale_equals_the_shaped_one(backend):
+    # A flat mask over all rows is taken; so is a flat scale, in x's row order.
+    d = 37
+    x = rand(4, 13, d)
+    scale = torch.rand(4, 13, device=DEV) + 0.5
+    mask = torch.rand(4, 13, device=DEV) > 0.3
+    flat, shaped = (torch.zeros(d, d, device=DEV) for _ in range(2))
+    ops.covariance_update(flat, x, mask.reshape(-1), scale=scale.reshape(-1), backend=backend)
+    ops.covariance_update(shaped, x, mask, scale=scale, backend=backend)
+    assert rel_err(flat, covariance_reference(x, mask, scale)) < TOL[torch.float32]
+    assert torch.equal(flat, shaped)
+    # one row (1-D x) with a one-entry scale
+    one = torch.zeros(d, d, device=DEV)
+    ops.covariance_update(one, x[0, 0], scale=torch.tensor([2.0], device=DEV), backend=backend)
+    assert rel_err(one, 4.0 * covariance_reference(x[0, 0])) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_accumulator_whose_entries_share_memory_is_refused(backend):
+    x = rand(5, 3)
+    acc = torch.zeros(1, 3, device=DEV).expand(3, 3)  # every row the same three cells
+    with pytest.raises(ValueError, match=r"acc's entries share memory \(strides \(0, 1\)"):
+        ops.covariance_update(acc, x, backend=backend)
+    assert torch.count_nonzero(acc) == 0
+    # a transposed or sliced view has its own cell per entry and is fine
+    big = torch.zeros(5, 5, device=DEV)
+    ops.covariance_update(big[1:4, 2:5].t(), x, backend=backend)
+    assert rel_err(ops.covariance_result(big[1:4, 2:5].t().clone()), covariance_reference(x)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
 def test_successive_updates(backend, acc_dtype):
     d = 129
@@ -272,8 +303,11 @@ def test_bad_arguments(backend):
         ops.covariance_update(acc, torch.randn(50, 36, device=DEV), backend=backend)
     with pytest.raises(ValueError, match="mask has shape"):
         ops.covariance_update(acc, x, torch.ones(49, dtype=torch.bool, device=DEV), backend=backend)
-    with pytest.raises(ValueError, match="does not broadcast"):
+    with pytest.raises(ValueError, match=r"scale of shape \(3,\) fits neither x's leading dims \(50,\)"):
         ops.covariance_update(acc, x, scale=torch.ones(3, device=DEV), backend=backend)
+    x3 = x.reshape(5, 10, 37)
+    with pytest.raises(ValueError, match=r"scale of shape \(10,\) .*\(5, 10\).* nor a flat list of its 50 rows"):
+        ops.covariance_update(acc, x3, scale=torch.ones(10, device=DEV), backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.covariance_update(acc, x, backend="cuda")
     assert torch.count_nonzero(acc) == 0

@@ -274,6 +274,8 @@ def test_bad_arguments(backend):
         f(x, W, b, A.half(), B, 1.0, backend=backend)
     with pytest.raises(TypeError, match="bias is"):
         f(x, W, b.half(), A, B, 1.0, backend=backend)
+    with pytest.raises(ValueError, match=f"lora_B is on meta but x is on {x.device}"):
+        f(x, W, b, A, B.to("meta"), 1.0, backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         f(x, W, b, A, B, 1.0, backend="gpu")
 
@@ -473,14 +475,60 @@ def test_compiled_forward_leaves_its_output_unmodified(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_second_derivatives_raise_instead_of_being_wrong(backend):
-    # backward saves s = x·Aᵀ detached, so a gradient of a gradient would miss terms.
+@pytest.mark.parametrize("outer", ["sum", "cube"])
+@pytest.mark.parametrize("train_w", [False, True])
+def test_second_derivatives_match_the_reference(backend, outer, train_w):
+    # A gradient penalty: loss = |∂f/∂x|² + |∂f/∂A|² + |∂f/∂B|² + mean(y²). With f = sum(y) the
+    # incoming dy is a constant, and the whole second-order part flows through A, B and x inside the
+    # op's own backward; ∂f/∂B reads s = x·Aᵀ, which the fused backward keeps detached.
     x, W, b, A, B = make(7, 5, 6, 2, torch.float32)
+    grads = []
+    for which in (backend, "reference"):
+        dt = torch.float64 if which == "reference" else torch.float32
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x, A, B)]
+        w = W.detach().to(dt).requires_grad_(train_w)
+        bb = b.detach().to(dt).requires_grad_(train_w)
+        if which == "reference":
+            y = lora_linear_reference(leaves[0], w, bb, leaves[1], leaves[2], 0.5)
+        else:
+            y = ops.lora_linear(leaves[0], w, bb, leaves[1], leaves[2], 0.5, backend=which)
+        f = y.sum() if outer == "sum" else y.pow(3).sum()
+        first = torch.autograd.grad(f, leaves, create_graph=True)
+        loss = sum(g.square().sum() for g in first) + y.square().mean()
+        params = leaves + ([w, bb] if train_w else [])
+        grads.append(torch.autograd.grad(loss, params))
+    for got, ref in zip(*grads):
+        assert rel(got, ref) < 1e-5
+
+
+def test_second_derivatives_pass_gradgradcheck():
+    x, W, b, A, B = (t.double() for t in make(4, 3, 5, 2, torch.float32))
+    x, A, B, W = (t.requires_grad_() for t in (x, A, B, W))
+
+    def f(x, A, B, W):
+        return ops.lora_linear(x, W, b, A, B, 0.7, backend="torch")
+
+    assert torch.autograd.gradgradcheck(f, (x, A, B, W))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivatives_refuse_what_forward_did_not_keep(backend):
+    x, W, b, A, B = make(7, 5, 6, 2, torch.float32)
+    cases = [
+        # dropout: the kept input is a copy outside the graph
+        (dict(dropout_p=0.3), (True, True, True), "dropout_p"),
+        # lora_B trained with lora_A frozen: forward kept s, not the input it came from
+        (dict(), (True, False, True), "lora_A"),
+    ]
+    for kwargs, needs, match in cases:
+        leaves = [t.clone().requires_grad_(n) for t, n in zip((x, A, B), needs)]
+        y = ops.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 0.5, backend=backend, **kwargs)
+        with pytest.raises(RuntimeError, match=match):
+            torch.autograd.grad(y.sum(), leaves[0], create_graph=True)
+    # without create_graph the same setups differentiate once, as always
     leaves = [t.clone().requires_grad_() for t in (x, A, B)]
-    y = ops.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 0.5, backend=backend)
-    (gx,) = torch.autograd.grad(y.pow(3).sum(), leaves[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        gx.square().sum().backward()
+    ops.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 0.5, dropout_p=0.3, backend=backend).sum().backward()
+    assert all(t.grad is not None for t in leaves)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

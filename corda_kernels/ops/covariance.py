@@ -318,7 +318,20 @@ def _check(acc: torch.Tensor, x: torch.Tensor) -> int:
         raise ValueError(f"x must have shape (..., {d}) to match acc, got {tuple(x.shape)}")
     if x.device != acc.device:
         raise ValueError(f"x is on {x.device} but acc is on {acc.device}")
+    if _overlaps_itself(acc):
+        # The kernel would race on the shared cells; torch's in-place ops refuse such a tensor too.
+        raise ValueError(
+            f"acc's entries share memory (strides {acc.stride()}, e.g. an expand()ed tensor): pass one with "
+            "its own storage per entry, such as acc.contiguous()"
+        )
     return d
+
+
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    probe = getattr(torch, "_debug_has_internal_overlap", None)
+    if probe is not None:
+        return probe(t) == 1  # 1: certainly overlapping, the case torch's own writes reject
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
 
 
 class KeptRows:
@@ -371,7 +384,7 @@ def row_weights(x: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor 
     """Flatten ``mask`` and ``scale`` to per-row vectors over x's leading dims.
 
     ``scale`` may cover fewer leading dims than x (one weight per sequence):
-    it is broadcast over the trailing ones. Returns (keep: bool | None, scale: float | None),
+    it is broadcast over the trailing ones; a 1-D scale of one entry per row is taken flat. Returns (keep: bool | None, scale: float | None),
     each of shape (rows,).
     """
     lead = x.shape[:-1]
@@ -388,12 +401,18 @@ def row_weights(x: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor 
     s = None
     if scale is not None:
         scale = torch.as_tensor(scale, device=x.device)
+        given = tuple(scale.shape)
+        if scale.dim() == 1 and scale.numel() == lead.numel():
+            return keep, scale  # one weight per row, flat, as a flat mask is taken
         while scale.dim() < len(lead):
             scale = scale.unsqueeze(-1)
         try:
             s = scale.expand(lead).reshape(-1)
         except RuntimeError as e:
-            raise ValueError(f"scale of shape {tuple(scale.shape)} does not broadcast to {tuple(lead)}") from e
+            raise ValueError(
+                f"scale of shape {given} fits neither x's leading dims {tuple(lead)} (broadcast from the "
+                f"left: one weight per sequence) nor a flat list of its {lead.numel()} rows"
+            ) from e
     return keep, s
 
 
@@ -544,8 +563,10 @@ def covariance_update(
 
     ``x`` is (..., d) in fp32/fp16/bf16 (fp64 on the torch path) with any strides; ``mask`` (bool or 0/1
     over x's leading dims, or a :class:`KeptRows` built once for several updates) drops rows;
-    ``scale`` is a per-row or per-sequence weight applied to x (fp16 x with a scale stays on the torch
-    path under "auto": the kernel's fp16 rounding of s·x could overflow).
+    ``scale`` is a weight applied to x's rows: shaped as leading dims of x, broadcast from the left
+    (one per sequence), or flat with one entry per row (fp16 x with a scale stays on the torch path
+    under "auto": the kernel's fp16 rounding of s·x could overflow). ``acc``'s entries must not share
+    memory.
     Read the full matrix with :func:`covariance_result`. Returns ``acc``.
     """
     _check(acc, x)

@@ -16,7 +16,6 @@ import functools
 
 import torch
 from packaging.version import Version
-from torch.autograd.function import once_differentiable
 
 from ._backend import (
     autotune,
@@ -494,6 +493,34 @@ def lora_backward_torch(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
     return dx, dW, db, dA, dB
 
 
+def lora_backward_graph(dy2, x2, xd2, keep, p, weight, A, B, scaling, needs):
+    """The backward in plain differentiable ops, for ``create_graph=True``; returns the Function's gradients.
+
+    The fused backward reads s = xd·Aᵀ as forward saved it, detached, so a second derivative through
+    it would silently miss the terms through x and A: here s is formed again from the saved inputs.
+    Those are the autograd inputs themselves only without dropout (x2 is then xd2), and s needs xd2,
+    which forward keeps when lora_A takes a gradient.
+    """
+    need_x, need_w, need_b, need_a, need_bb = needs[:5]
+    if p > 0.0:
+        raise RuntimeError(
+            "lora_linear: second derivatives (create_graph=True) are not supported with dropout_p > 0; "
+            "set the adapter's dropout to 0 for this step"
+        )
+    if need_bb and xd2 is None:
+        raise RuntimeError(
+            "lora_linear: second derivatives (create_graph=True) need lora_A to take a gradient whenever "
+            "lora_B does: with lora_A frozen, forward did not keep the input they read"
+        )
+    u = dy2 @ B
+    dx = dy2 @ weight + scaling * (u @ A) if need_x else None
+    dW = dy2.t() @ x2 if need_w else None
+    db = dy2.sum(0) if need_b else None
+    dA = scaling * (u.t() @ xd2) if need_a else None
+    dB = scaling * (dy2.t() @ (xd2 @ A.t())) if need_bb else None
+    return dx, dW, db, dA, dB, None, None, None
+
+
 def _mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in _wide(a): 16-bit operands multiply on the tensor cores with fp32 output.
 
@@ -845,9 +872,12 @@ class LoraLinearFunction(torch.autograd.Function):
         return y2
 
     @staticmethod
-    @once_differentiable  # s = x·Aᵀ is saved detached: a second derivative would be silently wrong
     def backward(ctx, dy):
         x2, xd2, keep, s, weight, A, B = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, a Hessian-vector product): the gradients must
+            # themselves be differentiable, which the fused launchers' outputs are not.
+            return lora_backward_graph(dy, x2, xd2, keep, ctx.p, weight, A, B, ctx.scaling, ctx.needs_input_grad)
         # The Function's output is 2-D. contiguous() is a no-op on a contiguous dy; asking
         # is_contiguous() first would stop torch 2.6's Dynamo, which traces backward strictly.
         dy2 = dy.contiguous()
@@ -909,6 +939,8 @@ def lora_linear(
             raise TypeError(
                 f"{name} is {t.dtype} but x is {x.dtype}: all operands must share one dtype (for fp32 adapters over a 16-bit base, run under torch.autocast)"
             )
+        if t.device != x.device:  # the Triton launch would read another device's memory
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()  # the kernel reads it with unit stride
     tensors = (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())
