@@ -18,9 +18,53 @@ Targets = Iterable[str] | Callable[[str, nn.Module], bool] | None
 
 
 def is_linear_like(module: nn.Module) -> bool:
+    """An nn.Linear or Conv1D whose forward is the plain affine map, so CordaLinear can stand in for it."""
+    return _linear_class(module) is not None and own_forward(module) is None
+
+
+def _linear_class(module: nn.Module) -> type | None:
     from .layer import CordaLinear
 
-    return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, CordaLinear)
+    if isinstance(module, CordaLinear):
+        return None
+    for cls in (nn.Linear, Conv1D) if Conv1D else (nn.Linear,):
+        if isinstance(module, cls):
+            return cls
+    return None
+
+
+def own_forward(module: nn.Module) -> str | None:
+    """Why a linear subclass cannot be a target: its own forward is not the plain affine map (a router
+    that returns a tuple, a grouped or quantized layer), and CordaLinear would silently replace it."""
+    cls = _linear_class(module)
+    if cls is None or type(module).forward is cls.forward or _computes_the_affine_map(module):
+        return None
+    return (
+        f"a {type(module).__name__}, a {cls.__name__} subclass whose own forward is not x·Wᵀ + b, "
+        "which CordaLinear would not run"
+    )
+
+
+def _computes_the_affine_map(module: nn.Module) -> bool:
+    """Probe a subclass's forward (Falcon's FalconLinear only writes x @ W.T + b out by hand) on three
+    random rows, bypassing hooks; on the meta device only the output's shape can be checked."""
+    w = linear_weight(module)
+    if not w.dtype.is_floating_point:
+        return False  # a quantized weight: nothing to decompose
+    bias = getattr(module, "bias", None)
+    x = torch.randn(3, w.shape[1], dtype=w.dtype, device=w.device)
+    try:
+        with torch.no_grad():
+            y = type(module).forward(module, x)
+            if not isinstance(y, torch.Tensor) or y.shape != (3, w.shape[0]):
+                return False
+            if w.device.type == "meta":
+                return True
+            want = torch.nn.functional.linear(x, w, bias if isinstance(bias, torch.Tensor) else None)
+            err = ((y.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+    except Exception:  # noqa: BLE001 - a forward that needs more than x is not a plain linear
+        return False
+    return err < (1e-4 if w.dtype in (torch.float32, torch.float64) else 3e-2)
 
 
 def _head_ids(model: nn.Module) -> set[int]:
@@ -106,6 +150,33 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
     """
     model = unwrap_model(model)
     head = _head_ids(model)
+    unused = unused_linears(model)
+    if isinstance(targets, str):
+        targets = [targets]
+    patterns = None if targets is None or callable(targets) else _patterns(targets)
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not name or _linear_class(module) is None:
+            continue
+        if targets is None:
+            # A one-output layer (Qwen2-MoE's shared_expert_gate) has rank 1: its whole weight
+            # would be the adapter, leaving no principal part to keep.
+            if id(module) in head or id(module) in unused or own_forward(module) or weight_shape(module)[0] == 1:
+                continue
+        elif callable(targets):
+            if not targets(name, module):
+                continue
+        elif not _matches(name, patterns):
+            continue
+        check_target(name, module, unused)
+        out[name] = module
+    if targets is not None and patterns is not None and not out:
+        raise ValueError(f"targets {patterns} matched no nn.Linear or Conv1D module of the model{built_hint(model)}")
+    return out
+
+
+def unused_linears(model: nn.Module) -> dict[int, str]:
+    """id -> why, for the linear layers whose forward never runs: their owner reads the weight itself."""
     # nn.MultiheadAttention passes out_proj.weight to a functional kernel: out_proj's own forward
     # never runs, so it collects nothing and an adapter there would never apply.
     unused = {
@@ -122,32 +193,19 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
             if "Mamba" in type(m).__name__ and isinstance(getattr(m, "dt_proj", None), nn.Linear)
         }
     )
-    if isinstance(targets, str):
-        targets = [targets]
-    patterns = None if targets is None or callable(targets) else _patterns(targets)
-    out: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if not name or not is_linear_like(module):
-            continue
-        if targets is None:
-            # A one-output layer (Qwen2-MoE's shared_expert_gate) has rank 1: its whole weight
-            # would be the adapter, leaving no principal part to keep.
-            if id(module) in head or id(module) in unused or weight_shape(module)[0] == 1:
-                continue
-        elif callable(targets):
-            if not targets(name, module):
-                continue
-        elif not _matches(name, patterns):
-            continue
-        if id(module) in unused:
-            raise ValueError(
-                f"module {name!r} is {unused[id(module)]} (the module's forward never runs): it cannot hold "
-                "an adapter; leave it out of targets="
-            )
-        out[name] = module
-    if targets is not None and patterns is not None and not out:
-        raise ValueError(f"targets {patterns} matched no nn.Linear or Conv1D module of the model{built_hint(model)}")
-    return out
+    return unused
+
+
+def check_target(name: str, module: nn.Module, unused: Mapping[int, str], where: str = "targets=") -> None:
+    """Refuse, by name, a linear layer asked for as a target that CordaLinear cannot stand in for."""
+    if id(module) in unused:
+        raise ValueError(
+            f"module {name!r} is {unused[id(module)]} (the module's forward never runs): it cannot hold "
+            f"an adapter; leave it out of {where}"
+        )
+    why = own_forward(module)
+    if why:
+        raise ValueError(f"module {name!r} is {why}: it cannot hold an adapter; leave it out of {where}")
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:

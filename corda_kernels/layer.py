@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._targets import Conv1D, linear_weight
+from ._targets import Conv1D, linear_weight, own_forward
 from .decompose import context_svd
 from .ops._backend import full_fp32_matmul
 from .ops.lora import autocast_dtype
@@ -77,6 +77,9 @@ class CordaLinear(nn.Module):
         """Decompose ``linear`` (nn.Linear or Conv1D) with covariance ``cov`` and wrap the result."""
         if not isinstance(linear, (nn.Linear, Conv1D)) or isinstance(linear, CordaLinear):
             raise TypeError(f"from_linear needs an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        why = own_forward(linear)
+        if why:
+            raise TypeError(f"from_linear cannot wrap {why}")
         weight = linear_weight(linear).detach()
         scaling = (rank if alpha is None else alpha) / rank
         dec = context_svd(weight, cov.to(weight.device), rank, mode, scaling=scaling, damping=damping)

@@ -20,12 +20,14 @@ from torch import nn
 from ._targets import (
     WRAPPER_PREFIXES,
     Targets,
+    check_target,
     ddp_wrapped,
     find_targets,
     is_linear_like,
     linear_weight,
     module_slots,
     swap_modules,
+    unused_linears,
     unwrap_model,
 )
 from .covariance import Covariances
@@ -66,6 +68,7 @@ def resolve_targets(model: nn.Module, covs: Mapping[str, torch.Tensor], targets:
     if targets is not None:
         return find_targets(model, targets)
     named = dict(unwrap_model(model).named_modules())  # the names find_targets gives, without wrapper prefixes
+    unused = unused_linears(unwrap_model(model))
     out = {}
     for name in covs:
         module = named.get(name)
@@ -83,6 +86,7 @@ def resolve_targets(model: nn.Module, covs: Mapping[str, torch.Tensor], targets:
                 f"module {name!r} is already a CordaLinear (build_corda ran on this model): merge_corda first, "
                 "or use the original model"
             )
+        check_target(name, module, unused, where="the covariances (or pass targets=)")
         if not is_linear_like(module):
             raise ValueError(f"module {name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D")
         out[name] = module

@@ -539,11 +539,12 @@ def test_build_and_merge_free_each_replaced_weight_as_they_go(make, monkeypatch)
 def test_a_target_inside_another_target_is_refused_before_any_swap():
     # Replacing the outer layer would silently drop the inner one; swapping one layer at a time it
     # would also fail half-way. Refused while checking, naming both.
-    class Outer(nn.Linear):
+    class Outer(nn.Linear):  # nn.Linear's own forward, and a child layer
         def __init__(self):
             super().__init__(8, 8)
             self.inner = nn.Linear(8, 8)
 
+    class Chained(Outer):  # a forward of its own that runs the child: not a target at all
         def forward(self, x):
             return super().forward(self.inner(x))
 
@@ -554,6 +555,10 @@ def test_a_target_inside_another_target_is_refused_before_any_swap():
     assert not ck.corda_layers(model)
     ck.build_corda(model, covs, rank=2, targets=["0.inner"])  # either one alone is fine
     assert set(ck.corda_layers(model)) == {"0.inner"}
+    chained = nn.Sequential(Chained(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"'0' is a Chained, a Linear subclass whose own forward is not"):
+        ck.build_corda(chained, covs, rank=2, targets=["0", "0.inner"])
+    assert not ck.corda_layers(chained)
 
 
 def test_rank_error_pickles_and_copies():

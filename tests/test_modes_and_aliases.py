@@ -11,6 +11,7 @@ from torch import nn
 
 import corda_kernels as ck
 from corda_kernels import export
+from corda_kernels._targets import find_targets
 
 
 def _logits(model, batch):
@@ -164,6 +165,11 @@ def test_torch_transformer_encoder_layers_keep_their_adapters_in_eval():
     assert not any("out_proj" in n for n in covs) and "1.layers.0.linear1" in covs
     with pytest.raises(ValueError, match=r"'1.layers.0.self_attn.out_proj'.*MultiheadAttention"):
         ck.collect_cov(model, xs, targets=["out_proj"], progress=False)
+    # nor through a covariance mapping that names it (hand-made, or from another tool)
+    named = {"1.layers.0.self_attn.out_proj": torch.eye(32), **covs}
+    with pytest.raises(ValueError, match=r"'1.layers.0.self_attn.out_proj'.*leave it out of the covariances"):
+        ck.build_corda(model, named, rank=4)
+    assert not ck.corda_layers(model)
     pad = torch.zeros(3, 10, dtype=torch.bool)
     pad[0, 6:] = True  # a padded batch: nn.TransformerEncoder would pack it into nested tensors
     with torch.no_grad():
@@ -291,3 +297,69 @@ def test_the_input_grad_hook_is_only_for_reentrant_checkpointing_and_respects_an
     model = built()
     model(**b, use_cache=False)
     assert ours(model) == 0
+
+
+class _Router(nn.Linear):
+    """A linear subclass with its own forward (transformers' Llama4Router returns a tuple)."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits.softmax(-1), logits
+
+
+class _Marked(nn.Linear):
+    """A subclass that only marks the layer (torch's NonDynamicallyQuantizableLinear): a plain linear."""
+
+
+class _HandWritten(nn.Linear):
+    """Its own forward, the plain map written out (transformers' FalconLinear): still a target."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _Doubled(nn.Linear):
+    """Its own forward, one tensor of the right shape, but not x·Wᵀ + b."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class _Routed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = _HandWritten(12, 16)
+        self.router = _Router(16, 8)
+        self.doubled = _Doubled(16, 12)
+        self.marked = _Marked(16, 12)
+
+    def forward(self, x):
+        h = self.up(x)
+        probs, _ = self.router(h)
+        return self.marked(h) + self.doubled(h) + probs.sum(-1, keepdim=True)
+
+
+def test_linear_subclasses_with_their_own_forward_are_not_targets():
+    torch.manual_seed(0)
+    model = _Routed().eval()
+    xs = [torch.randn(3, 5, 12) for _ in range(2)]
+    with torch.no_grad():
+        want = model(xs[0])
+    covs = ck.collect_cov(model, xs, progress=False)
+    assert sorted(covs) == ["marked", "up"]  # the router and the doubling layer are left out by default
+    for how in (["router"], lambda name, m: name == "router"):
+        with pytest.raises(ValueError, match=r"'router' is a _Router, a Linear subclass whose own forward is not"):
+            ck.collect_cov(model, xs, targets=how, progress=False)
+    with pytest.raises(ValueError, match=r"'doubled' is a _Doubled, a Linear subclass whose own forward is not"):
+        ck.collect_cov(model, xs, targets=["doubled"], progress=False)
+    meta = copy.deepcopy(model).to("meta")  # weights not materialized: the output's shape still tells
+    assert sorted(find_targets(meta)) == ["doubled", "marked", "up"]
+    with pytest.raises(ValueError, match=r"'router' is a _Router.*leave it out of the covariances"):
+        ck.build_corda(model, {"router": torch.eye(16), **covs}, rank=2)
+    with pytest.raises(TypeError, match="from_linear cannot wrap a _Router"):
+        ck.CordaLinear.from_linear(model.router, torch.eye(16), rank=2)
+    assert not ck.corda_layers(model)
+    ck.build_corda(model, covs, rank=2)
+    assert sorted(ck.corda_layers(model)) == ["marked", "up"] and type(model.router) is _Router
+    with torch.no_grad():
+        assert rel(model(xs[0]), want) < 1e-5

@@ -72,6 +72,23 @@ ARCHS = {
         shared_expert_intermediate_size=48,
     ),
     "starcoder2": _llama_like("Starcoder2ForCausalLM", "Starcoder2Config", num_key_value_heads=2),
+    # The routers are nn.Linear subclasses whose forward returns a tuple: never a default target.
+    "llama4": _llama_like(
+        "Llama4ForCausalLM",
+        "Llama4TextConfig",
+        intermediate_size=64,
+        intermediate_size_mlp=96,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
+        no_rope_layers=[1, 1],
+        attention_chunk_size=64,
+    ),
+    "phimoe": _llama_like(
+        "PhimoeForCausalLM", "PhimoeConfig", num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2
+    ),
     "roberta_cls": (  # the classifier's output layer (num_labels logits, outside base_model): not a target
         "RobertaForSequenceClassification",
         "RobertaConfig",
@@ -82,7 +99,7 @@ ARCHS = {
 
 # Layers whose input has batch·seq rows without being a view of the tokens: the mask cannot be trusted
 # there (another order would look the same), so every row counts and a warning names them.
-WHOLE = {"qwen2_moe": ("shared_expert.down_proj",)}
+WHOLE = {"qwen2_moe": ("shared_expert.down_proj",), "llama4": ("shared_expert.down_proj",)}
 
 
 def _build(arch):
