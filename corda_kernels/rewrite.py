@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import numbers
 import warnings
@@ -289,6 +290,15 @@ def apply_factors(
     return model
 
 
+def _forward_reads_tie(module: nn.Module) -> bool:
+    # SwitchTransformers and UDOP (and T5, mT5, UMT5, LongT5 on transformers 4) scale the decoder
+    # output by d_model**-0.5 only while the config says the embeddings are tied.
+    try:
+        return "tie_word_embeddings" in inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+
+
 def _untie_targets(model: nn.Module, modules: Mapping[str, nn.Module]) -> set[str]:
     """A target whose weight is tied to another parameter (an LM head tied to the input embedding) gets
     its own residual weight; the other keeps W. transformers' ``tie_weights()`` (called by
@@ -312,6 +322,14 @@ def _untie_targets(model: nn.Module, modules: Mapping[str, nn.Module]) -> set[st
     # Only a tie to the word embeddings is the config's to make again; other shared weights (an
     # encoder-decoder tie between two targets) just stop being shared.
     word = {owner for owner in tied if id(modules[owner].weight) in embeddings}
+    for m in model.modules() if word else ():
+        if getattr(getattr(m, "config", None), "tie_word_embeddings", False) is True and _forward_reads_tie(m):
+            raise ValueError(
+                f"module {sorted(word)[0]!r} shares its weight with the input embeddings, and "
+                f"{type(m).__name__}.forward reads config.tie_word_embeddings (it rescales the output when "
+                "the weights are tied): an adapter there would need the tie undone and would change the "
+                "outputs; leave that module out of the targets"
+            )
     untied = False
     for m in model.modules() if word else ():
         configs = [getattr(m, "config", None)]

@@ -394,6 +394,33 @@ def test_a_tied_output_layer_stays_untied_through_tie_weights(tmp_path):
         assert rel(a, b) < 1e-5
 
 
+def test_a_tied_head_is_refused_where_the_forward_reads_the_tie_flag():
+    # SwitchTransformers rescales the decoder output only while config.tie_word_embeddings is set:
+    # untying there would change the outputs, so the head is refused and nothing is touched.
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = SwitchTransformersConfig(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, expert_capacity=64, num_layers=2, num_sparse_encoder_layers=1,
+        num_decoder_layers=2, num_sparse_decoder_layers=1, num_heads=4, num_experts=2, router_jitter_noise=0.0,
+    )  # fmt: skip
+    model = SwitchTransformersForConditionalGeneration(cfg).eval()
+    assert model.lm_head.weight is model.shared.weight
+    batches = padded_batches(100, n_batches=1)
+    for b in batches:
+        b["decoder_input_ids"] = b["input_ids"][:, :6]
+        b["decoder_attention_mask"] = torch.ones_like(b["decoder_input_ids"])
+    before = _logits(model, batches)
+    covs = ck.collect_cov(model, batches, targets=["lm_head", "q"], progress=False)
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight.*SwitchTransformersForConditionalGeneration"):
+        ck.build_corda(model, covs, rank=4)
+    assert not ck.corda_layers(model) and model.config.tie_word_embeddings is True
+    assert model.lm_head.weight is model.shared.weight
+    ck.build_corda(model, covs, rank=4, targets=["q"])  # the other targets alone are fine
+    for a, b in zip(_logits(model, batches), before):
+        assert rel(a, b) < 1e-5
+
+
 def test_from_factors_owns_its_adapters_and_checks_their_dtype():
     torch.manual_seed(0)
     lin = nn.Linear(8, 6)
