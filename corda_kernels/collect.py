@@ -46,7 +46,7 @@ class _Group:
     count: torch.Tensor  # counted rows (device scalar, no sync)
     seqs: torch.Tensor  # counted sequences, for normalize="peft"
     first_batch: int
-    batch_log: list[tuple[int, int]] = field(default_factory=list)  # inputs accumulated this batch (_input_key)
+    batch_log: list[int] = field(default_factory=list)  # inputs accumulated this batch (Collector._seen serials)
     # A side accumulator (see Collector._side) keeps what its rows were ("masked", "unmasked",
     # "decoder_unmasked") until it is known which members it belongs to.
     marks: set[str] | None = None
@@ -113,11 +113,15 @@ class Collector:
         self._any_pad: torch.Tensor | None = None  # did any batch's attention mask drop a token?
         self.signatures: dict[str, tuple[float, float]] | None = None  # set by a distributed reduction
         self._kept: dict[tuple[str, torch.device], tuple[ops.KeptRows, torch.Tensor]] = {}
-        self._seen: dict[tuple[int, int], tuple[weakref.ref, set[int]]] = {}
+        # Tensor read this batch -> (weak ref, groups that accumulated it, serial). The logs below name
+        # inputs by serial, never by _input_key: a freed tensor's id comes back for the next tensor made,
+        # and a fresh tensor's version is 0 again, so two different inputs could log the same key.
+        self._seen: dict[tuple[int, int], tuple[weakref.ref, set[int], int]] = {}
+        self._serial = itertools.count()
         # Flattened (batch·seq, d) tensors that a row-wise module (norm, activation, linear) made from
         # the batch's tokens in token order, and which masks ("input"/"decoder") describe them.
         self._token_rows: dict[tuple[int, int], tuple[weakref.ref, frozenset[str]]] = {}
-        self._member_log: dict[str, list[tuple[int, int]]] = {}
+        self._member_log: dict[str, list[int]] = {}
         # In a group's first batch, a tensor only some of its members may read (DeBERTa-v3's query and
         # key projections also read the relative position embeddings; its value projection does not):
         # accumulated apart, keyed (group, tensor), until every member has read it or the batch ends.
@@ -230,8 +234,9 @@ class Collector:
             # same id starts a fresh entry. (Holding a batch's inputs to its end measured no faster on
             # the CPU, bench_collect config, 2026-11-29 12:30 UTC: 2.760 s vs 2.764 s, medians of 7.)
             ref = weakref.ref(x, lambda _, k=key, seen=self._seen: seen.pop(k, None))
-            entry = self._seen[key] = (ref, set())
-        self._member_log.setdefault(name, []).append(key)
+            entry = self._seen[key] = (ref, set(), next(self._serial))
+        tag = entry[2]
+        self._member_log.setdefault(name, []).append(tag)
         gi = self.group_of.get(name)
         if gi is None:
             # First sighting: join a group created this batch for the very same tensor, else start one.
@@ -255,7 +260,7 @@ class Collector:
         if side is None and g.first_batch == self.batch and g.batch_log and len(g.names) > 1:
             side = self._new_side(g, name)
             self._side[(gi, key)] = (weakref.ref(x), side)
-            self._accumulate(side, name, x, key)
+            self._accumulate(side, name, x, key, tag)
         if side is not None:
             if name not in side.names:
                 side.names.append(name)
@@ -265,7 +270,7 @@ class Collector:
                 entry[1].add(gi)
             return
         entry[1].add(gi)
-        self._accumulate(g, name, x, key)
+        self._accumulate(g, name, x, key, tag)
 
     def _zero_group(self, names: list[str], d: int, dev: torch.device, first_batch: int, **kw) -> _Group:
         acc = torch.zeros(d, d, dtype=self.accum_dtype, device=dev)
@@ -335,8 +340,8 @@ class Collector:
             self.groups.append(self._zero_group([name], d, dev, self.batch))
             self.group_of[name] = len(self.groups) - 1
 
-    def _accumulate(self, g: _Group, name: str, x: torch.Tensor, key: tuple[int, int]) -> None:
-        g.batch_log.append(key)
+    def _accumulate(self, g: _Group, name: str, x: torch.Tensor, key: tuple[int, int], tag: int) -> None:
+        g.batch_log.append(tag)
         which = "decoder" if name in self.decoder_names and key != self._encoder_out else "input"
         mask = self._masks.get(which)
         if which == "decoder" and mask is None and self._masks.get("input") is not None:
@@ -675,6 +680,20 @@ def split_batch(batch, params: list[str] | None = None):
             )
         args = tuple(batch)
         mask = None
+        for i, a in enumerate(args[1 : len(params or ())], 1):
+            # TensorDataset(ids, mask) fits a forward whose second parameter is attention_mask (Llama,
+            # BERT), not GPT-2's, whose second is the KV cache: the model would fail deep inside.
+            if (
+                ("cache" in params[i] or "past" in params[i])
+                and isinstance(a, torch.Tensor)
+                and isinstance(args[0], torch.Tensor)
+                and a.shape == args[0].shape
+            ):
+                raise ValueError(
+                    f"element {i} of a tuple batch is shaped like input_ids but would go to the forward's "
+                    f"parameter {params[i]!r}: tuple batches are passed positionally; give dict batches "
+                    "such as {'input_ids': ids, 'attention_mask': mask}"
+                )
         if params and "attention_mask" in params[: len(args)]:
             mask = args[params.index("attention_mask")]
             mask = mask if isinstance(mask, torch.Tensor) else None
@@ -859,7 +878,10 @@ def run_batches(
         for m in nested:
             m.use_nested_tensor = False
         collector.attach(stop_at=stop_at, encoder=encoder, model=model if early_stop else None, row_root=model)
-        with torch.no_grad():
+        # Out of inference mode even when the caller is in it: inference tensors have no version
+        # counter (which tells an input written in place from the one read before) and their views no
+        # _base (which tells a flattened view of the tokens, whose padding the mask drops).
+        with torch.inference_mode(False), torch.no_grad():
             # islice: with max_batches, never pull one batch more than is used (a generator may tokenize).
             for batch in loader if max_batches is None else itertools.islice(loader, max_batches):
                 args, kwargs, mask = split_batch(batch, params)

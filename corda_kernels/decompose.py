@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -301,8 +302,9 @@ class RankTooLarge(ValueError):
         return type(self), (self.rank, self.name, self.shape)
 
 
-def validate(weight: torch.Tensor, cov: torch.Tensor, rank: int, mode: str, name: str | None = None) -> None:
-    """Shape, rank, mode and dtype checks; raise naming the argument (and the module, if given)."""
+def validate(weight: torch.Tensor, cov: torch.Tensor, rank: int, mode: str, name: str | None = None) -> int:
+    """Shape, rank, mode and dtype checks; raise naming the argument (and the module, if given).
+    Returns the rank as a plain int."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if weight.dim() != 2:
@@ -318,10 +320,16 @@ def validate(weight: torch.Tensor, cov: torch.Tensor, rank: int, mode: str, name
             f"cov{_label(name)} must be ({d_in}, {d_in}) for a weight of shape {tuple(weight.shape)}, "
             f"got {tuple(cov.shape)}"
         )
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    try:
+        # operator.index takes numpy and 0-d torch integers as well as int, but no float or bool.
+        r = None if isinstance(rank, bool) else operator.index(rank)
+    except TypeError:
+        r = None
+    if r is None or r < 1:
         raise ValueError(f"rank{_label(name)} must be a positive int, got {rank!r}")
-    if rank > min(d_out, d_in):
-        raise RankTooLarge(rank, name, tuple(weight.shape))
+    if r > min(d_out, d_in):
+        raise RankTooLarge(r, name, tuple(weight.shape))
+    return r
 
 
 def context_svd(
@@ -349,7 +357,7 @@ def context_svd(
     Cholesky factor, with a warning, at most 8 times. ``adapter_dtype``: that of A and
     B (default: the weight's); the residual keeps the weight's dtype.
     """
-    validate(weight, cov, rank, mode)
+    rank = validate(weight, cov, rank, mode)
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf")
     if not scaling > 0:

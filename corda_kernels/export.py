@@ -460,23 +460,25 @@ def to_lora(
     if out_dir is not None:
         _check_not_model_source(model, out_dir)
     sd: dict[str, torch.Tensor] = {}
+    own = [n for n in layers if f"{n}.lora_A" in original_state_dict]
+    if own:
+        raise ValueError(
+            f"module {own[0]!r}: original_state_dict holds its adapter ('{own[0]}.lora_A'); it looks like this "
+            "CorDA model's own state dict, not the model it was built from"
+        )
+    unchanged = []
     for name, layer in layers.items():
         res = layer.weight.detach()
         w0 = _original_weight(original_state_dict, name, layer).to(device=res.device, dtype=torch.float64)
         delta = w0 - res.double()
         # The residual's own values give exactly 0 here (both are cast from the same dtype, so the float64
-        # difference is exact), and then B0 = A0 = 0 and the LoRA silently drops -s*B0A0 on the original model.
-        # A genuine original differs by s*B0A0, which is real but can be tiny: KPM puts the *smallest*
-        # components of W*C_d in the adapter, down to a few ulps of W once the residual is rounded. A
-        # tolerance at the dtype's rounding (~1e-7*|W| in fp32, ~1e-3 in bf16) would reject such layers,
-        # so only what is zero up to float64 noise is refused. Strict <: an all-zero W has B0A0 = 0 and converts.
-        w0_norm = float(w0.norm())
-        if float(delta.norm()) < 1e-12 * w0_norm:
-            raise ValueError(
-                f"module {name!r}: the original weight equals the residual (|W - residual| = "
-                f"{float(delta.norm()):.3g}, |W| = {w0_norm:.3g}); original_state_dict looks like this CorDA "
-                "model's own state dict, not the model it was built from"
-            )
+        # difference is exact), and then B0 = A0 = 0. That is right for a layer whose initial adapter was
+        # exactly zero (KPM on a rank-deficient weight, such as pruned rows), but not for every layer: then
+        # original_state_dict holds the residuals, and the LoRA would silently drop -s*B0A0 everywhere.
+        # A genuine original differs by s*B0A0, which can be a few ulps of W (KPM's smallest components),
+        # so only what is zero up to float64 noise counts. Strict <: an all-zero W has B0A0 = 0 too.
+        if float(delta.norm()) < 1e-12 * float(w0.norm()):
+            unchanged.append(name)
         s = layer.scaling
         b0, a0, tail = _rank_r_factors(delta / s, layer.rank)
         eps = _rounding_eps(res)
@@ -493,6 +495,11 @@ def to_lora(
         dt = layer.lora_A.dtype
         sd[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.cat([layer.lora_A.detach(), a0.to(dt)], dim=0)
         sd[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.cat([layer.lora_B.detach(), -b0.to(dt)], dim=1)
+    if len(unchanged) == len(layers) and any(float(m.weight.detach().norm()) > 0 for m in layers.values()):
+        raise ValueError(
+            f"module {unchanged[0]!r}: the original weight equals the residual in every layer; "
+            "original_state_dict looks like this CorDA model's residual weights, not the model it was built from"
+        )
     cfg = _lora_config(
         {n: 2 * m.rank for n, m in layers.items()},
         {n: 2 * m.alpha for n, m in layers.items()},

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import ops
 from ._targets import Conv1D, linear_weight, own_forward
-from .decompose import context_svd
+from .decompose import context_svd, validate
 from .ops._backend import full_fp32_matmul
 from .ops.lora import autocast_dtype
 
@@ -81,6 +81,7 @@ class CordaLinear(nn.Module):
         if why:
             raise TypeError(f"from_linear cannot wrap {why}")
         weight = linear_weight(linear).detach()
+        rank = validate(weight, cov, rank, mode)
         scaling = (rank if alpha is None else alpha) / rank
         dec = context_svd(weight, cov.to(weight.device), rank, mode, scaling=scaling, damping=damping)
         return cls.from_factors(linear, dec.residual, dec.A, dec.B, alpha=alpha, dropout=dropout, mode=mode)

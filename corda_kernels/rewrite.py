@@ -126,8 +126,7 @@ def plan(
     for name, module in modules.items():
         if name not in covs:
             raise ValueError(f"no covariance for module {name!r}")
-        r = ranks.get(name, rank)
-        validate(linear_weight(module), covs[name], r, mode, name=name)
+        r = validate(linear_weight(module), covs[name], ranks.get(name, rank), mode, name=name)
         a = alpha.get(name) if isinstance(alpha, Mapping) else alpha
         if a is not None and (isinstance(a, bool) or not isinstance(a, numbers.Real)):
             raise TypeError(f"alpha for module {name!r} must be a number, got {a!r}")

@@ -244,3 +244,28 @@ def test_tall_ipm_rank_above_the_numerical_rank():
     dec = ck.context_svd(w.float(), c.float(), 45, "ipm")
     err = (dec.B.double() @ dec.A.double() - B_ref @ A_ref).norm() / w.norm()
     assert err < 1e-6 and float(dec.A.abs().max()) < 10
+
+
+def test_rank_takes_any_integer_type_and_nothing_else():
+    import numpy as np
+    from tiny import padded_batches, tiny_llama
+
+    torch.manual_seed(0)
+    w, c = torch.randn(12, 9), _cov(9, 40)
+    want = ck.context_svd(w, c, 3)
+    for r in (np.int64(3), torch.tensor(3)):
+        got = ck.context_svd(w, c, r)
+        assert torch.equal(got.A, want.A) and torch.equal(got.B, want.B)
+    for bad in (0, -1, 2.0, 1.5, True, "3", torch.tensor(3.0)):
+        with pytest.raises(ValueError, match=r"rank must be a positive int, got"):
+            ck.context_svd(w, c, bad)
+    model = tiny_llama()
+    covs = ck.collect_cov(model, padded_batches(model.config.vocab_size, n_batches=1), progress=False)
+    first = next(iter(covs))
+    with pytest.raises(ValueError, match=rf"rank of module '{first}' must be a positive int, got 2.0"):
+        ck.build_corda(model, covs, rank=2, ranks={first: 2.0})
+    assert not ck.corda_layers(model)
+    ck.build_corda(model, covs, rank=np.int64(2), ranks={first: np.int32(3)})
+    layers = ck.corda_layers(model)
+    assert layers[first].rank == 3 and type(layers[first].rank) is int
+    assert {type(m.rank) for m in layers.values()} == {int} and layers[next(reversed(layers))].rank == 2

@@ -116,6 +116,29 @@ def test_to_lora_serves_on_the_original_model(make, tmp_path):
     torch.testing.assert_close(w0 + alpha / r * bb @ a, layers[name].merged_weight(), rtol=1e-4, atol=1e-5)
 
 
+def test_to_lora_converts_a_layer_whose_initial_adapter_is_exactly_zero(tmp_path):
+    # KPM on a weight with pruned rows: the smallest components are exactly zero, the residual is W
+    # bit for bit, and the original is still the right one to serve the LoRA on.
+    def pruned():
+        model = tiny_llama()
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight[:8].zero_()
+        return model
+
+    model, original, batches = _corda(pruned, mixed=False)
+    layer = model.model.layers[0].mlp.down_proj
+    assert torch.equal(layer.weight, original["model.layers.0.mlp.down_proj.weight"])
+    _train(model, batches)
+    want = _logits(model, batches[1])
+    export.to_lora(model, original, tmp_path / "lora")
+    got = _logits(PeftModel.from_pretrained(pruned(), tmp_path / "lora").eval(), batches[1])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The residuals alone (no adapter keys) equal "the original" in every layer: refused.
+    residuals = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    with pytest.raises(ValueError, match="equals the residual in every layer"):
+        export.to_lora(model, residuals)
+
+
 def test_to_lora_rejects_the_wrong_original():
     model, _, _ = _corda(tiny_llama, mixed=False)
     other = tiny_llama(seed=1).state_dict()
