@@ -55,3 +55,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` and move the result into place atomically."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def figure_format(path: str) -> str:
+    """The image format a figure file's extension asks for (``.svg``, ``.pdf``, ...), PNG without one."""
+    return os.path.splitext(path)[1].lstrip(".").lower() or "png"

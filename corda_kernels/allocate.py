@@ -220,6 +220,18 @@ def allocate_ranks(
         if ranks[i] + multiple <= caps[i]:
             heapq.heappush(heap, (scorers[i](ranks[i]), i))
 
+    if all(r == cap for r, cap in zip(ranks, caps)) and used < tau:
+        warnings.warn(
+            f"the budget ({tau} parameters) is more than the layers can take: every one is at its largest "
+            f"allowed rank, for {used} parameters"
+            + (
+                " (in KPM a full-rank adapter leaves a residual of about 0: nothing is kept frozen)"
+                if mode == "kpm"
+                else ""
+            )
+            + "; lower the budget or set max_rank",
+            stacklevel=2,
+        )
     out = RankAllocation(
         dict(zip(names, ranks)),
         budget=tau,

@@ -178,7 +178,9 @@ class _Rounds:
                 "model's dtype and the calibration data"
             )
         if not float(c.diagonal().sum()) > 0:
-            return None, 0, 0  # rows that were all zero: no candidate, as if no row had come (plain collection agrees)
+            # Rows that were all zero: no candidate, as if no row had come (plain collection would keep a
+            # zero matrix, which build_corda then refuses).
+            return None, 0, 0
         return c, count, seqs
 
     def close(self, n: int) -> None:
@@ -380,7 +382,10 @@ def _assemble(collector, rounds: _Rounds, rule, damping, compute_dtype, n, candi
     groups = [g.names for g in collector.groups]
     for gi, names in enumerate(groups):
         if rounds.best[gi] is None:
-            raise ValueError(f"module(s) {names} counted no token in any round: cannot select a covariance")
+            raise ValueError(
+                f"module(s) {names} counted no token, or read only all-zero inputs, in every round: cannot "
+                "select a covariance; leave them out (targets=)"
+            )
     best = [b for b in rounds.best if b is not None]
     shapes = {name: weight_shape(collector.modules[name]) for names in groups for name in names}
     chosen = [b.round for b in best]

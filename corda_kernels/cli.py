@@ -337,6 +337,24 @@ def _flags(keys) -> str:
     return ", ".join("--" + k.replace("_", "-") for k in keys)
 
 
+# Python argument names in the library's messages, and the flags that set them here.
+_ARGUMENT_FLAGS = [
+    (re.compile(r"\b(min_rank|max_rank|multiple|candidates)=(\w+)"), lambda m: f"--{m[1].replace('_', '-')} {m[2]}"),
+    (re.compile(r"\b(min_rank|max_rank)\b"), lambda m: "--" + m[1].replace("_", "-")),
+    (re.compile(r"(?<=/)multiple\b|\bmultiple(?= must| \()"), "--multiple"),
+    (re.compile(r"\btargets="), "--targets"),
+    (re.compile(r"pass an int for a number of parameters"), "give --budget an int for a number of parameters"),
+]
+
+
+def _in_flags(e: Exception) -> CliError:
+    """The library's error, its Python argument names said as this command's flags."""
+    text = str(e)
+    for pattern, flag in _ARGUMENT_FLAGS:
+        text = pattern.sub(flag, text)
+    return CliError(text)
+
+
 def cmd_collect(args) -> int:
     import corda_kernels as ck
 
@@ -364,7 +382,10 @@ def cmd_collect(args) -> int:
         if args.candidates:
             if not hasattr(ck, "select_covariances"):
                 raise CliError("--candidates needs CorDA++ (corda_kernels.select_covariances), which is not installed")
-            cands = ck.collect_cov(model, loader, candidates=args.candidates, **rule, **kw)
+            try:
+                cands = ck.collect_cov(model, loader, candidates=args.candidates, **rule, **kw)
+            except ValueError as e:
+                raise _in_flags(e) from None
             covs = ck.select_covariances(model, cands)
             _log(f"CorDA++ selection over {cands.rounds} rounds (* = chosen):\n{cands.table()}", rank)
         else:
@@ -517,18 +538,21 @@ def cmd_build(args) -> int:
             if not hasattr(ck, "allocate_ranks"):
                 raise CliError("--cordapp needs CorDA++ (corda_kernels.allocate_ranks), which is not installed")
             budget = _parse_budget(args.budget)
-            ranks = ck.allocate_ranks(
-                model,
-                covs,
-                budget=1.0 if budget is None else budget,
-                mode=args.mode,
-                rank=args.rank,
-                targets=args.targets,
-                damping=args.damping,
-                **alloc,
-                progress=not args.no_progress and rank_ == 0,
-                distributed=world > 1,
-            )
+            try:
+                ranks = ck.allocate_ranks(
+                    model,
+                    covs,
+                    budget=1.0 if budget is None else budget,  # what uniform --rank would cost
+                    mode=args.mode,
+                    rank=args.rank,
+                    targets=args.targets,
+                    damping=args.damping,
+                    **alloc,
+                    progress=not args.no_progress and rank_ == 0,
+                    distributed=world > 1,
+                )
+            except ValueError as e:
+                raise _in_flags(e) from None
             _log(f"CorDA++ allocation: {sum(ranks.values())} ranks, {ranks.used} of {ranks.budget} parameters", rank_)
         values = {}
         if args.report:
@@ -691,11 +715,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer to save with the residual model (default: the model's, if any)")
     p.add_argument("--mode", choices=("kpm", "ipm"), default="kpm")
     p.add_argument("--rank", type=int, default=16, help="uniform rank (CorDA++: the reference rank of a fraction)")
-    p.add_argument("--budget", default=None, help="CorDA++ budget: int parameters, or a fraction of --rank's cost")
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="CorDA++ budget: int parameters, or a fraction of what uniform --rank would cost (default with "
+        "--cordapp: 1.0, that cost)",
+    )
     p.add_argument("--cordapp", action="store_true", help="CorDA++ rank allocation (allocate_ranks)")
-    p.add_argument("--min-rank", type=int, default=None, help="CorDA++: smallest rank per layer (default 1)")
-    p.add_argument("--max-rank", type=int, default=None, help="CorDA++: largest rank per layer (default: none)")
-    p.add_argument("--multiple", type=int, default=None, help="CorDA++ ranks are multiples of this (default 1)")
+    p.add_argument("--min-rank", type=_positive, default=None, help="CorDA++: smallest rank per layer (default 1)")
+    p.add_argument("--max-rank", type=_positive, default=None, help="CorDA++: largest rank per layer (default: none)")
+    p.add_argument("--multiple", type=_positive, default=None, help="CorDA++ ranks are multiples of this (default 1)")
     p.add_argument(
         "--ipm-score",
         choices=("captured", "boundary"),

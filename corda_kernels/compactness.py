@@ -18,6 +18,7 @@ so selection, allocation and ``build_corda`` never decompose a layer twice.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -193,6 +194,7 @@ class RankScorer:
 
 # ---------------------------------------------------------------------- convenience on tensors
 def _analyse(weight: torch.Tensor, cov: torch.Tensor, damping: float, compute_dtype: torch.dtype):
+    decompose.validate(weight, cov, 1, "kpm")  # shapes and dtypes, named
     w = weight.detach()
     damped = damp_covariance(cov.detach().to(w.device), damping, dtype=compute_dtype)
     spec = decompose.compute_spectrum(w, damped)
@@ -209,18 +211,25 @@ def compactness(
     pi_normalize: str = "mean",
     compute_dtype: torch.dtype = torch.float32,
 ) -> float:
-    """π(C) = √(d_out·σ_max)/σ_min of the damped ``cov`` (lower = more compact).
+    """π(C) = √(d_out·σ_max)/σ_min of the damped ``cov``, σ first divided by their mean by default
+    (lower = more compact).
 
     ``pi_from="wc"`` takes σ from W·C_d instead (needs ``weight``);
-    ``pi_normalize="mean"`` (default) first divides σ by their mean, which makes
+    ``pi_normalize="mean"`` (default) divides σ by their mean, which makes
     π independent of the activations' scale; ``"none"`` is the raw formula.
     Give ``d_out`` or ``weight`` (whose first dimension is d_out).
     """
     rule = ScoreRule(pi_from=pi_from, pi_normalize=pi_normalize).validate()
+    if weight is not None:
+        decompose.validate(weight, cov, 1, "kpm")
     if d_out is None:
         if weight is None:
             raise ValueError("compactness needs d_out= or weight=")
         d_out = weight.shape[0]
+    elif isinstance(d_out, bool) or not isinstance(d_out, numbers.Integral) or d_out < 1:
+        raise ValueError(f"d_out must be a positive int, got {d_out!r}")
+    elif weight is not None and d_out != weight.shape[0]:
+        raise ValueError(f"d_out={d_out} but weight has {weight.shape[0]} output rows: give one of them")
     if pi_from == "wc":
         if weight is None:
             raise ValueError('pi_from="wc" needs weight=')
@@ -263,6 +272,7 @@ def rank_score(
 ) -> float:
     """Allocation score of one layer at ``rank`` (the layer with the lowest score gets more rank)."""
     rule = ScoreRule(mode=mode, pi_from=pi_from, pi_normalize=pi_normalize).validate()
+    rank = decompose.validate(weight, cov, rank, mode)
     damped, values = _analyse(weight, cov, damping, compute_dtype)
     stats = cov_stats(damped) if pi_from == "cov" else None
     return RankScorer(layer_log_pi(weight.shape[0], values, stats, rule), values, mode, ipm_score)(rank)

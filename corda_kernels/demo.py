@@ -76,8 +76,9 @@ def run(
         # CorDA++: one covariance candidate per round of batches, the most compact kept per
         # layer group, then ranks allocated under the budget uniform `rank` would spend.
         t = time.perf_counter()
-        cands = ck.collect_cov(model, batches, candidates=4, progress=progress)
-        times["collect_cov (4 candidates)"] = time.perf_counter() - t
+        rounds = min(4, len(batches))  # one batch per round at the least
+        cands = ck.collect_cov(model, batches, candidates=rounds, progress=progress)
+        times[f"collect_cov ({rounds} candidates)"] = time.perf_counter() - t
         t = time.perf_counter()
         covs = ck.select_covariances(model, cands, rank=rank, mode=mode)
         times["select_covariances"] = time.perf_counter() - t
@@ -166,14 +167,24 @@ def rank_grid(ranks: dict) -> list[str]:
     return out
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="corda-kernels demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rank", type=_positive, default=16)
     ap.add_argument("--mode", choices=("kpm", "ipm"), default="kpm")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--seqs", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--hidden", type=_positive, default=256, help="model width (one attention head per 64 of it)")
+    ap.add_argument("--layers", type=_positive, default=4)
+    ap.add_argument("--seqs", type=_positive, default=32, help="calibration sequences, in batches of 8")
+    ap.add_argument("--seq-len", type=_positive, default=128)
     ap.add_argument("--no-cordapp", action="store_true", help="skip the CorDA++ part of the demo")
     args = ap.parse_args(argv)
     status = 0

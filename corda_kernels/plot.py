@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Mapping
 
-from ._io import atomic_path
+from ._io import atomic_path, figure_format
 
 _BLOCK = re.compile(r"^\d+$")
 
@@ -44,7 +44,8 @@ def plot_ranks(ranks: Mapping[str, int], path: str | os.PathLike, *, title: str 
 
     The block is the first numeric component of a name (``model.layers.3.mlp.up_proj`` -> 3),
     the projection its last component (``up_proj``; an expert's ``w1[5]``). ``title``: the figure's
-    title (default: none). Needs matplotlib (the ``plot`` extra).
+    title (default: none). The format follows ``path``'s extension (PNG without one). Needs matplotlib
+    (the ``plot`` extra).
     """
     try:
         from matplotlib import colormaps
@@ -91,5 +92,5 @@ def plot_ranks(ranks: Mapping[str, int], path: str | os.PathLike, *, title: str 
     fig.tight_layout()
     path = os.fspath(path)
     with atomic_path(path) as tmp:  # an interrupted write never leaves a truncated image over a good one
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format=figure_format(path))
     return path

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._io import atomic_path
+from ._io import atomic_path, figure_format
 from .decompose import select
 
 
@@ -94,7 +94,6 @@ def plot_report(
     fig.suptitle(title or f"CorDA {mode.upper()}: singular values of W·C (adapter in red){more}", fontsize=10)
     fig.tight_layout()
     path = os.fspath(path)
-    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt)
+        fig.savefig(tmp, format=figure_format(path))
     return path

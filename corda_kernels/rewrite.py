@@ -114,6 +114,17 @@ def plan(
             raise ValueError(f"target {name!r} lies inside target {outer!r}: leave one of them out (targets=)")
     if isinstance(covs, Covariances):
         covs.check_model(modules)
+    from .allocate import RankAllocation  # allocate imports this module
+
+    if isinstance(ranks, RankAllocation):
+        # An allocation sets ranks within a budget: targets outside it would silently take rank= on top.
+        extra = [n for n in modules if n not in ranks]
+        if extra:
+            raise ValueError(
+                f"ranks is an allocation over {len(ranks)} module(s) within a budget of {ranks.budget} "
+                f"parameters, but this build also targets {len(extra)} other(s) (e.g. {extra[0]!r}), which "
+                f"would take rank={rank} outside it: pass targets=list(ranks), or allocate over every target"
+            )
     ranks = dict(ranks or {})
     unknown = sorted(set(ranks) - set(modules))
     if unknown:

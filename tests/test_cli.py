@@ -232,11 +232,16 @@ def test_errors_are_one_clear_line(workdir, tmp_path, capsys, argv, message):
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("flag", ["--max-batches", "--batch-size", "--max-length", "--candidates"])
+@pytest.mark.parametrize(
+    "command, flag",
+    [("collect", f) for f in ("--max-batches", "--batch-size", "--max-length", "--candidates")]
+    + [("build", f) for f in ("--min-rank", "--max-rank", "--multiple")],
+)
 @pytest.mark.parametrize("value", ["0", "-1"])
-def test_counts_below_one_are_usage_errors(workdir, capsys, flag, value):
+def test_counts_below_one_are_usage_errors(workdir, capsys, command, flag, value):
+    inputs = [str(workdir / "data.txt")] if command == "collect" else ["c.safetensors", "--cordapp"]
     with pytest.raises(SystemExit) as e:
-        cli.main(["collect", str(workdir / "model"), str(workdir / "data.txt"), "-o", "c", flag, value])
+        cli.main([command, str(workdir / "model"), *inputs, "-o", "c", flag, value])
     assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
 
 
@@ -368,6 +373,20 @@ def test_build_rank_errors_speak_in_flags(workdir, tmp_path, capsys):
     assert "--rank 1000 exceeds min(d_out, d_in) = " in err and "of module 'model.layers.0." in err
     assert "--targets" in err and "ranks=" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+    # the allocation's and the candidate rounds' errors are said in flags too
+    build = ["build", str(d / "model"), str(covs), "-o", str(tmp_path / "out"), "--cordapp", "--no-progress"]
+    for extra, want in (
+        (["--multiple", "1000"], "(--min-rank 1 rounded up to a multiple of 1000)"),
+        (["--multiple", "1000"], "lower --min-rank/--multiple, or leave that module out (--targets)"),
+        (["--budget", "2.5"], "give --budget an int for a number of parameters"),
+    ):
+        assert cli.main(build + extra) == 1
+        err = capsys.readouterr().err
+        assert want in err and "min_rank" not in err, err
+    argv = ["collect", str(d / "model"), str(d / "data.txt"), "-o", str(tmp_path / "c2.safetensors")]
+    assert cli.main([*argv, "--candidates", "1000", "--no-progress"]) == 1
+    assert "--candidates 1000 needs at least 1000 batches" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_build_allocation_defaults_are_allocate_ranks_defaults():
@@ -472,3 +491,15 @@ def test_budget_parsing(text, want):
 
     got = _parse_budget(text)
     assert got == want and type(got) is type(want)
+
+
+def test_demo_runs_both_parts_with_fewer_sequences_than_candidate_rounds(capsys):
+    import corda_kernels.demo as demo
+
+    # 16 sequences are two batches of 8: the CorDA++ part takes two candidate rounds, not four.
+    assert demo.main(["--seqs", "16", "--hidden", "64", "--layers", "1", "--seq-len", "16", "--rank", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("OK: outputs unchanged after build_corda") == 2 and "collect_cov (2 candidates)" in out
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--seqs", "0"])
+    assert e.value.code == 2 and "--seqs: must be at least 1, got 0" in capsys.readouterr().err

@@ -80,6 +80,25 @@ def test_pi_matches_hand_formula_on_known_spectrum(normalize):
     assert got == pytest.approx(expected, rel=1e-6)
 
 
+def test_scoring_functions_name_their_bad_arguments():
+    from corda_kernels.compactness import rank_score, selection_score
+
+    torch.manual_seed(0)
+    x = torch.randn(100, 8)
+    c, w = x.T @ x / 100, torch.randn(6, 8)
+    for bad in (0, -3, True, 6.5):
+        with pytest.raises(ValueError, match=rf"d_out must be a positive int, got {bad!r}"):
+            ck.compactness(c, bad)
+    with pytest.raises(ValueError, match=r"d_out=5 but weight has 6 output rows"):
+        ck.compactness(c, 5, weight=w)
+    for f in (lambda: ck.compactness(c, weight=w[:, :5]), lambda: selection_score(w[:, :5], c)):
+        with pytest.raises(ValueError, match=r"cov must be \(5, 5\) for a weight of shape \(6, 5\), got \(8, 8\)"):
+            f()
+    with pytest.raises(ValueError, match="rank 7"):
+        rank_score(w, c, 7)
+    assert ck.compactness(c, 6) == ck.compactness(c, weight=w) == ck.compactness(c, 6, weight=w)
+
+
 def test_pi_from_wc_uses_singular_values_of_w_cd():
     torch.manual_seed(0)
     w = torch.randn(6, 8, dtype=torch.float64)
@@ -290,10 +309,10 @@ def test_raw_pi_warns_when_log_pi_turns_negative():
         ck.collect_cov(model, batches, candidates=2, progress=False, pi_normalize="none")
     covs = ck.collect_cov(model, batches, progress=False)
     with pytest.warns(UserWarning, match="log π < 0"):
-        ck.allocate_ranks(model, covs, budget=10**5, pi_normalize="none")
+        ck.allocate_ranks(model, covs, budget=600, pi_normalize="none")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ck.allocate_ranks(model, covs, budget=10**5)
+        ck.allocate_ranks(model, covs, budget=600)  # under the 864 that full ranks would take
 
 
 def test_group_score_max_option():
@@ -563,6 +582,32 @@ def test_fill_option_and_argument_errors(llama_covs):
         ck.allocate_ranks(model, covs, budget="1000")
 
 
+def test_a_budget_larger_than_the_layers_can_take_is_warned_about(llama_covs):
+    model, covs = llama_covs
+    with pytest.warns(UserWarning, match=r"every one is at its largest allowed rank.*in KPM a full-rank adapter"):
+        big = ck.allocate_ranks(model, covs, budget=10**9)
+    assert all(big[n] == big.limits[n][1] for n in big) and big.used < big.budget
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = ck.allocate_ranks(model, covs, budget=big.used)  # all at their caps, budget used up: silent
+    assert dict(exact) == dict(big)
+
+
+def test_a_partial_allocation_is_refused_by_a_build_over_more_targets():
+    model = tiny_llama()
+    covs = ck.collect_cov(model, padded_batches(128, n_batches=2), progress=False)
+    ranks = ck.allocate_ranks(model, covs, budget=3000, targets=["*mlp*"])
+    with pytest.raises(ValueError, match=r"allocation over 6 module\(s\) within a budget of 3000 .*rank=16"):
+        ck.build_corda(model, covs, ranks=ranks)
+    assert not ck.corda_layers(model)
+    ck.build_corda(model, covs, ranks=ranks, targets=list(ranks))
+    assert ck.trainable_parameters(model) == ranks.used <= 3000
+    # a plain dict of ranks still overrides rank= for the modules it names only
+    model = tiny_llama()
+    ck.build_corda(model, covs, rank=2, ranks=dict(ranks))
+    assert ck.trainable_parameters(model) > ranks.used
+
+
 # ---------------------------------------------------------------------- reuse of spectra
 def count_spectra(monkeypatch):
     dec = importlib.import_module("corda_kernels.decompose")
@@ -683,6 +728,10 @@ def test_end_to_end_tiny_llama(mode, tmp_path):
     png = ck.plot_ranks(ranks, tmp_path / "ranks.png")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # the format follows the extension, as plot_report's does
+    for name, magic in (("ranks.svg", b"<?xml"), ("ranks.pdf", b"%PDF"), ("ranks", b"\x89PNG")):
+        with open(ck.plot_ranks(ranks, tmp_path / name), "rb") as f:
+            assert f.read(len(magic)) == magic, name
 
 
 def test_cache_sees_writes_through_data():
@@ -718,6 +767,9 @@ def test_an_all_zero_round_is_no_candidate_and_errors_name_the_round():
     bad = [torch.randn(4, 8), torch.full((4, 8), float("inf"))]
     with pytest.raises(ValueError, match="round 1"):
         ck.collect_cov(nn.Sequential(nn.Linear(8, 8)), bad, candidates=2, progress=False)
+    # All-zero inputs in every round: the error says so, rather than that no token came.
+    with pytest.raises(ValueError, match=r"\['0'\] counted no token, or read only all-zero inputs, in every round"):
+        ck.collect_cov(model, [torch.zeros(4, 8)] * 2, candidates=2, progress=False)
 
 
 def test_allocation_checks_plain_dict_covariances_by_name_and_takes_numpy_ints():
