@@ -383,7 +383,11 @@ def cmd_collect(args) -> int:
             if not hasattr(ck, "select_covariances"):
                 raise CliError("--candidates needs CorDA++ (corda_kernels.select_covariances), which is not installed")
             try:
-                cands = ck.collect_cov(model, loader, candidates=args.candidates, **rule, **kw)
+                # keep_spectra=False: the singular vectors would serve a build in this process, and there
+                # is none; at 7B they would take ~28 GiB (docs/cordapp.md).
+                cands = ck.collect_cov(
+                    model, loader, candidates=args.candidates, keep_spectra=False, **rule, **kw
+                )
             except ValueError as e:
                 raise _in_flags(e) from None
             covs = ck.select_covariances(model, cands)
@@ -550,6 +554,7 @@ def cmd_build(args) -> int:
                     **alloc,
                     progress=not args.no_progress and rank_ == 0,
                     distributed=world > 1,
+                    keep_spectra=not args.no_keep_spectra,
                 )
             except ValueError as e:
                 raise _in_flags(e) from None
@@ -560,7 +565,14 @@ def cmd_build(args) -> int:
 
             # Cached on covs (and reused by build_corda); under torchrun each rank computes its share.
             modules = resolve_targets(model, covs, args.targets)
-            infos = analyse_layers(modules, covs, damping=args.damping, need_stats=False, distributed=world > 1)
+            infos = analyse_layers(
+                modules,
+                covs,
+                damping=args.damping,
+                need_stats=False,
+                distributed=world > 1,
+                keep_vectors=not args.no_keep_spectra,
+            )
             values = {n: torch.as_tensor(info.values) for n, info in infos.items()}
         try:
             ck.build_corda(
@@ -744,6 +756,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damping", type=float, default=0.01)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--report", default=None, help="draw spectra and ranks to this image (needs matplotlib)")
+    p.add_argument(
+        "--no-keep-spectra",
+        action="store_true",
+        help="with --cordapp or --report: keep only singular values between the scoring and the build, which "
+        "then computes each adapter's components itself (less memory: ~28 GiB less at 7B; ~16%% more time)",
+    )
     p.add_argument(
         "--other-weights",
         action="store_true",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import tiny_llama
 
 import corda_kernels as ck
@@ -129,6 +130,18 @@ def test_cordapp_and_merged_export_in_process(workdir, tmp_path, capsys):
     ranks = {n: cfg["rank_pattern"].get(n, cfg["r"]) for n in cfg["target_modules"]}
     assert len(set(ranks.values())) > 1  # an allocation, not a uniform rank
     assert cfg["rank_pattern"]
+    # Without the kept vectors the build computes the components itself: the same adapter.
+    rc = cli.main(
+        ["build", str(d / "model"), str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "lean"), "--cordapp"]
+        + ["--budget", "0.5", "--rank", "4", "--no-progress", "--no-keep-spectra"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    lean_cfg = json.loads((tmp_path / "lean" / "adapter" / "adapter_config.json").read_text())
+    assert {**lean_cfg, "base_model_name_or_path": None} == {**cfg, "base_model_name_or_path": None}
+    lean, kept = (load_file(tmp_path / p / "adapter" / "adapter_model.safetensors") for p in ("lean", "pp"))
+    assert lean.keys() == kept.keys()
+    for k in kept:  # one product B·A per layer; each factor's sign is the solver's to pick
+        torch.testing.assert_close(lean[k].abs(), kept[k].abs(), rtol=1e-3, atol=1e-5)
 
     # Merged export: one plain transformers model equal to the CorDA model.
     rc = cli.main(["export", str(tmp_path / "pp"), "-o", str(tmp_path / "merged"), "--merged"])
