@@ -144,15 +144,24 @@ def allocate_ranks(
     if isinstance(budget, int) and budget < 1:
         raise ValueError(f"budget must be >= 1 parameter, got {budget}")
 
-    modules = resolve_targets(model, covs, targets)
-    if not modules:
-        raise ValueError("no target module to allocate ranks to")
-    if isinstance(covs, Covariances):
-        covs.check_model(modules)
-    for name, module in modules.items():  # a plain dict gets the same named checks as build_corda's
-        if name not in covs:
-            raise ValueError(f"no covariance for module {name!r}")
-        validate(linear_weight(module), covs[name], 1, mode, name=name)
+    def checks():
+        modules = resolve_targets(model, covs, targets)
+        if not modules:
+            raise ValueError("no target module to allocate ranks to")
+        if isinstance(covs, Covariances):
+            covs.check_model(modules)
+        for name, module in modules.items():  # a plain dict gets the same named checks as build_corda's
+            if name not in covs:
+                raise ValueError(f"no covariance for module {name!r}")
+            validate(linear_weight(module), covs[name], 1, mode, name=name)
+        return modules
+
+    if distributed:
+        from .distributed import checked_on_every_rank
+
+        modules = checked_on_every_rank("allocate_ranks' checks", checks)
+    else:
+        modules = checks()
     infos = analyse_layers(
         modules,
         covs,

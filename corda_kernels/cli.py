@@ -385,9 +385,7 @@ def cmd_collect(args) -> int:
             try:
                 # keep_spectra=False: the singular vectors would serve a build in this process, and there
                 # is none; at 7B they would take ~28 GiB (docs/cordapp.md).
-                cands = ck.collect_cov(
-                    model, loader, candidates=args.candidates, keep_spectra=False, **rule, **kw
-                )
+                cands = ck.collect_cov(model, loader, candidates=args.candidates, keep_spectra=False, **rule, **kw)
             except ValueError as e:
                 raise _in_flags(e) from None
             covs = ck.select_covariances(model, cands)

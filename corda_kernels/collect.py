@@ -335,10 +335,14 @@ class Collector:
         was routed to): their zero covariance is then refused at build, listed with every such layer."""
         for name in names:
             d = weight_shape(self.modules[name])[1]
-            w = getattr(self.modules[name], "weight", None)
-            dev = self.device or (w.device if w is not None and w.device.type != "meta" else torch.device("cpu"))
-            self.groups.append(self._zero_group([name], d, dev, self.batch))
+            self.groups.append(self._zero_group([name], d, self.accumulator_device(name), self.batch))
             self.group_of[name] = len(self.groups) - 1
+
+    def accumulator_device(self, name: str) -> torch.device:
+        """Where a zero accumulator for a module that read nothing goes: collect_cov's ``device``, else its
+        weight's, unless that is offloaded to the meta device (then the CPU)."""
+        w = getattr(self.modules[name], "weight", None)
+        return self.device or (w.device if w is not None and w.device.type != "meta" else torch.device("cpu"))
 
     def _accumulate(self, g: _Group, name: str, x: torch.Tensor, key: tuple[int, int], tag: int) -> None:
         g.batch_log.append(tag)

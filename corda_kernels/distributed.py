@@ -226,18 +226,21 @@ class Shard:
                 dims[key] = d
 
         mine = {frozenset(g.names): g for g in collector.groups}
-        groups = []
-        for key in order:
-            g = mine.get(frozenset(key))
-            if g is None:
-                dev = collector.device or _module_device(collector.modules[key[0]])
-                d = dims[key]
-                zero = torch.zeros((), dtype=torch.float64, device=dev)
-                g = _Group(
-                    list(key), d, torch.zeros(d, d, dtype=collector.accum_dtype, device=dev), zero, zero.clone(), 0
-                )
-            g.names = list(key)
-            groups.append(g)
+        groups, failure = [], None
+        try:  # local work between two collectives: a failure here must reach every rank, not strand them
+            for key in order:
+                g = mine.get(frozenset(key))
+                if g is None:
+                    dev = collector.accumulator_device(key[0])
+                    d = dims[key]
+                    zero = torch.zeros((), dtype=torch.float64, device=dev)
+                    acc = torch.zeros(d, d, dtype=collector.accum_dtype, device=dev)
+                    g = _Group(list(key), d, acc, zero, zero.clone(), 0)
+                g.names = list(key)
+                groups.append(g)
+        except Exception as e:  # noqa: BLE001 - re-raised by exchange, here and on every other rank
+            failure = e
+        exchange(None, failure, "the covariance reduction")
         collector.groups = groups
         collector.group_of = {name: i for i, g in enumerate(groups) for name in g.names}
         collector.unmasked = set().union(*(set(info["unmasked"]) for info in gathered))
@@ -254,11 +257,6 @@ class Shard:
                 g.count = c.to(g.acc.device)
                 g.seqs = s.to(g.acc.device)
         return sum(int(info["batches"]) for info in gathered)
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    p = next(iter(module.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 # ---------------------------------------------------------------------- decomposition
@@ -304,6 +302,20 @@ def exchange(payload, error: BaseException | None, what: str) -> list:
     if failed:
         raise RuntimeError(f"{what} failed on rank {failed[0][0]}: {failed[0][1]}")
     return [rep["payload"] for rep in reports]
+
+
+def checked_on_every_rank(what: str, fn):
+    """``fn()``, whose failure on any rank is raised on every rank, so none is left waiting in the next
+    collective for a rank that stopped (a rank that loaded other weights fails the checks alone)."""
+    if not is_active():
+        return fn()
+    result, failure = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised by exchange, here and on every other rank
+        failure = e
+    exchange(None, failure, what)
+    return result
 
 
 def decompose_all_distributed(

@@ -137,6 +137,11 @@ def plan(
     for name, module in modules.items():
         if name not in covs:
             raise ValueError(f"no covariance for module {name!r}")
+        if linear_weight(module).device.type == "meta":
+            raise ValueError(
+                f"the weight of module {name!r} is on the meta device (offloaded, e.g. by accelerate's "
+                "device_map): build_corda needs the weights themselves; load the model without offloading"
+            )
         r = validate(linear_weight(module), covs[name], ranks.get(name, rank), mode, name=name)
         a = alpha.get(name) if isinstance(alpha, Mapping) else alpha
         if a is not None and (isinstance(a, bool) or not isinstance(a, numbers.Real)):
@@ -467,15 +472,23 @@ def build_corda(
             "wrap it in DDP"
         )
     wrapper, model = model, unwrap_model(model)  # layers are named and swapped inside torch.compile
-    modules, p = plan(model, covs, rank, mode, ranks=ranks, alpha=alpha, targets=targets)
     cache = getattr(covs, "spectrum_cache", None)
-    served = None
-    if spectra is None and cache is not None:
+
+    def checks():
+        modules, p = plan(model, covs, rank, mode, ranks=ranks, alpha=alpha, targets=targets)
         # CorDA++ selection/allocation decomposed these layers already; stale entries are skipped by the cache.
-        spectra = served = cache.lookup(modules, covs, damping, compute_dtype)
+        found = cache.lookup(modules, covs, damping, compute_dtype) if spectra is None and cache is not None else None
+        return modules, p, found
+
     decompose = decompose_all
     if distributed:
+        from .distributed import checked_on_every_rank
         from .distributed import decompose_all_distributed as decompose
+
+        modules, p, served = checked_on_every_rank("build_corda's checks", checks)
+    else:
+        modules, p, served = checks()
+    spectra = spectra if served is None else served
     factors = decompose(
         modules, covs, p, mode, damping=damping, compute_dtype=compute_dtype, spectra=spectra, progress=progress
     )

@@ -656,3 +656,12 @@ def test_covariances_named_through_a_wrapper_prefix_get_a_pointed_error():
     old = {f"_orig_mod.{n}": c for n, c in covs.items()}
     with pytest.raises(ValueError, match="_orig_mod.*wrapper's prefix.*collect the covariances again"):
         ck.build_corda(model, old, rank=2)
+
+
+def test_offloaded_weights_are_refused_by_name_before_any_swap():
+    model = tiny_llama()
+    covs = ck.collect_cov(model, padded_batches(model.config.vocab_size, n_batches=1), progress=False)
+    model.model.layers[1].to("meta")  # what accelerate's disk offload leaves in the module tree
+    with pytest.raises(ValueError, match=r"'model.layers.1.self_attn.q_proj' is on the meta device \(offloaded"):
+        ck.build_corda(model, covs, rank=2)
+    assert not ck.corda_layers(model)

@@ -151,6 +151,25 @@ def _failing_worker(rank, world, init_file, out_dir):
             ck.collect_cov(tiny_llama(seed=rank), batches, progress=False)
         except Exception as e:  # noqa: BLE001
             seen["weights"] = (type(e).__name__, str(e))
+        # Rank 1 loaded other weights than the covariances': only its checks fail, and rank 0 must
+        # hear so at once rather than wait in the decompositions' first collective.
+        covs = ck.collect_cov(model, batches[:1], distributed=False, progress=False)
+        other = tiny_llama(seed=rank)
+        for what, call in (
+            ("build", lambda: ck.build_corda(other, covs, rank=2, distributed=True)),
+            ("allocate", lambda: ck.allocate_ranks(other, covs, budget=0.5, rank=2, distributed=True)),
+        ):
+            t = time.monotonic()
+            try:
+                call()
+            except Exception as e:  # noqa: BLE001
+                seen[what] = (type(e).__name__, str(e), time.monotonic() - t)
+        # A rank that read no batch makes zero accumulators for the groups the others saw; where its
+        # weights are offloaded (meta), they go to the CPU, not to the meta device.
+        offloaded = tiny_llama()
+        if rank == 1:
+            offloaded.model.layers[1].to("meta")
+        seen["offloaded"] = dict(ck.collect_cov(offloaded, batches, max_batches=1, progress=False))
         torch.save(seen, os.path.join(out_dir, f"fail{rank}.pt"))
         dist.barrier()  # no rank drops its connections while a peer still finishes the last exchange
     except BaseException:
@@ -176,6 +195,18 @@ def test_a_failing_rank_stops_every_rank_and_candidates_refuse_a_group(tmp_path)
         assert kind == "NotImplementedError" and "distributed=False" in msg
         kind, msg = out["weights"]
         assert kind == "RuntimeError" and "rank 1 holds other weights than rank 0" in msg
+    for what in ("build", "allocate"):
+        kind1, msg1, _ = outs[1][what]
+        assert kind1 == "ValueError" and "collected on other weights" in msg1
+        kind0, msg0, took = outs[0][what]
+        assert kind0 == "RuntimeError" and "checks failed on rank 1" in msg0 and "other weights" in msg0
+        assert took < 30, what
+    model = tiny_llama()
+    want = ck.collect_cov(model, padded_batches(model.config.vocab_size, n_batches=4, seed=1)[:1], progress=False)
+    for out in outs:
+        assert set(out["offloaded"]) == set(want)
+        for name in want:
+            torch.testing.assert_close(out["offloaded"][name].cpu(), want[name], rtol=1e-5, atol=1e-6)
 
 
 def test_sharding_and_assignment_without_a_group():
