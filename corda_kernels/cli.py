@@ -611,11 +611,18 @@ def cmd_export(args) -> int:
     from .export import atomic_dir, check_not_source, load_pretrained, to_lora
     from .rewrite import merge_corda
 
+    # Which output is wanted is settled before anything loads.
+    if args.merged and args.base:
+        raise CliError("--merged writes one merged model, which needs no --base: give one of the two")
+    if not args.merged and not args.base:
+        raise CliError("export needs --base ORIGINAL_MODEL_DIR (for a LoRA on the original weights) or --merged")
     _local_dir(args.source, "source")
+    if args.base:
+        _local_dir(args.base, "--base")
     _check_out_dir(args.output)
     # An earlier export at --output is replaced, and the source is one: `export SRC -o SRC` would delete it.
     check_not_source(args.output, args.source)
-    if args.base and not args.merged:  # nor may -o replace the original model the LoRA is meant for
+    if args.base:  # nor may -o replace the original model the LoRA is meant for
         check_not_source(args.output, args.base, inside_ok=True)
     with _reading("source", args.source):
         # Nothing is run, only merged or converted: keep fp32 adapters over a 16-bit base unrounded.
@@ -631,8 +638,6 @@ def cmd_export(args) -> int:
                 json.dump({"format": "corda_kernels.export/1", "kind": "merged"}, f)
         _log(f"merged model -> {args.output}")
         return 0
-    if not args.base:
-        raise CliError("export needs --base ORIGINAL_MODEL_DIR (for a LoRA on the original weights) or --merged")
     from transformers import AutoModelForCausalLM
 
     with _reading("--base", args.base):

@@ -77,7 +77,9 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[str
     export (holds :data:`MARKER`); anything else raises ``FileExistsError``
     before any work is done, so a typo never deletes a user's directory.
     """
-    path = os.path.abspath(os.fspath(path))
+    # Through links, as file writes go (_io.atomic_path): renaming a link to an earlier export would
+    # move the link itself and leave the export it points to stale.
+    path = os.path.realpath(os.fspath(path))
     parent, base = os.path.split(path)
     check_out_dir(path, replace=replace)
     os.makedirs(parent, exist_ok=True)
@@ -262,6 +264,18 @@ def _warn_if_peft_rewrites(cfg: dict, model: nn.Module) -> None:
         )
 
 
+def _one_dropout(layers: Mapping[str, CordaLinear]) -> float:
+    """PEFT's config holds one dropout for every layer: the largest, with a warning where they differ."""
+    values = {float(m.dropout) for m in layers.values()}
+    if len(values) > 1:
+        warnings.warn(
+            f"the layers' adapter dropouts differ ({sorted(values)}); a PEFT adapter config holds one, so the "
+            f"PEFT adapter takes {max(values)} for every layer (corda_kernels' own export keeps each layer's)",
+            stacklevel=3,
+        )
+    return max(values)
+
+
 def _require_layers(model: nn.Module, what: str) -> dict[str, CordaLinear]:
     layers = corda_layers(model)
     if not layers:
@@ -277,7 +291,7 @@ def adapter_state(model: nn.Module, *, base_model_name_or_path: str | None = Non
     for name, layer in layers.items():
         sd[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
         sd[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
-    dropout = max(layer.dropout for layer in layers.values())
+    dropout = _one_dropout(layers)
     cfg = _lora_config(
         {n: m.rank for n, m in layers.items()},
         {n: m.alpha for n, m in layers.items()},
@@ -365,7 +379,7 @@ def save_pretrained(
             "adapter": "adapter",
             "model_class": type(model).__name__,
             "layers": {
-                n: {"rank": m.rank, "alpha": m.alpha, "mode": m.mode, "base_type": m.base_type}
+                n: {"rank": m.rank, "alpha": m.alpha, "mode": m.mode, "base_type": m.base_type, "dropout": m.dropout}
                 for n, m in layers.items()
             },
         }
@@ -504,7 +518,7 @@ def to_lora(
         {n: 2 * m.rank for n, m in layers.items()},
         {n: 2 * m.alpha for n, m in layers.items()},
         conv1d=any(m.base_type == "conv1d" for m in layers.values()),
-        dropout=max(m.dropout for m in layers.values()),
+        dropout=_one_dropout(layers),
         task_type=_task_type(model),
         base_model_name_or_path=base_model_name_or_path,
     )
@@ -753,7 +767,7 @@ def load_pretrained(
             A,
             B,
             alpha=float(info["alpha"]),
-            dropout=float(cfg.get("lora_dropout", 0.0)),
+            dropout=float(info.get("dropout", cfg.get("lora_dropout", 0.0))),  # per layer since 2026-11-30
             mode=info.get("mode", "kpm"),
             tied=name in tied,
         )

@@ -510,3 +510,29 @@ def test_to_lora_refuses_an_original_a_few_percent_off(dtype):
     off = {k: (v.float() * (1 + 0.05 * torch.randn(v.shape, generator=g))).to(dtype) for k, v in original.items()}
     with pytest.raises(ValueError, match="not a rank-4 matrix"):
         export.to_lora(model, off)
+
+
+def test_per_layer_dropout_survives_our_export_and_peft_gets_the_largest(tmp_path):
+    model, _, _ = _corda(tiny_llama, mixed=False)
+    layers = ck.corda_layers(model)
+    first = next(iter(layers))
+    layers[first].dropout = 0.1
+    with pytest.warns(UserWarning, match=r"dropouts differ \(\[0.0, 0.1\]\).*takes 0.1 for every layer"):
+        export.save_pretrained(model, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["lora_dropout"] == 0.1
+    back = ck.corda_layers(export.load_pretrained(tmp_path / "out"))
+    assert {n: m.dropout for n, m in back.items()} == {n: m.dropout for n, m in layers.items()}
+
+
+def test_an_export_through_a_link_replaces_what_the_link_points_to(tmp_path):
+    model, _, batches = _corda(tiny_llama, mixed=False)
+    export.save_pretrained(model, tmp_path / "real")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    _train(model, batches)
+    export.save_pretrained(model, tmp_path / "link")
+    assert os.path.islink(tmp_path / "link") and os.readlink(tmp_path / "link") == str(tmp_path / "real")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no temporary left behind
+    torch.testing.assert_close(
+        _logits(export.load_pretrained(tmp_path / "real"), batches[0]), _logits(model, batches[0])
+    )
