@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -45,18 +46,33 @@ def own_forward(module: nn.Module) -> str | None:
     )
 
 
+def _no_autocast(device_type: str):
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know (meta): nothing to turn off
+        return contextlib.nullcontext()
+
+
 def _computes_the_affine_map(module: nn.Module) -> bool:
     """Probe a subclass's forward (Falcon's FalconLinear only writes x @ W.T + b out by hand) on three
-    random rows, bypassing hooks; on the meta device only the output's shape can be checked."""
+    random rows, bypassing hooks; on the meta device only the output's shape can be checked.
+
+    A subclass with state of its own (a learned output scale that starts at 1) is refused unprobed:
+    its forward may be the plain map only until that state trains."""
+    if set(module._parameters) - {"weight", "bias"} or module._buffers or module._modules:
+        return False
     w = linear_weight(module)
     if not w.dtype.is_floating_point:
         return False  # a quantized weight: nothing to decompose
     bias = getattr(module, "bias", None)
-    x = torch.randn(3, w.shape[1], dtype=w.dtype, device=w.device)
+    # Its own generator: probing must not move the caller's random stream (dropout, shuffling).
+    g = torch.Generator(device=w.device).manual_seed(0) if w.device.type != "meta" else None
+    x = torch.randn(3, w.shape[1], dtype=w.dtype, device=w.device, generator=g)
     try:
-        with torch.no_grad():
+        # Without autocast: both sides in the weight's dtype, so they differ by rounding alone.
+        with torch.no_grad(), _no_autocast(w.device.type):
             y = type(module).forward(module, x)
-            if not isinstance(y, torch.Tensor) or y.shape != (3, w.shape[0]):
+            if not isinstance(y, torch.Tensor) or y.shape != (3, w.shape[0]) or y.dtype != w.dtype:
                 return False
             if w.device.type == "meta":
                 return True

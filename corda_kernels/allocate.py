@@ -29,7 +29,7 @@ from .compactness import (
     layer_log_pi,
 )
 from .covariance import Covariances
-from .decompose import MODES, check_damping, validate
+from .decompose import MODES, check_damping, positive_int, validate
 from .rewrite import resolve_targets
 
 
@@ -69,12 +69,6 @@ class RankAllocation(dict):
             lines.append(f"{name:<{width}}  {r:>5}  {r * self.costs[name]:>10}")
         lines.append(f"{'total':<{width}}  {sum(self.values()):>5}  {self.used:>10}  (budget {self.budget})")
         return "\n".join(lines)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def allocate_ranks(
@@ -126,11 +120,11 @@ def allocate_ranks(
         raise ValueError(f"pi_normalize must be one of {PI_NORMALIZE}, got {pi_normalize!r}")
     if ipm_score not in IPM_SCORES:
         raise ValueError(f"ipm_score must be one of {IPM_SCORES}, got {ipm_score!r}")
-    min_rank = _positive_int("min_rank", min_rank)
-    multiple = _positive_int("multiple", multiple)
-    rank = _positive_int("rank", rank)
+    min_rank = positive_int("min_rank", min_rank)
+    multiple = positive_int("multiple", multiple)
+    rank = positive_int("rank", rank)
     if max_rank is not None:
-        max_rank = _positive_int("max_rank", max_rank)
+        max_rank = positive_int("max_rank", max_rank)
         if max_rank < min_rank:
             raise ValueError(f"max_rank ({max_rank}) must be >= min_rank ({min_rank})")
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):

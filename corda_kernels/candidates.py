@@ -34,7 +34,7 @@ from .compactness import (
     selection_score_from,
 )
 from .covariance import Covariances, weight_signatures
-from .decompose import Spectrum, check_damping, damp_covariance
+from .decompose import Spectrum, check_damping, damp_covariance, positive_int
 
 
 @dataclass
@@ -254,11 +254,9 @@ class _Rounds:
 
 def plan_rounds(loader, candidates: int, max_batches: int | None, round_batches: int | None) -> list[int]:
     """Cumulative batch count at the end of each round."""
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-        raise ValueError(f"candidates must be a positive int (number of rounds), got {candidates!r}")
+    candidates = positive_int("candidates (the number of rounds)", candidates)
     if round_batches is not None:
-        if isinstance(round_batches, bool) or not isinstance(round_batches, int) or round_batches < 1:
-            raise ValueError(f"round_batches must be a positive int, got {round_batches!r}")
+        round_batches = positive_int("round_batches", round_batches)
         if max_batches is not None:
             raise ValueError("pass either max_batches= or round_batches=, not both")
         return [(k + 1) * round_batches for k in range(candidates)]

@@ -664,6 +664,30 @@ def _once(said: set[str], message: str, key: str | None = None) -> None:
         warnings.warn(message, stacklevel=4)
 
 
+def _out_of_inference_mode(model: nn.Module, said: set[str]):
+    """Out of inference mode even when the caller is in it: inference tensors have no version counter
+    (which tells an input written in place from the one read before) and their views no _base (which
+    tells a flattened view of the tokens, whose padding the mask drops). A model made inside inference
+    mode must stay there, though: outside it, its forward could not update its own buffers."""
+    if not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    if any(t.is_inference() for t in itertools.chain(model.parameters(), model.buffers())):
+        _once(
+            said,
+            "the model was made under torch.inference_mode(), so collection stays in it: there an input "
+            "written in place between two reads looks like the one read before, and a flattened view of the "
+            "tokens is not recognized (its padding is counted, with a warning); make the model outside "
+            "inference mode to avoid both",
+        )
+        return contextlib.nullcontext()
+    return torch.inference_mode(False)
+
+
+# What transformers' forwards call their KV cache parameter, across models and releases (exact names:
+# "past_values" and "past_observed_mask" of time-series models are data).
+_CACHE_PARAMETERS = frozenset({"past_key_values", "cache", "layer_past", "past", "mems"})
+
+
 def split_batch(batch, params: list[str] | None = None):
     """(args, kwargs, attention_mask) for a batch of any supported form.
 
@@ -688,7 +712,7 @@ def split_batch(batch, params: list[str] | None = None):
             # TensorDataset(ids, mask) fits a forward whose second parameter is attention_mask (Llama,
             # BERT), not GPT-2's, whose second is the KV cache: the model would fail deep inside.
             if (
-                ("cache" in params[i] or "past" in params[i])
+                params[i] in _CACHE_PARAMETERS
                 and isinstance(a, torch.Tensor)
                 and isinstance(args[0], torch.Tensor)
                 and a.shape == args[0].shape
@@ -882,10 +906,7 @@ def run_batches(
         for m in nested:
             m.use_nested_tensor = False
         collector.attach(stop_at=stop_at, encoder=encoder, model=model if early_stop else None, row_root=model)
-        # Out of inference mode even when the caller is in it: inference tensors have no version
-        # counter (which tells an input written in place from the one read before) and their views no
-        # _base (which tells a flattened view of the tokens, whose padding the mask drops).
-        with torch.inference_mode(False), torch.no_grad():
+        with _out_of_inference_mode(model, said), torch.no_grad():
             # islice: with max_batches, never pull one batch more than is used (a generator may tokenize).
             for batch in loader if max_batches is None else itertools.islice(loader, max_batches):
                 args, kwargs, mask = split_batch(batch, params)

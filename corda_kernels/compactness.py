@@ -18,7 +18,6 @@ so selection, allocation and ``build_corda`` never decompose a layer twice.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -226,9 +225,9 @@ def compactness(
         if weight is None:
             raise ValueError("compactness needs d_out= or weight=")
         d_out = weight.shape[0]
-    elif isinstance(d_out, bool) or not isinstance(d_out, numbers.Integral) or d_out < 1:
-        raise ValueError(f"d_out must be a positive int, got {d_out!r}")
-    elif weight is not None and d_out != weight.shape[0]:
+    else:
+        d_out = decompose.positive_int("d_out", d_out)
+    if weight is not None and d_out != weight.shape[0]:
         raise ValueError(f"d_out={d_out} but weight has {weight.shape[0]} output rows: give one of them")
     if pi_from == "wc":
         if weight is None:

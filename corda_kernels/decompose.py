@@ -302,6 +302,18 @@ class RankTooLarge(ValueError):
         return type(self), (self.rank, self.name, self.shape)
 
 
+def positive_int(what: str, value) -> int:
+    """``value`` as an int >= 1, else a ValueError naming ``what``. operator.index takes numpy and
+    0-d torch integers as well as int, but no float and (checked first) no bool."""
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return n
+
+
 def validate(weight: torch.Tensor, cov: torch.Tensor, rank: int, mode: str, name: str | None = None) -> int:
     """Shape, rank, mode and dtype checks; raise naming the argument (and the module, if given).
     Returns the rank as a plain int."""
@@ -320,13 +332,7 @@ def validate(weight: torch.Tensor, cov: torch.Tensor, rank: int, mode: str, name
             f"cov{_label(name)} must be ({d_in}, {d_in}) for a weight of shape {tuple(weight.shape)}, "
             f"got {tuple(cov.shape)}"
         )
-    try:
-        # operator.index takes numpy and 0-d torch integers as well as int, but no float or bool.
-        r = None if isinstance(rank, bool) else operator.index(rank)
-    except TypeError:
-        r = None
-    if r is None or r < 1:
-        raise ValueError(f"rank{_label(name)} must be a positive int, got {rank!r}")
+    r = positive_int(f"rank{_label(name)}", rank)
     if r > min(d_out, d_in):
         raise RankTooLarge(r, name, tuple(weight.shape))
     return r

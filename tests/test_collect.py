@@ -305,6 +305,23 @@ def test_a_tuple_batch_whose_mask_would_go_to_the_cache_is_refused():
     assert covs.tokens == batches[0]["input_ids"].numel()
 
 
+class _Series(nn.Module):
+    """A time-series forward: its 'past_*' parameters are data, not a KV cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(1, 8)
+
+    def forward(self, past_values, past_observed_mask=None):
+        return self.proj((past_values * past_observed_mask).unsqueeze(-1))
+
+
+def test_a_tuple_batch_for_past_named_data_parameters_is_taken():
+    x = torch.randn(2, 7)
+    covs = ck.collect_cov(_Series(), [(x, torch.ones_like(x))], progress=False)
+    assert rel(covs["proj"], (x.reshape(-1, 1).double().T @ x.reshape(-1, 1).double()) / 14) < 1e-6
+
+
 def test_list_of_dicts_gets_a_clear_error():
     model = tiny_llama()
     b = padded_batches(128, n_batches=1)[0]
@@ -977,3 +994,28 @@ def test_collection_inside_inference_mode_equals_no_grad():
     )
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+class _Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.o = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1  # in place: impossible outside inference mode for a buffer made inside it
+        return self.o(self.l(x))
+
+
+def test_a_model_made_inside_inference_mode_is_collected_inside_it_with_a_warning():
+    x = torch.randn(4, 8)
+    torch.manual_seed(0)
+    want = ck.collect_cov(_Counting(), [x], progress=False)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = _Counting()
+        with pytest.warns(UserWarning, match=r"made under torch.inference_mode\(\), so collection stays in it"):
+            got = ck.collect_cov(model, [x], progress=False)
+    assert int(model.calls) == 1
+    for name in want:
+        assert torch.equal(got[name], want[name])

@@ -269,3 +269,9 @@ def test_rank_takes_any_integer_type_and_nothing_else():
     layers = ck.corda_layers(model)
     assert layers[first].rank == 3 and type(layers[first].rank) is int
     assert {type(m.rank) for m in layers.values()} == {int} and layers[next(reversed(layers))].rank == 2
+    # allocate_ranks reads its integers the same way
+    fresh = tiny_llama()
+    a = ck.allocate_ranks(fresh, covs, budget=0.5, rank=torch.tensor(4), min_rank=np.int64(2), multiple=np.int8(2))
+    assert a == ck.allocate_ranks(fresh, covs, budget=0.5, rank=4, min_rank=2, multiple=2)
+    with pytest.raises(ValueError, match=r"min_rank must be a positive int, got 2.0"):
+        ck.allocate_ranks(fresh, covs, budget=0.5, min_rank=2.0)

@@ -325,18 +325,31 @@ class _Doubled(nn.Linear):
         return 2.0 * super().forward(x)
 
 
+class _Scaled(nn.Linear):
+    """State of its own (a learned output scale, as transformers' DoryLMHead): the plain map only while
+    the scale is 1, so refused without probing."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
 class _Routed(nn.Module):
     def __init__(self):
         super().__init__()
         self.up = _HandWritten(12, 16)
         self.router = _Router(16, 8)
         self.doubled = _Doubled(16, 12)
+        self.scaled = _Scaled(16, 12)
         self.marked = _Marked(16, 12)
 
     def forward(self, x):
         h = self.up(x)
         probs, _ = self.router(h)
-        return self.marked(h) + self.doubled(h) + probs.sum(-1, keepdim=True)
+        return self.marked(h) + self.doubled(h) + self.scaled(h) + probs.sum(-1, keepdim=True)
 
 
 def test_linear_subclasses_with_their_own_forward_are_not_targets():
@@ -352,8 +365,19 @@ def test_linear_subclasses_with_their_own_forward_are_not_targets():
             ck.collect_cov(model, xs, targets=how, progress=False)
     with pytest.raises(ValueError, match=r"'doubled' is a _Doubled, a Linear subclass whose own forward is not"):
         ck.collect_cov(model, xs, targets=["doubled"], progress=False)
+    with pytest.raises(ValueError, match=r"'scaled' is a _Scaled"):
+        ck.collect_cov(model, xs, targets=["scaled"], progress=False)
     meta = copy.deepcopy(model).to("meta")  # weights not materialized: the output's shape still tells
     assert sorted(find_targets(meta)) == ["doubled", "marked", "up"]
+    # The probe is the same under autocast (x·Wᵀ rounded before the bias is added would differ from
+    # F.linear by more than fp32 rounding) and leaves the caller's random stream where it was.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sorted(find_targets(model)) == ["marked", "up"]
+    torch.manual_seed(1)
+    want_draw = torch.rand(3)
+    torch.manual_seed(1)
+    find_targets(model)
+    assert torch.equal(torch.rand(3), want_draw)
     with pytest.raises(ValueError, match=r"'router' is a _Router.*leave it out of the covariances"):
         ck.build_corda(model, {"router": torch.eye(16), **covs}, rank=2)
     with pytest.raises(TypeError, match="from_linear cannot wrap a _Router"):
