@@ -45,9 +45,9 @@ compat:
 	done
 
 # The suite on other torch/triton pairs (PyPI's CUDA builds, ~3 GB per venv; they run on the CPU).
-# Default: the lent GPU image's set and the oldest supported pair. Entries are torch:triton:transformers.
-# numpy<2.4: Triton 3.6's interpreter breaks on numpy 2.4. Both sets passed the whole suite on 2026-11-29.
-TORCH_COMPAT ?= 2.11.0:3.6.0:5.17.0 2.6.0:3.2.0:5.24.0
+# Default: the lent GPU image's set, the oldest supported pair, and the newest Triton on the dev torch.
+# Entries are torch:triton:transformers. numpy<2.4: Triton 3.6's interpreter breaks on numpy 2.4.
+TORCH_COMPAT ?= 2.11.0:3.6.0:5.17.0 2.6.0:3.2.0:5.24.0 2.13.0:3.9.0:5.24.0
 compat-torch:
 	@for set in $(TORCH_COMPAT); do \
 		case $$set in *:*:*) ;; *) echo "TORCH_COMPAT entries are torch:triton:transformers, got $$set"; exit 1 ;; esac; \
