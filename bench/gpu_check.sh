@@ -9,10 +9,11 @@
 #      our kernels by default, with pointer loads only (CORDA_KERNELS_TMA=0) and with TMA wherever a
 #      layout allows (=1), which is how the default's exceptions (dx's GEMM, small updates) get re-timed.
 # Budget: under 9.5 minutes in all, to fit one 10-minute device call (tests capped at 110 s; the bench
-# sections at 60 + 60 + 60 + 60 + 65 s, and 50 + 80 s for the TMA settings, each in its own process
+# sections at 80 + 60 + 60 + 40 + 65 s, and 50 + 80 s for the TMA settings, each in its own process
 # so a CUDA fault or a hang loses only that one). On the H200 of 2026-11-30 they took 18-48 s each
 # with pointer loads only, and 55 s for one rank autotuning pointer and TMA configs for both GEMMs
-# (what the b*_tma parts do).
+# (what the b*_tma parts do). Section a has more room since TMA became the default for large updates
+# (about 82 configs to tune, from 56; ~0.5 s each); b128 reuses b64's compiled kernels (18 s then).
 # Usage, from anywhere:  bash bench/gpu_check.sh [extra gpu_bench.py args]
 # A shorter second call runs a subset: GPU_CHECK_TESTS="tiles_tma" (test groups, "" for none),
 # GPU_CHECK_BENCH="b64_tma:150" (bench parts, name:seconds), GPU_CHECK_TEST_LIMIT=100.
@@ -102,7 +103,7 @@ rm -f "$LOG_DIR/RESULTS-gpu.md"
 # forward's) loses only that rank.
 # Compiled kernels are cached on disk, so a later process reuses what an earlier one built.
 # The *_tma parts time our kernels by default and with CORDA_KERNELS_TMA=0 and =1, interleaved.
-PARTS=${GPU_CHECK_BENCH-"a:60 b16:60 b64:60 b128:60 c:65 a_tma:50 b16_tma:80"}
+PARTS=${GPU_CHECK_BENCH-"a:80 b16:60 b64:60 b128:40 c:65 a_tma:50 b16_tma:80"}
 for part in $PARTS; do
     name=${part%%:*}; limit=${part##*:}
     [[ $part == *:* ]] || limit=60
