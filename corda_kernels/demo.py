@@ -167,17 +167,9 @@ def rank_grid(ranks: dict) -> list[str]:
     return out
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv=None) -> int:
+    from .cli import _positive  # the command line's own count type (cli imports this module lazily)
+
     ap = argparse.ArgumentParser(prog="corda-kernels demo", description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=_positive, default=16)
     ap.add_argument("--mode", choices=("kpm", "ipm"), default="kpm")

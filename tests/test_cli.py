@@ -518,4 +518,4 @@ def test_demo_runs_both_parts_with_fewer_sequences_than_candidate_rounds(capsys)
     assert out.count("OK: outputs unchanged after build_corda") == 2 and "collect_cov (2 candidates)" in out
     with pytest.raises(SystemExit) as e:
         demo.main(["--seqs", "0"])
-    assert e.value.code == 2 and "--seqs: must be at least 1, got 0" in capsys.readouterr().err
+    assert e.value.code == 2 and "--seqs: must be >= 1, got 0" in capsys.readouterr().err
