@@ -65,10 +65,10 @@ def _computes_the_affine_map(module: nn.Module) -> bool:
     if not w.dtype.is_floating_point:
         return False  # a quantized weight: nothing to decompose
     bias = getattr(module, "bias", None)
-    # Its own generator: probing must not move the caller's random stream (dropout, shuffling).
-    g = torch.Generator(device=w.device).manual_seed(0) if w.device.type != "meta" else None
-    x = torch.randn(3, w.shape[1], dtype=w.dtype, device=w.device, generator=g)
     try:
+        # Its own generator: probing must not move the caller's random stream (dropout, shuffling).
+        g = torch.Generator(device=w.device).manual_seed(0) if w.device.type != "meta" else None
+        x = torch.randn(3, w.shape[1], dtype=w.dtype, device=w.device, generator=g)
         # Without autocast: both sides in the weight's dtype, so they differ by rounding alone.
         with torch.no_grad(), _no_autocast(w.device.type):
             y = type(module).forward(module, x)
