@@ -150,12 +150,9 @@ def allocate_ranks(
             validate(linear_weight(module), covs[name], 1, mode, name=name)
         return modules
 
-    if distributed:
-        from .distributed import checked_on_every_rank
+    from .distributed import checked_on_every_rank
 
-        modules = checked_on_every_rank("allocate_ranks' checks", checks)
-    else:
-        modules = checks()
+    modules = checked_on_every_rank("allocate_ranks' checks", checks, enabled=distributed)
     infos = analyse_layers(
         modules,
         covs,

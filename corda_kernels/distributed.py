@@ -226,8 +226,9 @@ class Shard:
                 dims[key] = d
 
         mine = {frozenset(g.names): g for g in collector.groups}
-        groups, failure = [], None
-        try:  # local work between two collectives: a failure here must reach every rank, not strand them
+
+        def line_up():
+            groups = []
             for key in order:
                 g = mine.get(frozenset(key))
                 if g is None:
@@ -238,9 +239,10 @@ class Shard:
                     g = _Group(list(key), d, acc, zero, zero.clone(), 0)
                 g.names = list(key)
                 groups.append(g)
-        except Exception as e:  # noqa: BLE001 - re-raised by exchange, here and on every other rank
-            failure = e
-        exchange(None, failure, "the covariance reduction")
+            return groups
+
+        # Local work between two collectives: a failure here must reach every rank, not strand them.
+        groups = checked_on_every_rank("the covariance reduction", line_up)
         collector.groups = groups
         collector.group_of = {name: i for i, g in enumerate(groups) for name in g.names}
         collector.unmasked = set().union(*(set(info["unmasked"]) for info in gathered))
@@ -304,10 +306,11 @@ def exchange(payload, error: BaseException | None, what: str) -> list:
     return [rep["payload"] for rep in reports]
 
 
-def checked_on_every_rank(what: str, fn):
+def checked_on_every_rank(what: str, fn, enabled: bool = True):
     """``fn()``, whose failure on any rank is raised on every rank, so none is left waiting in the next
-    collective for a rank that stopped (a rank that loaded other weights fails the checks alone)."""
-    if not is_active():
+    collective for a rank that stopped (a rank that loaded other weights fails the checks alone).
+    ``enabled=False`` (a caller working locally) or no process group: just ``fn()``."""
+    if not enabled or not is_active():
         return fn()
     result, failure = None, None
     try:

@@ -24,7 +24,7 @@ from ._targets import (
     check_target,
     ddp_wrapped,
     find_targets,
-    is_linear_like,
+    linear_class,
     linear_weight,
     module_slots,
     swap_modules,
@@ -87,9 +87,9 @@ def resolve_targets(model: nn.Module, covs: Mapping[str, torch.Tensor], targets:
                 f"module {name!r} is already a CordaLinear (build_corda ran on this model): merge_corda first, "
                 "or use the original model"
             )
-        check_target(name, module, unused, where="the covariances (or pass targets=)")
-        if not is_linear_like(module):
+        if linear_class(module) is None:
             raise ValueError(f"module {name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D")
+        check_target(name, module, unused, where="the covariances (or pass targets=)")
         out[name] = module
     return out
 
@@ -480,14 +480,12 @@ def build_corda(
         found = cache.lookup(modules, covs, damping, compute_dtype) if spectra is None and cache is not None else None
         return modules, p, found
 
+    from .distributed import checked_on_every_rank
+
+    modules, p, served = checked_on_every_rank("build_corda's checks", checks, enabled=distributed)
     decompose = decompose_all
     if distributed:
-        from .distributed import checked_on_every_rank
         from .distributed import decompose_all_distributed as decompose
-
-        modules, p, served = checked_on_every_rank("build_corda's checks", checks)
-    else:
-        modules, p, served = checks()
     spectra = spectra if served is None else served
     factors = decompose(
         modules, covs, p, mode, damping=damping, compute_dtype=compute_dtype, spectra=spectra, progress=progress
