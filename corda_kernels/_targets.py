@@ -20,10 +20,11 @@ Targets = Iterable[str] | Callable[[str, nn.Module], bool] | None
 
 def is_linear_like(module: nn.Module) -> bool:
     """An nn.Linear or Conv1D whose forward is the plain affine map, so CordaLinear can stand in for it."""
-    return _linear_class(module) is not None and own_forward(module) is None
+    return linear_class(module) is not None and own_forward(module) is None
 
 
-def _linear_class(module: nn.Module) -> type | None:
+def linear_class(module: nn.Module) -> type | None:
+    """nn.Linear or Conv1D, whichever ``module`` is an instance of (a CordaLinear is neither)."""
     from .layer import CordaLinear
 
     if isinstance(module, CordaLinear):
@@ -37,7 +38,7 @@ def _linear_class(module: nn.Module) -> type | None:
 def own_forward(module: nn.Module) -> str | None:
     """Why a linear subclass cannot be a target: its own forward is not the plain affine map (a router
     that returns a tuple, a grouped or quantized layer), and CordaLinear would silently replace it."""
-    cls = _linear_class(module)
+    cls = linear_class(module)
     if cls is None or type(module).forward is cls.forward or _computes_the_affine_map(module):
         return None
     return (
@@ -172,19 +173,17 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
     patterns = None if targets is None or callable(targets) else _patterns(targets)
     out: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if not name or _linear_class(module) is None:
+        if not name or linear_class(module) is None:
             continue
         if targets is None:
             # A one-output layer (Qwen2-MoE's shared_expert_gate) has rank 1: its whole weight
             # would be the adapter, leaving no principal part to keep.
             if id(module) in head or id(module) in unused or own_forward(module) or weight_shape(module)[0] == 1:
                 continue
-        elif callable(targets):
-            if not targets(name, module):
+        else:
+            if not (targets(name, module) if callable(targets) else _matches(name, patterns)):
                 continue
-        elif not _matches(name, patterns):
-            continue
-        check_target(name, module, unused)
+            check_target(name, module, unused)  # asked for by name or predicate: refused by name
         out[name] = module
     if targets is not None and patterns is not None and not out:
         raise ValueError(f"targets {patterns} matched no nn.Linear or Conv1D module of the model{built_hint(model)}")
