@@ -493,15 +493,15 @@ def lora_backward_torch(dy2, x2, xd2, keep, p, s, weight, A, B, scaling, needs):
     return dx, dW, db, dA, dB
 
 
-def lora_backward_graph(dy2, x2, xd2, keep, p, weight, A, B, scaling, needs):
-    """The backward in plain differentiable ops, for ``create_graph=True``; returns the Function's gradients.
+def lora_backward_graph(dy2, x2, xd2, p, weight, A, B, scaling, needs):
+    """The backward in plain differentiable ops, for ``create_graph=True``: (dx, dW, db, dA, dB).
 
     The fused backward reads s = xd·Aᵀ as forward saved it, detached, so a second derivative through
     it would silently miss the terms through x and A: here s is formed again from the saved inputs.
     Those are the autograd inputs themselves only without dropout (x2 is then xd2), and s needs xd2,
     which forward keeps when lora_A takes a gradient.
     """
-    need_x, need_w, need_b, need_a, need_bb = needs[:5]
+    need_x, need_w, need_b, need_a, need_bb = needs
     if p > 0.0:
         raise RuntimeError(
             "lora_linear: second derivatives (create_graph=True) are not supported with dropout_p > 0; "
@@ -518,7 +518,7 @@ def lora_backward_graph(dy2, x2, xd2, keep, p, weight, A, B, scaling, needs):
     db = dy2.sum(0) if need_b else None
     dA = scaling * (u.t() @ xd2) if need_a else None
     dB = scaling * (dy2.t() @ (xd2 @ A.t())) if need_bb else None
-    return dx, dW, db, dA, dB, None, None, None
+    return dx, dW, db, dA, dB
 
 
 def _mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -874,17 +874,17 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, xd2, keep, s, weight, A, B = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():
             # create_graph=True (a gradient penalty, a Hessian-vector product): the gradients must
             # themselves be differentiable, which the fused launchers' outputs are not.
-            return lora_backward_graph(dy, x2, xd2, keep, ctx.p, weight, A, B, ctx.scaling, ctx.needs_input_grad)
-        # The Function's output is 2-D. contiguous() is a no-op on a contiguous dy; asking
-        # is_contiguous() first would stop torch 2.6's Dynamo, which traces backward strictly.
-        dy2 = dy.contiguous()
-        needs = ctx.needs_input_grad[:5]
-        bwd = lora_backward_triton if ctx.which == "triton" else lora_backward_torch
-        dx, dW, db, dA, dB = bwd(dy2, x2, xd2, keep, ctx.p, s, weight, A, B, ctx.scaling, needs)
-        return dx, dW, db, dA, dB, None, None, None
+            grads = lora_backward_graph(dy, x2, xd2, ctx.p, weight, A, B, ctx.scaling, needs)
+        else:
+            # The Function's output is 2-D. contiguous() is a no-op on a contiguous dy; asking
+            # is_contiguous() first would stop torch 2.6's Dynamo, which traces backward strictly.
+            bwd = lora_backward_triton if ctx.which == "triton" else lora_backward_torch
+            grads = bwd(dy.contiguous(), x2, xd2, keep, ctx.p, s, weight, A, B, ctx.scaling, needs)
+        return (*grads, None, None, None)
 
 
 def lora_linear(
